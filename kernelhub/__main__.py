@@ -1,0 +1,5 @@
+import sys
+
+from kernelhub.cli import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""Which launch config a call uses: in-process cache -> config database -> the family's DEFAULT.
+
+Lookup rule for a call of shape S on GPU key G (see each family's space module for its buckets):
+1. the stored config of S's own bucket;
+2. else the stored config of the nearest bucket the family accepts (`bucket_distance`);
+3. else the family's DEFAULT for S.
+Only rows of the current kernel version are read. Every stored config is validated against the
+family's space and constraints (for its own bucket, on this device) before it can be used, so a
+corrupt or hand-edited row falls back instead of launching. A database that cannot be opened or
+read never breaks a call: one warning, then DEFAULTs.
+
+The first call of a (GPU, family, dtype) reads the database once; after that a call costs a
+dictionary lookup. `clear_cache()` forgets everything (after tuning, in tests).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+from kernelhub.device import DeviceIdentity
+from kernelhub.errors import ConfigDBError, KernelhubError
+from kernelhub.registry import FamilySpec, Shape
+from kernelhub.space import Config
+
+# (gpu key, family, dtype) -> {bucket: config}, validated rows of the current kernel version.
+_stored: dict[tuple[str, str, str], dict[Shape, Config]] = {}
+# (gpu key, family, dtype, call shape) -> the config that call uses.
+_resolved: dict[tuple[str, str, str, Shape], Config] = {}
+_MAX_RESOLVED = 1 << 16
+_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+class ConfigDBWarning(UserWarning):
+    """The config database could not be used; kernelhub runs with DEFAULT configs."""
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, ConfigDBWarning, stacklevel=4)
+
+
+def clear_cache() -> None:
+    with _lock:
+        _stored.clear()
+        _resolved.clear()
+
+
+def _read_rows(spec: FamilySpec, dtype: str, device: DeviceIdentity) -> dict[Shape, Config]:
+    """Valid stored configs for (device, family, dtype) from the database at `KERNELHUB_DB`."""
+    from kernelhub.db import ConfigStore, default_url
+    from kernelhub.db.store import sqlite_path
+
+    url = default_url()
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return {}  # nothing tuned yet; reading never creates a database
+    try:
+        with ConfigStore(url, create=False) as store:
+            rows = store.best_configs(gpu_key=device.key, family=spec.name, dtype=dtype,
+                                      kernel_version=spec.kernel_version)
+    except ConfigDBError as exc:
+        _warn_once(f"kernelhub: using DEFAULT configs: {exc}")
+        return {}
+    except Exception as exc:  # never let the database break a kernel call
+        _warn_once(f"kernelhub: using DEFAULT configs: config database {url} is unreadable "
+                   f"({type(exc).__name__}: {exc})")
+        return {}
+    valid: dict[Shape, Config] = {}
+    for row in rows:
+        where = f"stored {spec.name} config for {device.key} {row.bucket} {row.dtype}"
+        try:
+            bucket = spec.parse_shape(row.bucket)
+            config = spec.space.validate(row.config, source=where)
+        except (KernelhubError, ValueError) as exc:
+            _warn_once(f"kernelhub: ignoring {where}: {exc}")
+            continue
+        reason = spec.space.infeasibility(config, bucket, device.shared_memory_bytes)
+        if reason is not None:
+            _warn_once(f"kernelhub: ignoring {where}: {reason}")
+            continue
+        valid[bucket] = config
+    return valid
+
+
+def _choose(spec: FamilySpec, shape: Shape, stored: dict[Shape, Config]) -> Config:
+    bucket = spec.bucket(shape)
+    if bucket in stored:
+        return stored[bucket]
+    scored = [(d, b) for b in stored if (d := spec.bucket_distance(bucket, b)) is not None]
+    if scored:
+        return stored[min(scored)[1]]
+    return spec.default_config(shape)
+
+
+def best_config(spec: FamilySpec, shape: Shape, dtype: str, device: DeviceIdentity) -> Config:
+    """The config to launch `spec` with for `shape` and `dtype` on `device` (see module docstring)."""
+    key = (device.key, spec.name, dtype, shape)
+    config = _resolved.get(key)
+    if config is not None:
+        return config
+    with _lock:
+        table_key = (device.key, spec.name, dtype)
+        if table_key not in _stored:
+            _stored[table_key] = _read_rows(spec, dtype, device)
+        config = _choose(spec, shape, _stored[table_key])
+        if len(_resolved) >= _MAX_RESOLVED:
+            _resolved.clear()
+        _resolved[key] = config
+    return config

@@ -1,0 +1,17 @@
+"""The exceptions kernelhub raises on purpose; the CLI prints these as one line, not a traceback."""
+
+
+class KernelhubError(Exception):
+    """Base class: a problem the user can act on, described in the message."""
+
+
+class InvalidConfigError(KernelhubError, ValueError):
+    """A launch config that is not a member of its family's search space."""
+
+
+class ConfigDBError(KernelhubError):
+    """The config database cannot be opened, read or written (message says which and why)."""
+
+
+class DeviceMismatchError(KernelhubError):
+    """A command asked for one GPU key on a machine whose device has another."""

@@ -1,0 +1,78 @@
+"""int8 GEMM family (NGEMM): int8 x int8 -> int32, and the same with a fused dequantising epilogue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kernelhub import checking
+from kernelhub.kernels.int8_gemm import space
+from kernelhub.kernels.int8_gemm.kernel import int8_gemm_triton
+from kernelhub.reference import int8_gemm as ref
+from kernelhub.registry import FamilySpec, register
+
+_HERE = Path(__file__).parent
+
+
+def make_inputs(shape, dtype: str, device, seed: int) -> dict:
+    """Random int8 `a [M, K]`, and `b [K, N]` as the transposed view of a weight `[N, K]` (the
+    nn.Linear layout, so no copy is made); for a float `dtype`, also positive float32 scales and
+    a bias in that dtype."""
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {
+        "a": torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen).to(device),
+        "b": torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).to(device).t(),
+        "out_dtype": getattr(torch, dtype),
+    }
+    if dtype != "int32":
+        inputs["scale_a"] = (torch.rand(m, generator=gen) * 0.02 + 1e-3).to(device)
+        inputs["scale_b"] = (torch.rand(n, generator=gen) * 0.02 + 1e-3).to(device)
+        inputs["bias"] = torch.randn(n, generator=gen).to(device=device, dtype=inputs["out_dtype"])
+    return inputs
+
+
+def reference(inputs: dict) -> torch.Tensor:
+    if inputs["out_dtype"] == torch.int32:
+        return ref.int8_gemm(inputs["a"], inputs["b"])
+    return ref.int8_scaled_gemm(inputs["a"], inputs["b"], inputs["scale_a"], inputs["scale_b"],
+                                inputs.get("bias"), inputs["out_dtype"])
+
+
+def launch(inputs: dict, config: dict, out: torch.Tensor) -> torch.Tensor:
+    return int8_gemm_triton(inputs["a"], inputs["b"], config=config, out=out, scale_a=inputs.get("scale_a"),
+                            scale_b=inputs.get("scale_b"), bias=inputs.get("bias"))
+
+
+def new_output(inputs: dict) -> torch.Tensor:
+    return torch.empty(inputs["a"].shape[0], inputs["b"].shape[1], dtype=inputs["out_dtype"],
+                       device=inputs["a"].device)
+
+
+def compare(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
+    if expected.dtype == torch.int32:
+        return checking.mismatch_exact(actual, expected)
+    return checking.mismatch_close(actual, expected, rtol=2 * torch.finfo(expected.dtype).eps, atol_frac=1e-6)
+
+
+SPEC = register(FamilySpec(
+    name="int8_gemm",
+    summary="int8 x int8 -> int32 GEMM, optionally with a fused dequantising epilogue",
+    shape_names=space.SHAPE_NAMES,
+    dtypes=space.DTYPES,
+    space=space.SPACE,
+    default_config=space.default_config,
+    defaults=space.DEFAULTS,
+    make_inputs=make_inputs,
+    reference=reference,
+    launch=launch,
+    new_output=new_output,
+    compare=compare,
+    shape_sets=space.SHAPE_SETS,
+    bucket=space.bucket,
+    bucket_distance=space.bucket_distance,
+    flops=space.flops,
+    bytes_moved=space.bytes_moved,
+    source_files=(_HERE / "kernel.py", _HERE / "space.py"),
+))

@@ -1,0 +1,143 @@
+"""int8 GEMM: search space, DEFAULTs, shape sets, shape buckets.
+
+Shapes are (M, N, K) of `[M, K] @ [K, N]`; for a linear layer `y = x W^T` with weight `W [N, K]`,
+M is the number of tokens. N and K are fixed by the model, M varies per call, so the database
+buckets M by powers of two and keeps N and K exact.
+
+Nearest-bucket rule (used when no config is stored for a call's own bucket): among tuned buckets
+with the same N, K and dtype, take the one whose M bucket is fewest doublings away, at most
+`MAX_M_DOUBLINGS`; on a tie, the larger M. A large-M config on a smaller M wastes some compute in a
+memory-bound regime; a small-M config (tiny tiles, split-K) on a larger M can be many times slower.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from kernelhub.space import SearchSpace
+
+SHAPE_NAMES = ("M", "N", "K")
+# The dtype axis is the output dtype: "int32" is `int8_gemm`, the others `int8_scaled_gemm`.
+DTYPES = ("int32", "bfloat16", "float16", "float32")
+
+MAX_M_DOUBLINGS = 2
+SMALL_M = 64  # up to this M the small-M DEFAULT applies
+
+PARAMS = {
+    "BLOCK_M": (16, 32, 64, 128, 256),
+    "BLOCK_N": (32, 64, 128, 256),
+    "BLOCK_K": (32, 64, 128, 256),  # int8 tl.dot needs BLOCK_K >= 32
+    "GROUP_M": (1, 4, 8, 16),
+    "SPLIT_K": (1, 2, 4, 8, 16),
+    "num_warps": (2, 4, 8),
+    "num_stages": (2, 3, 4, 5),
+}
+
+# Accumulator registers per thread above which the int32 tile spills.
+MAX_ACC_REGS_PER_THREAD = 128
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+def shared_memory_bytes(config: Mapping[str, int]) -> int:
+    """Pipelined int8 A and B tiles resident in shared memory: stages * (BM*BK + BK*BN) bytes."""
+    return config["num_stages"] * (config["BLOCK_M"] * config["BLOCK_K"] + config["BLOCK_K"] * config["BLOCK_N"])
+
+
+def _fits_shared_memory(config, shape, smem_bytes):
+    need = shared_memory_bytes(config)
+    if need > smem_bytes:
+        return f"needs {need} B of shared memory, device allows {smem_bytes} B"
+    return None
+
+
+def _accumulator_fits_registers(config, shape, smem_bytes):
+    per_thread = config["BLOCK_M"] * config["BLOCK_N"] // (32 * config["num_warps"])
+    if per_thread > MAX_ACC_REGS_PER_THREAD:
+        return (f"int32 accumulator needs {per_thread} registers per thread with {config['num_warps']} "
+                f"warps (> {MAX_ACC_REGS_PER_THREAD})")
+    return None
+
+
+def _tiles_fit_problem(config, shape, smem_bytes):
+    m, n, k = shape
+    for name, size in (("BLOCK_M", max(16, _next_pow2(m))), ("BLOCK_N", max(32, _next_pow2(n))),
+                       ("BLOCK_K", max(32, _next_pow2(k)))):
+        if config[name] > size:
+            return f"{name}={config[name]} exceeds the padded problem size {size}"
+    return None
+
+
+def _split_k_has_work(config, shape, smem_bytes):
+    k_tiles = -(-shape[2] // config["BLOCK_K"])
+    if config["SPLIT_K"] > k_tiles:
+        return f"SPLIT_K={config['SPLIT_K']} exceeds the {k_tiles} K tiles of K={shape[2]}"
+    return None
+
+
+SPACE = SearchSpace(
+    params=PARAMS,
+    constraints=(_fits_shared_memory, _accumulator_fits_registers, _tiles_fit_problem, _split_k_has_work),
+)
+
+DEFAULT_SMALL_M = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "SPLIT_K": 1,
+                   "num_warps": 4, "num_stages": 4}
+DEFAULT_LARGE_M = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": 1,
+                   "num_warps": 8, "num_stages": 3}
+DEFAULTS = (DEFAULT_SMALL_M, DEFAULT_LARGE_M)
+
+
+def default_config(shape: tuple[int, ...]) -> dict[str, int]:
+    """The untuned fallback: correct for any shape, reasonable for decode (small M) and prefill."""
+    return dict(DEFAULT_SMALL_M if shape[0] <= SMALL_M else DEFAULT_LARGE_M)
+
+
+def bucket(shape: tuple[int, ...]) -> tuple[int, ...]:
+    m, n, k = shape
+    return (_next_pow2(m), n, k)
+
+
+def bucket_distance(a: tuple[int, ...], b: tuple[int, ...]) -> float | None:
+    """Doublings of M between two buckets of the same N and K; None if not reusable.
+
+    The tie-break towards the larger M is encoded as a small bonus, so `min` picks it.
+    """
+    if a[1:] != b[1:]:
+        return None
+    doublings = abs(math.log2(a[0]) - math.log2(b[0]))
+    if doublings > MAX_M_DOUBLINGS:
+        return None
+    return doublings - (0.25 if b[0] > a[0] else 0.0)
+
+
+# Linear layers (N, K) of y = x W^T, W [N, K]: fused QKV, attention output, fused gate+up, down.
+LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+LLAMA3_70B = {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}
+
+
+def _model_shapes(layers: Mapping[str, tuple[int, int]], ms: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    return [(m, n, k) for (n, k) in layers.values() for m in ms]
+
+
+SHAPE_SETS = {
+    # Odd sizes on every axis, every M regime; small enough for the Triton interpreter.
+    "smoke": [(1, 63, 96), (7, 129, 33), (33, 17, 257), (128, 96, 130), (257, 65, 63)],
+    "tune": _model_shapes(LLAMA3_8B, (1, 16, 128, 1024, 8192)) + _model_shapes(LLAMA3_70B, (1, 128, 2048)),
+    "bench": _model_shapes(LLAMA3_8B, (1, 16, 128, 512, 2048, 8192)) + _model_shapes(LLAMA3_70B, (1, 128, 2048)),
+}
+
+
+def flops(shape: tuple[int, ...]) -> int:
+    m, n, k = shape
+    return 2 * m * n * k
+
+
+def bytes_moved(shape: tuple[int, ...], dtype: str) -> int:
+    """A and B read once, C written once (scales and bias are O(M + N), counted too)."""
+    m, n, k = shape
+    out_bytes = {"int32": 4, "float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    extra = 0 if dtype == "int32" else 4 * (m + n) + out_bytes * n
+    return m * k + k * n + out_bytes * m * n + extra

@@ -1,0 +1,221 @@
+"""The public kernels: `kernelhub.ops.*`.
+
+Each op reads straight through: validate the arguments (clear errors, before any launch) ->
+choose the backend -> on the Triton path, look up the best stored config for (device, shape
+bucket, dtype) -> launch.
+
+Backends, chosen per call by `KERNELHUB_BACKEND`:
+- `auto` (default): CUDA tensors run the Triton kernels with the best stored config; CPU tensors
+  take the fastest exact CPU path (oneDNN's `torch._int_mm`, AMX/VNNI where the CPU has them).
+- `triton`: always the Triton kernels (on a machine without a GPU, in Triton's interpreter).
+- `reference`: the pure-PyTorch specification in `kernelhub.reference`.
+
+Every op is also registered with `torch.library` (namespace `kernelhub`, with fake
+implementations), so `torch.compile(fullgraph=True)` traces functions that call them without
+graph breaks. Eager calls skip the dispatcher and run the implementation directly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernelhub import configs, validation
+from kernelhub.device import device_for_tensor
+from kernelhub.kernels import interpreter_problem
+from kernelhub.kernels.int8_gemm import SPEC as INT8_GEMM
+from kernelhub.kernels.int8_gemm.kernel import int8_gemm_triton
+from kernelhub.kernels.int8_gemm.quantize import quantize_int8_triton
+from kernelhub.reference import int8_gemm as int8_ref
+
+__all__ = ["int8_gemm", "int8_scaled_gemm", "quantize_int8"]
+
+BACKEND_ENV = "KERNELHUB_BACKEND"
+BACKENDS = ("auto", "triton", "reference")
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.int32: "int32", torch.float32: "float32", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
+
+
+def _backend(device: torch.device) -> str:
+    """'reference', 'triton' or 'cpu' for a call whose tensors are on `device`."""
+    backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "cpu"
+    if backend == "triton" and device.type != "cuda":
+        problem = interpreter_problem()
+        if problem:
+            raise RuntimeError(f"{BACKEND_ENV}=triton: {problem}")
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 GEMM
+# ----------------------------------------------------------------------------------------------
+
+def _check_int8_operands(a, b) -> tuple[int, int, int]:
+    validation.tensor("a", a, dtypes=(torch.int8,), ndim=2)
+    validation.tensor("b", b, dtypes=(torch.int8,), ndim=2)
+    m, k = a.shape
+    if b.shape[0] != k:
+        raise ValueError(f"b: expected shape [K, N] with K = a.shape[1] = {k}, got {tuple(b.shape)}")
+    return m, b.shape[1], k
+
+
+def _int8_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    backend = _backend(a.device)
+    if backend == "reference":
+        result = int8_ref.int8_gemm(a, b)
+        return result if out is None else out.copy_(result)
+    if backend == "cpu":
+        return torch._int_mm(a, b, out=out) if out is not None else torch._int_mm(a, b)
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.int32, device=a.device)
+    config = configs.best_config(INT8_GEMM, (m, n, k), "int32", device_for_tensor(a))
+    return int8_gemm_triton(a, b, config=config, out=out)
+
+
+@torch.library.custom_op("kernelhub::int8_gemm", mutates_args=())
+def _int8_gemm_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _int8_gemm(a, b, None)
+
+
+@_int8_gemm_op.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
+
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact int8 GEMM: `a [M, K] @ b [K, N] -> int32 [M, N]`.
+
+    a, b: int8, on one device, any strides (pass a weight `w [N, K]` as `w.t()`: no copy is made).
+    out: optional int32 `[M, N]` to write into. Equivalent to
+    `(a.to(torch.float64) @ b.to(torch.float64)).to(torch.int32)`.
+    """
+    m, n, _ = _check_int8_operands(a, b)
+    device = validation.same_device(a=a, b=b)
+    validation.out_tensor(out, shape=(m, n), dtype=torch.int32, device=device)
+    if torch.compiler.is_compiling():
+        result = _int8_gemm_op(a, b)
+        return result if out is None else out.copy_(result)
+    return _int8_gemm(a, b, out)
+
+
+def _cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
+    """`torch._int_mm`, then the dequantisation in two fused passes (torch has no fused epilogue)."""
+    acc = torch._int_mm(a, b)  # int32 [M, N]
+    # Pass 1 reads int32 and writes float32 into the same buffer: no new allocation.
+    rows_scaled = torch.mul(acc, scale_a[:, None], out=acc.view(torch.float32))
+    if out is None:
+        out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
+    # Pass 2 applies the column scale and the bias and rounds once to out_dtype.
+    if bias is None:
+        return torch.mul(rows_scaled, scale_b, out=out)
+    return torch.addcmul(bias.to(torch.float32), rows_scaled, scale_b, out=out)
+
+
+def _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
+    backend = _backend(a.device)
+    if backend == "reference":
+        result = int8_ref.int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype)
+        return result if out is None else out.copy_(result)
+    if backend == "cpu":
+        return _cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out)
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    config = configs.best_config(INT8_GEMM, (m, n, k), _DTYPE_NAMES[out_dtype], device_for_tensor(a))
+    return int8_gemm_triton(a, b, config=config, out=out, scale_a=scale_a, scale_b=scale_b, bias=bias)
+
+
+@torch.library.custom_op("kernelhub::int8_scaled_gemm", mutates_args=())
+def _int8_scaled_gemm_op(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                         bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, None)
+
+
+@_int8_scaled_gemm_op.register_fake
+def _(a, b, scale_a, scale_b, bias, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+def int8_scaled_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """int8 GEMM with a fused dequantising epilogue: `[M, K] @ [K, N] -> out_dtype [M, N]`.
+
+    a int8 [M, K], b int8 [K, N] (any strides), scale_a float32 [M] (per row of a), scale_b float32
+    [N] (per column of b), bias [N] float32/float16/bfloat16 or None; out_dtype bfloat16, float16
+    or float32; out: optional `[M, N]` of out_dtype. Equivalent to
+
+        acc = (a.double() @ b.double()).float()
+        out = ((acc * scale_a[:, None]) * scale_b[None, :] + bias).to(out_dtype)
+
+    within one rounding of out_dtype (the kernels accumulate exactly in int32, then scale in float32).
+    """
+    m, n, _ = _check_int8_operands(a, b)
+    validation.tensor("scale_a", scale_a, dtypes=(torch.float32,), ndim=1)
+    validation.shape("scale_a", scale_a, (m,), "[M]")
+    validation.tensor("scale_b", scale_b, dtypes=(torch.float32,), ndim=1)
+    validation.shape("scale_b", scale_b, (n,), "[N]")
+    if bias is not None:
+        validation.tensor("bias", bias, dtypes=_FLOAT_DTYPES, ndim=1)
+        validation.shape("bias", bias, (n,), "[N]")
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {out_dtype}")
+    device = validation.same_device(a=a, b=b, scale_a=scale_a, scale_b=scale_b, bias=bias)
+    validation.out_tensor(out, shape=(m, n), dtype=out_dtype, device=device)
+    if torch.compiler.is_compiling():
+        result = _int8_scaled_gemm_op(a, b, scale_a, scale_b, bias, out_dtype)
+        return result if out is None else out.copy_(result)
+    return _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 quantisation
+# ----------------------------------------------------------------------------------------------
+
+def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = _backend(x.device)
+    if backend in ("reference", "cpu"):  # the reference is already the fastest exact CPU form
+        return int8_ref.quantize_int8(x)
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    return quantize_int8_triton(x, q_out=q, scale_out=scale)
+
+
+@torch.library.custom_op("kernelhub::quantize_int8", mutates_args=())
+def _quantize_int8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize_int8(x)
+
+
+@_quantize_int8_op.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 quantisation: float `x [M, K]` -> (int8 `q [M, K]`, float32 `scale [M]`).
+
+    `scale = absmax(row) / 127`, `q = clamp(round_half_even(x / scale), -127, 127)`; an all-zero row
+    gets scale 0 and q 0. Bit-exact with `kernelhub.reference.int8_gemm.quantize_int8`, so
+    `x ~= q * scale[:, None]`.
+    """
+    validation.tensor("x", x, dtypes=_FLOAT_DTYPES, ndim=2)
+    if torch.compiler.is_compiling():
+        return _quantize_int8_op(x)
+    return _quantize_int8(x)

@@ -1,0 +1,121 @@
+"""The family contract and its one registry.
+
+Every kernel family registers one `FamilySpec`; the CLI, `kernelhub check`, the tuner, the tests
+and the benchmarks all iterate this registry, so adding a family means adding a folder under
+`kernelhub/kernels/`, a module under `reference/`, and one `register(...)` call.
+
+Vocabulary:
+- shape: a tuple of ints named by `shape_names`, e.g. (M, N, K) for a GEMM.
+- dtype: the family's dtype axis of the database key, as a torch dtype name ("bfloat16").
+- bucket: the shape a tuned config is stored under; nearby shapes share one bucket.
+- inputs: a dict of tensors from `make_inputs`, passed whole to `reference` and `launch`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernelhub.errors import KernelhubError
+from kernelhub.space import Config, SearchSpace
+
+Shape = tuple[int, ...]
+Inputs = dict[str, torch.Tensor]
+
+SHAPE_SETS = ("smoke", "tune", "bench")
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    summary: str
+    shape_names: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    space: SearchSpace
+    # DEFAULT config for a shape: the fallback when nothing is tuned; must handle any shape.
+    default_config: Callable[[Shape], Config]
+    # Every distinct DEFAULT (checked by `kernelhub check`, enqueued first by the tuner).
+    defaults: tuple[Config, ...]
+    # make_inputs(shape, dtype, device, seed) -> inputs; fresh random data for each seed.
+    make_inputs: Callable[[Shape, str, torch.device | str, int], Inputs]
+    # The specification: pure PyTorch, readable, slow is fine.
+    reference: Callable[[Inputs], torch.Tensor]
+    # The Triton launcher: launch(inputs, config, out) writes into `out` and returns it.
+    launch: Callable[[Inputs, Config, torch.Tensor], torch.Tensor]
+    # An uninitialised output for these inputs (tests and checks poison it before launch).
+    new_output: Callable[[Inputs], torch.Tensor]
+    # compare(actual, expected) -> None if within the family's tolerance, else where it failed.
+    compare: Callable[[torch.Tensor, torch.Tensor], "str | None"]
+    # "smoke" (tests, check), "tune" (tuner), "bench" (benchmarks): real model shapes.
+    shape_sets: Mapping[str, Sequence[Shape]]
+    bucket: Callable[[Shape], Shape]
+    # Distance between two buckets for the nearest-bucket lookup; None = too far to reuse.
+    bucket_distance: Callable[[Shape, Shape], "float | None"]
+    flops: Callable[[Shape], int]
+    bytes_moved: Callable[[Shape, str], int]
+    # Files whose text, with the search space, defines the kernel version.
+    source_files: tuple[Path, ...]
+
+    def format_shape(self, shape: Sequence[int]) -> str:
+        """`(1, 4096, 4096)` -> `"M=1,N=4096,K=4096"` (also the database's bucket text)."""
+        return ",".join(f"{n}={v}" for n, v in zip(self.shape_names, shape, strict=True))
+
+    def parse_shape(self, text: str) -> Shape:
+        """Inverse of `format_shape`; raises ValueError on anything else."""
+        parts = [p.split("=", 1) for p in text.split(",")]
+        if [p[0] for p in parts] != list(self.shape_names) or any(len(p) != 2 for p in parts):
+            raise ValueError(f"{text!r} is not a {self.name} shape of the form "
+                             + ",".join(f"{n}=<int>" for n in self.shape_names))
+        return tuple(int(p[1]) for p in parts)
+
+    def shapes(self, shape_set: str) -> Sequence[Shape]:
+        if shape_set not in self.shape_sets:
+            raise KernelhubError(f"unknown shape set {shape_set!r} for {self.name}; "
+                                 f"expected one of {sorted(self.shape_sets)}")
+        return self.shape_sets[shape_set]
+
+    @functools.cached_property
+    def kernel_version(self) -> str:
+        """Digest of the kernel sources and the search space: tuned rows of another version are stale."""
+        digest = hashlib.sha256(self.space.fingerprint().encode())
+        for path in self.source_files:
+            digest.update(Path(path).read_bytes())
+        return digest.hexdigest()[:16]
+
+
+_FAMILIES: dict[str, FamilySpec] = {}
+
+
+def register(spec: FamilySpec) -> FamilySpec:
+    if spec.name in _FAMILIES and _FAMILIES[spec.name] is not spec:
+        raise KernelhubError(f"kernel family {spec.name!r} is registered twice")
+    missing = set(SHAPE_SETS) - set(spec.shape_sets)
+    if missing:
+        raise KernelhubError(f"family {spec.name!r} lacks shape sets {sorted(missing)}")
+    for config in spec.defaults:
+        spec.space.validate(config, source=f"{spec.name} DEFAULT")
+    _FAMILIES[spec.name] = spec
+    return spec
+
+
+def _load_builtin_families() -> None:
+    import kernelhub.kernels  # noqa: F401  (each family registers itself on import)
+
+
+def families() -> list[FamilySpec]:
+    """All registered families, in registration order."""
+    _load_builtin_families()
+    return list(_FAMILIES.values())
+
+
+def get_family(name: str) -> FamilySpec:
+    _load_builtin_families()
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise KernelhubError(f"unknown kernel family {name!r}; known: {sorted(_FAMILIES)}") from None

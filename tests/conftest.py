@@ -1,0 +1,22 @@
+"""Shared fixtures. Every test runs against a private config database, never the user's cache."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def private_config_db(tmp_path, monkeypatch):
+    """Point KERNELHUB_DB at a fresh SQLite path and start each test with an empty config cache."""
+    from kernelhub import configs
+
+    url = f"sqlite:///{tmp_path / 'configs.sqlite'}"
+    monkeypatch.setenv("KERNELHUB_DB", url)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("KERNELHUB_BACKEND", raising=False)
+    monkeypatch.delenv("KERNELHUB_GPU", raising=False)
+    configs.clear_cache()
+    yield url
+    configs.clear_cache()

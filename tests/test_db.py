@@ -1,0 +1,398 @@
+"""The config database: round trips, upserts, opening foreign/broken/newer/older databases,
+export/import validation, and concurrent writers. Every database lives under tmp_path."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+
+import pytest
+
+from kernelhub import registry
+from kernelhub.db import (SCHEMA_VERSION, BestConfig, ConfigStore, TrialRecord, default_url, export_configs,
+                          import_configs, load_export_file)
+from kernelhub.db import store as store_module
+from kernelhub.db.store import sqlite_path
+from kernelhub.errors import ConfigDBError
+from kernelhub.space import SearchSpace
+
+DEVICE = {"key": "h100", "name": "NVIDIA H100 80GB HBM3", "vendor": "nvidia", "compute_capability": "9.0",
+          "sm_count": 132, "memory_bytes": 85_045_231_616, "shared_memory_bytes": 232448,
+          "cuda_version": "12.8", "torch_version": "2.11.0", "triton_version": "3.6.0"}
+CPU_DEVICE = {"key": "cpu", "name": "cpu", "vendor": "cpu", "compute_capability": None, "sm_count": None,
+              "memory_bytes": None, "shared_memory_bytes": 101376, "cuda_version": None,
+              "torch_version": "2.13.0", "triton_version": None}
+
+
+@pytest.fixture(autouse=True)
+def _no_user_cache(tmp_path, monkeypatch):
+    """No test may reach the real ~/.cache/kernelhub."""
+    monkeypatch.delenv("KERNELHUB_DB", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def fake_family(monkeypatch):
+    """A tiny family `toy` (shape (M, N), M bucketed to powers of two) as the only registered one."""
+    monkeypatch.setattr(registry, "_FAMILIES", {})
+    monkeypatch.setattr(registry, "_load_builtin_families", lambda: None)
+    space = SearchSpace(params={"BLOCK": (16, 32, 64), "num_warps": (4, 8)})
+    default = {"BLOCK": 32, "num_warps": 4}
+    return registry.register(registry.FamilySpec(
+        name="toy", summary="test family", shape_names=("M", "N"), dtypes=("float16", "bfloat16"),
+        space=space, default_config=lambda shape: dict(default), defaults=(default,),
+        make_inputs=None, reference=None, launch=None, new_output=None, compare=None,
+        shape_sets={"smoke": [(1, 8)], "tune": [(1, 8)], "bench": [(1, 8)]},
+        bucket=lambda shape: (1 << (shape[0] - 1).bit_length(), shape[1]),
+        bucket_distance=lambda a, b: None, flops=lambda shape: 0, bytes_moved=lambda shape, dtype: 0,
+        source_files=(),
+    ))
+
+
+def make_best(**overrides) -> BestConfig:
+    values = dict(gpu_key="h100", family="toy", bucket="M=128,N=4096", dtype="bfloat16",
+                  config={"BLOCK": 64, "num_warps": 8}, median_ms=0.125, p20_ms=0.12, p80_ms=0.13,
+                  throughput=550.5, throughput_unit="TFLOP/s", default_median_ms=0.2, trials=40,
+                  kernel_version="v1", triton_version="3.6.0", torch_version="2.11.0", cuda_version="12.8",
+                  device=DEVICE)
+    return BestConfig(**(values | overrides))
+
+
+def make_trial(**overrides) -> TrialRecord:
+    values = dict(gpu_key="h100", family="toy", bucket="M=128,N=4096", dtype="bfloat16", kernel_version="v1",
+                  study="s1", number=0, config={"BLOCK": 16, "num_warps": 4}, state="complete",
+                  median_ms=0.3, p20_ms=0.29, p80_ms=0.31)
+    return TrialRecord(**(values | overrides))
+
+
+def without_ids(rows):
+    return [dataclasses.replace(row, id=None) for row in rows]
+
+
+def file_state(path):
+    """Bytes of a database file and the names beside it, to prove an open attempt changed nothing."""
+    return path.read_bytes(), sorted(p.name for p in path.parent.iterdir())
+
+
+# -- round trips ---------------------------------------------------------------------------------
+
+
+def test_best_config_round_trip(tmp_path):
+    entries = [make_best(), make_best(gpu_key="cpu", device=CPU_DEVICE, cuda_version=None, triton_version=None,
+                                      throughput=None, throughput_unit=None, default_median_ms=None),
+               make_best(bucket="M=1,N=4096", dtype="float16", device=None)]
+    with ConfigStore(tmp_path / "c.sqlite") as store:
+        for entry in entries:
+            store.save_best(entry)
+    with ConfigStore(tmp_path / "c.sqlite", create=False) as store:
+        rows = store.best_configs()
+        assert without_ids(rows) == [entries[1], entries[0], entries[2]]  # by (gpu, family, dtype, bucket)
+        assert all(row.id is not None for row in rows)
+        assert without_ids(store.best_configs(gpu_key="h100", dtype="bfloat16")) == [entries[0]]
+        assert store.best_configs(family="other") == []
+
+
+def test_trials_round_trip_and_replace(tmp_path):
+    with ConfigStore(tmp_path / "c.sqlite") as store:
+        store.add_trial(make_trial(number=1, state="pruned", reason="too much shared memory",
+                                   median_ms=None, p20_ms=None, p80_ms=None))
+        store.add_trial(make_trial(number=0))
+        store.add_trial(make_trial(study="s0", number=5, bucket="M=1,N=4096"))
+        replaced = make_trial(number=0, state="failed", reason="wrong result", median_ms=None)
+        store.add_trial(replaced)
+        rows = without_ids(store.trials())
+        assert [(r.study, r.number) for r in rows] == [("s0", 5), ("s1", 0), ("s1", 1)]
+        assert rows[1] == replaced
+        assert rows[2].reason == "too much shared memory" and rows[2].median_ms is None
+        assert [r.number for r in store.trials(study="s1", bucket="M=128,N=4096")] == [0, 1]
+        with pytest.raises(ConfigDBError, match="c.sqlite"):  # states outside the three are refused
+            store.add_trial(make_trial(number=9, state="running"))
+
+
+def test_save_again_replaces_and_other_kernel_versions_are_kept(tmp_path):
+    with ConfigStore(tmp_path / "c.sqlite") as store:
+        store.save_best(make_best())
+        store.save_best(make_best(kernel_version="v0", median_ms=0.5))
+        faster = make_best(config={"BLOCK": 32, "num_warps": 4}, median_ms=0.1)
+        store.save_best(faster)
+        assert without_ids(store.best_configs(kernel_version="v1")) == [faster]
+        assert [r.median_ms for r in store.best_configs(kernel_version="v0")] == [0.5]
+        assert len(store.best_configs()) == 2
+
+
+def test_record_device_is_get_or_create(tmp_path):
+    with ConfigStore(tmp_path / "c.sqlite") as store:
+        first = store.record_device(DEVICE)
+        assert store.record_device(dict(DEVICE)) == first
+        cpu = store.record_device(CPU_DEVICE)  # NULL columns must match too
+        assert store.record_device(CPU_DEVICE) == cpu != first
+        assert store.record_device(DEVICE | {"triton_version": "3.7.0"}) not in (first, cpu)
+        with pytest.raises(ConfigDBError, match="lacks"):
+            store.record_device({"key": "h100"})
+
+
+def test_in_memory_database_is_shared_across_threads():
+    with ConfigStore("sqlite://") as store:
+        worker = threading.Thread(target=store.save_best, args=(make_best(),))
+        worker.start()
+        worker.join()
+        assert len(store.best_configs()) == 1
+
+
+# -- location --------------------------------------------------------------------------------------
+
+
+def test_default_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_url() == f"sqlite:///{tmp_path}/xdg/kernelhub/configs.sqlite"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_url() == f"sqlite:///{tmp_path}/home/.cache/kernelhub/configs.sqlite"
+    monkeypatch.setenv("KERNELHUB_DB", "postgresql://u:secret@db/kh")
+    assert default_url() == "postgresql://u:secret@db/kh"
+    monkeypatch.setenv("KERNELHUB_DB", str(tmp_path / "plain.sqlite"))  # a bare path means a SQLite file
+    assert default_url() == f"sqlite:///{tmp_path}/plain.sqlite"
+    with ConfigStore() as store:
+        assert store.path == tmp_path / "plain.sqlite" and store.path.exists()
+
+
+def test_sqlite_path():
+    assert str(sqlite_path("sqlite:////abs/c.sqlite")) == "/abs/c.sqlite"
+    assert str(sqlite_path("sqlite:///rel/c.sqlite")) == "rel/c.sqlite"
+    assert sqlite_path("sqlite://") is None
+    assert sqlite_path("sqlite:///:memory:") is None
+    assert sqlite_path("postgresql://u@h/db") is None
+
+
+def test_wal_mode_and_creates_parent_directory(tmp_path):
+    path = tmp_path / "a" / "b" / "c.sqlite"
+    ConfigStore(path).close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT value FROM kernelhub_meta WHERE key='schema_version'").fetchone()[0] \
+            == str(SCHEMA_VERSION)
+    conn.close()
+
+
+# -- refusing what is not ours, or not readable ----------------------------------------------------
+
+
+def test_garbage_file_is_refused_and_untouched(tmp_path):
+    path = tmp_path / "c.sqlite"
+    path.write_bytes(b"these are not the bytes of a database\n" * 100)
+    before = file_state(path)
+    with pytest.raises(ConfigDBError, match=r"c\.sqlite.*not a (SQLite )?database"):
+        ConfigStore(path)
+    assert file_state(path) == before
+
+
+def test_foreign_sqlite_database_is_refused_and_untouched(tmp_path):
+    path = tmp_path / "c.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("INSERT INTO photos (name) VALUES ('cat.jpg')")
+    conn.close()
+    before = file_state(path)
+    with pytest.raises(ConfigDBError, match=r"not a kernelhub config database.*photos"):
+        ConfigStore(path)
+    assert file_state(path) == before
+
+
+def test_database_shared_with_optuna(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    optuna.storages.RDBStorage(url).remove_session()
+    with ConfigStore(url) as store:
+        store.save_best(make_best())
+    optuna.create_study(storage=url, study_name="still-works").optimize(lambda t: t.suggest_float("x", 0, 1), 2)
+    with ConfigStore(url) as store:
+        assert len(store.best_configs()) == 1
+
+
+def test_directory_and_unwritable_location(tmp_path):
+    (tmp_path / "dir.sqlite").mkdir()
+    with pytest.raises(ConfigDBError, match="is a directory"):
+        ConfigStore(tmp_path / "dir.sqlite")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigDBError, match=r"afile.*KERNELHUB_DB"):
+        ConfigStore(tmp_path / "afile" / "sub" / "c.sqlite")  # its "directory" is a file
+
+
+def test_create_false_on_missing_file_creates_nothing(tmp_path):
+    with pytest.raises(ConfigDBError, match=r"no kernelhub database at .*missing\.sqlite"):
+        ConfigStore(tmp_path / "new" / "missing.sqlite", create=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "c.sqlite"
+    ConfigStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE kernelhub_meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
+    conn.close()
+    with pytest.raises(ConfigDBError, match=r"newer kernelhub.*upgrade kernelhub"):
+        ConfigStore(path)
+
+
+def test_older_schema_is_migrated(tmp_path, monkeypatch):
+    path = tmp_path / "c.sqlite"
+    with ConfigStore(path) as store:
+        store.save_best(make_best())
+
+    def add_note_column(conn):
+        conn.exec_driver_sql("ALTER TABLE kernelhub_best_configs ADD COLUMN note TEXT DEFAULT 'migrated'")
+
+    def add_extra_table(conn):
+        conn.exec_driver_sql("CREATE TABLE kernelhub_extra (id INTEGER PRIMARY KEY)")
+
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 2)
+    monkeypatch.setattr(store_module, "MIGRATIONS", {SCHEMA_VERSION: add_note_column,
+                                                     SCHEMA_VERSION + 1: add_extra_table})
+    with ConfigStore(path) as store:
+        assert len(store.best_configs()) == 1
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM kernelhub_meta").fetchone()[0] == str(SCHEMA_VERSION + 2)
+        assert conn.execute("SELECT note FROM kernelhub_best_configs").fetchone()[0] == "migrated"
+        assert conn.execute("SELECT count(*) FROM kernelhub_extra").fetchone()[0] == 0
+    conn.close()
+
+
+def test_failed_migration_changes_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "c.sqlite"
+    ConfigStore(path).close()
+
+    def half_done(conn):
+        conn.exec_driver_sql("CREATE TABLE kernelhub_extra (id INTEGER PRIMARY KEY)")
+        conn.exec_driver_sql("ALTER TABLE no_such_table ADD COLUMN x TEXT")
+
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(store_module, "MIGRATIONS", {SCHEMA_VERSION: half_done})
+    with pytest.raises(ConfigDBError, match="no_such_table"):
+        ConfigStore(path)
+    monkeypatch.setattr(store_module, "MIGRATIONS", {})
+    with pytest.raises(ConfigDBError, match="no migration from schema version"):
+        ConfigStore(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM kernelhub_meta").fetchone()[0] == str(SCHEMA_VERSION)
+        assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name='kernelhub_extra'").fetchall()
+    conn.close()
+
+
+def test_errors_after_open_are_config_db_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "_BUSY_TIMEOUT_S", 0.2)
+    path = tmp_path / "c.sqlite"
+    with ConfigStore(path) as store:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock past our busy timeout
+        with pytest.raises(ConfigDBError, match=r"c\.sqlite.*locked"):
+            store.save_best(make_best())
+        other.execute("DROP TABLE kernelhub_trials")
+        other.execute("COMMIT")
+        other.close()
+        with pytest.raises(ConfigDBError, match=r"c\.sqlite.*kernelhub_trials"):
+            store.trials()
+
+
+# -- export / import -------------------------------------------------------------------------------
+
+
+def test_export_import_round_trip(tmp_path, fake_family):
+    entries = [make_best(), make_best(bucket="M=1,N=4096", dtype="float16", device=CPU_DEVICE),
+               make_best(gpu_key="a100", device=None, kernel_version="v0")]
+    with ConfigStore(tmp_path / "a.sqlite") as source:
+        source.save_many(entries)
+        doc = export_configs(source)
+        assert [e["gpu_key"] for e in export_configs(source, gpu_key="a100")["entries"]] == ["a100"]
+    assert doc["format"] == "kernelhub-configs" and doc["version"] == 1 and "kernelhub_version" in doc
+    (tmp_path / "export.json").write_text(json.dumps(doc))
+    with ConfigStore(tmp_path / "b.sqlite") as target:
+        assert import_configs(target, load_export_file(tmp_path / "export.json")) == 3
+        assert without_ids(target.best_configs()) == sorted(entries, key=lambda e: (e.gpu_key, e.dtype))
+        assert import_configs(target, doc) == 3  # importing again replaces, never duplicates
+        assert len(target.best_configs()) == 3
+
+
+def _entry(**overrides) -> dict:
+    entry = dataclasses.asdict(make_best())
+    del entry["id"]
+    entry["created_at"] = entry["created_at"].isoformat()
+    return entry | overrides
+
+
+def _doc(*entries, **overrides) -> dict:
+    return {"format": "kernelhub-configs", "version": 1, "kernelhub_version": "0.1.0",
+            "exported_at": "2025-01-01T00:00:00+00:00", "entries": list(entries)} | overrides
+
+
+@pytest.mark.parametrize("doc, message", [
+    (_doc(_entry(family="nope")), r"entry 0: field 'family': unknown kernel family 'nope'"),
+    (_doc(_entry(config={"BLOCK": 48, "num_warps": 4})), r"entry 0: field 'config': BLOCK=48"),
+    (_doc(_entry(config={"BLOCK": 32})), r"entry 0: field 'config': missing keys \['num_warps'\]"),
+    (_doc(_entry(bucket="M=128")), r"entry 0: field 'bucket'"),
+    (_doc(_entry(bucket="M=100,N=4096")), r"entry 0: field 'bucket': .* is not a toy bucket"),
+    (_doc(_entry(dtype="int8")), r"entry 0: field 'dtype'"),
+    (_doc(_entry(trials=True)), r"entry 0: field 'trials'"),
+    (_doc(_entry(median_ms=float("nan"))), r"entry 0: field 'median_ms'"),
+    (_doc(_entry(device={"key": "h100"})), r"entry 0: field 'device'"),
+    (_doc({k: v for k, v in _entry().items() if k != "p80_ms"}), r"entry 0: field 'p80_ms' is missing"),
+    (_doc(_entry(colour="red")), r"entry 0: field 'colour' is unknown"),
+    (_doc(_entry(bucket="M=1,N=8"), _entry(config={"BLOCK": 1024, "num_warps": 4})), r"entry 1: field 'config'"),
+    (_doc(_entry(), format="something-else"), r"not a kernelhub-configs document"),
+    (_doc(_entry(), version=2), r"export format version 2.*upgrade kernelhub"),
+    (_doc(entries="all of them"), r"'entries'"),
+    (["not", "a", "dict"], r"not a kernelhub-configs document"),
+], ids=["unknown-family", "config-outside-space", "config-missing-key", "bucket-unparsable",
+        "bucket-not-a-bucket", "dtype", "bool-as-int", "nan", "device-fields", "missing-field",
+        "unknown-field", "second-entry-bad", "format", "newer-version", "entries-not-list", "not-a-dict"])
+def test_import_rejects_and_writes_nothing(tmp_path, fake_family, doc, message):
+    with ConfigStore(tmp_path / "c.sqlite") as store:
+        store.save_best(make_best(gpu_key="existing"))
+        before = store.best_configs()
+        with pytest.raises(ConfigDBError, match=r"c\.sqlite.*nothing written: " + message):
+            import_configs(store, doc)
+        assert store.best_configs() == before
+
+
+def test_load_export_file_errors(tmp_path):
+    (tmp_path / "broken.json").write_text('{"format": "kernelhub-configs", "entries": [')
+    with pytest.raises(ConfigDBError, match=r"broken\.json is not valid JSON"):
+        load_export_file(tmp_path / "broken.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ConfigDBError, match=r"list\.json is not a kernelhub-configs document"):
+        load_export_file(tmp_path / "list.json")
+    with pytest.raises(ConfigDBError, match=r"cannot read config export .*absent\.json"):
+        load_export_file(tmp_path / "absent.json")
+
+
+# -- concurrency -----------------------------------------------------------------------------------
+
+
+def test_two_stores_writing_concurrently_lose_nothing(tmp_path):
+    path = tmp_path / "c.sqlite"
+    stores = [ConfigStore(path), ConfigStore(path)]
+    errors = []
+
+    def writer(worker: int) -> None:
+        try:
+            for i in range(50):
+                # Reads between the writes, so a deferred transaction would hit "database is locked".
+                stores[worker].best_configs(gpu_key="h100")
+                stores[worker].save_best(make_best(bucket=f"M={worker},N={i}", device=DEVICE))
+                stores[worker].add_trial(make_trial(study=f"w{worker}", number=i))
+        except Exception as exc:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(stores[0].best_configs()) == 100 and len(stores[1].trials()) == 100
+    with sqlite3.connect(path) as conn:  # concurrent get-or-create made one device row, not two
+        assert conn.execute("SELECT count(*) FROM kernelhub_devices").fetchone()[0] == 1
+    conn.close()
+    for store in stores:
+        store.close()

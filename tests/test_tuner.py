@@ -1,0 +1,102 @@
+"""The tuner's mechanics, in the Triton interpreter under a test key (timings are meaningless)."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernelhub.checking import mismatch_exact
+from kernelhub.db import ConfigStore
+from kernelhub.device import current_device
+from kernelhub.errors import KernelhubError
+from kernelhub.kernels.int8_gemm import SPEC as INT8
+from kernelhub.registry import FamilySpec
+from kernelhub.space import SearchSpace
+from kernelhub.tuning.tuner import Tuner, study_storage
+
+TEST_DEVICE = dataclasses.replace(current_device(), key="test-cpu")
+
+
+def _tuner(url, **kwargs):
+    return Tuner(ConfigStore(url), study_storage(url), TEST_DEVICE, allow_interpreter=True,
+                 progress=kwargs.pop("progress", lambda line: None), **kwargs)
+
+
+def _doubling_family() -> FamilySpec:
+    """A test-only family: out = 2 * x, computed wrongly whenever BROKEN=1."""
+
+    def launch(inputs, config, out):
+        out.copy_(inputs["x"] * (3 if config["BROKEN"] else 2))
+        return out
+
+    return FamilySpec(
+        name="test_doubling", summary="test only", shape_names=("N",), dtypes=("int32",),
+        space=SearchSpace(params={"BLOCK": (16, 32, 64, 128), "BROKEN": (0, 1)}),
+        default_config=lambda shape: {"BLOCK": 16, "BROKEN": 0}, defaults=({"BLOCK": 16, "BROKEN": 0},),
+        make_inputs=lambda shape, dtype, device, seed: {
+            "x": torch.randint(1, 100, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int32)},
+        reference=lambda inputs: inputs["x"] * 2, launch=launch,
+        new_output=lambda inputs: torch.empty_like(inputs["x"]), compare=mismatch_exact,
+        shape_sets={"smoke": [(7,)], "tune": [(7,)], "bench": [(7,)]},
+        bucket=lambda shape: shape, bucket_distance=lambda a, b: None,
+        flops=lambda shape: 0, bytes_moved=lambda shape, dtype: 8 * shape[0],
+        source_files=(Path(__file__),),
+    )
+
+
+def test_refuses_interpreter_timings_by_default(private_config_db):
+    with pytest.raises(KernelhubError, match="refusing to tune on cpu"):
+        Tuner(ConfigStore(private_config_db), study_storage(private_config_db), current_device())
+
+
+def test_short_int8_study_records_best_default_and_trials(private_config_db):
+    shape, lines = (7, 33, 40), []
+    result = _tuner(private_config_db, progress=lines.append).tune(INT8, shape, "int32", n_trials=4)
+    assert result.trials == 4 and result.best_config is not None
+    assert result.default is not None  # the DEFAULT ran first, so the speedup is on record
+    assert len(lines) == 4 and "trial 4/4" in lines[-1] and "vs default" in lines[-1]
+    with ConfigStore(private_config_db) as store:
+        (best,) = store.best_configs(gpu_key="test-cpu")
+        trials = store.trials(gpu_key="test-cpu")
+    assert best.bucket == "M=8,N=33,K=40" and best.config == result.best_config
+    assert best.default_median_ms == result.default.median_ms and best.trials == 4
+    assert best.kernel_version == INT8.kernel_version
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert trials[0].config == INT8.default_config(shape) and trials[0].state == "complete"
+    for t in trials:
+        if t.state == "pruned":
+            assert t.reason and t.median_ms is None
+    completed = [t for t in trials if t.state == "complete"]
+    assert best.median_ms == min(t.median_ms for t in completed)
+
+
+def test_wrong_configs_fail_and_never_win(private_config_db):
+    spec = _doubling_family()
+    result = _tuner(private_config_db, seed=3).tune(spec, (7,), "int32", n_trials=12)
+    with ConfigStore(private_config_db) as store:
+        trials = store.trials(family="test_doubling")
+    failed = [t for t in trials if t.state == "failed"]
+    assert failed and all(t.config["BROKEN"] == 1 for t in failed)
+    assert all("differ" in t.reason for t in failed)
+    assert all(t.config["BROKEN"] == 0 for t in trials if t.state == "complete")
+    assert result.best_config["BROKEN"] == 0
+
+
+def test_rerun_resumes_the_same_study(private_config_db):
+    spec = _doubling_family()
+    first = _tuner(private_config_db, seed=1).tune(spec, (7,), "int32", n_trials=3)
+    with ConfigStore(private_config_db) as store:
+        before = {t.number: t for t in store.trials(family="test_doubling")}
+    second = _tuner(private_config_db, seed=1).tune(spec, (7,), "int32", n_trials=5)
+    assert (first.trials, second.trials) == (3, 5)
+    with ConfigStore(private_config_db) as store:
+        after = {t.number: t for t in store.trials(family="test_doubling")}
+        (best,) = store.best_configs(family="test_doubling")
+    assert sorted(after) == [0, 1, 2, 3, 4]
+    for number, trial in before.items():  # finished trials were kept, not measured again
+        assert after[number].created_at == trial.created_at and after[number].median_ms == trial.median_ms
+    completed = [t.median_ms for t in after.values() if t.state == "complete"]
+    assert best.median_ms == min(completed) and best.trials == 5
+    # A third run with the same budget has nothing left to do.
+    assert _tuner(private_config_db, seed=1).tune(spec, (7,), "int32", n_trials=5).trials == 5
