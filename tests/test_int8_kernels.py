@@ -29,6 +29,10 @@ def config_id(config: dict) -> str:
             f"-split{config['SPLIT_K']}-w{config['num_warps']}-s{config['num_stages']}")
 
 
+def dtype_id(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def make_config(block_m, block_n, block_k, group_m=1, split_k=1, num_warps=4, num_stages=2) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m,
             "SPLIT_K": split_k, "num_warps": num_warps, "num_stages": num_stages}
@@ -116,7 +120,7 @@ def test_int32_sampled_configs_match_reference(shape, config):
 
 @pytest.mark.parametrize("split_k", [1, 4], ids=["split1", "split4"])
 def test_int32_exact_beyond_float32_precision(split_k):
-    """Sums of +-128 * +-127 products reach ~2**26: a float32 accumulator would drop low bits."""
+    """Sums of products of -128 and 127 pass 2**25: a float32 accumulator (24-bit significand) would round them."""
     m, n, k = 3, 33, 4096
     gen = torch.Generator().manual_seed(7)
     a = torch.where(torch.rand(m, k, generator=gen) < 0.9, -128, 127).to(torch.int8).to(DEVICE)
@@ -184,7 +188,7 @@ def assert_close_for_family(actual, expected):
 @pytest.mark.parametrize("config", [make_config(16, 64, 32), make_config(32, 32, 64, group_m=4),
                                     make_config(16, 32, 32, split_k=4)], ids=config_id)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", [(7, 129, 130), (128, 63, 96)], ids=lambda s: "M{}-N{}-K{}".format(*s))
 def test_scaled_matches_reference(shape, out_dtype, with_bias, config):
     a, b, scale_a, scale_b, bias = scaled_inputs(*shape, out_dtype if with_bias else None, seed=11)
@@ -197,7 +201,7 @@ def test_scaled_matches_reference(shape, out_dtype, with_bias, config):
 
 @pytest.mark.parametrize("split_k", [1, 2], ids=["split1", "split2"])
 @pytest.mark.parametrize("out_dtype, bias_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                                   (torch.float16, torch.float32)], ids=str)
+                                                   (torch.float16, torch.float32)], ids=dtype_id)
 def test_scaled_bias_of_another_dtype(out_dtype, bias_dtype, split_k):
     a, b, scale_a, scale_b, bias = scaled_inputs(33, 63, 96, bias_dtype, seed=12)
     actual = run_scaled(a, b, scale_a, scale_b, bias, out_dtype, make_config(16, 32, 32, split_k=split_k))
@@ -241,7 +245,7 @@ def assert_quantize_matches_reference(x):
 
 
 @pytest.mark.parametrize("k", [1, 7, 63, 129, 1000], ids=lambda k: f"K{k}")
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_quantize_matches_reference(dtype, k):
     gen = torch.Generator().manual_seed(k)
     big = 5e3 if dtype == torch.float16 else 1e30  # finite: |randn| < 13 * 5e3 < 65504
@@ -257,7 +261,7 @@ def test_quantize_matches_reference(dtype, k):
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.0, 0.5], ids=lambda s: f"scale{s}")
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_quantize_rounds_half_to_even(dtype, scale):
     """x / scale lands exactly on every k + 0.5 in [-127, 127]: ties must go to the even integer."""
     halves = torch.arange(-127, 127) + 0.5  # -126.5 ... 126.5, exact in every float dtype
@@ -267,6 +271,15 @@ def test_quantize_rounds_half_to_even(dtype, scale):
     assert bool((scales == scale).all())
     assert bool((q[0, :254].to(torch.int32) % 2 == 0).all()), "a tie was not rounded to even"
     assert q[0, :254].tolist()[125:129] == [-2, 0, 0, 2]  # -1.5, -0.5, 0.5, 1.5
+
+
+def test_quantize_tiny_rows_with_subnormal_or_zero_scale():
+    """absmax / 127 rounds to 0 in the first row (so q is 0 although x is not) and to a subnormal in
+    the second; a flush-to-zero or approximate division would show here."""
+    x = torch.tensor([[1e-44, -5e-45, 0.0], [1e-40, -3e-41, 7e-42], [1e-38, 2e-39, -1e-38]])
+    q, scale = assert_quantize_matches_reference(x.to(DEVICE))
+    assert float(scale[0]) == 0.0 and not bool(q[0].any())
+    assert 0.0 < float(scale[1]) < torch.finfo(torch.float32).tiny
 
 
 def test_quantize_any_strides():

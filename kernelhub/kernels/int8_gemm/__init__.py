@@ -18,18 +18,19 @@ _HERE = Path(__file__).parent
 def make_inputs(shape, dtype: str, device, seed: int) -> dict:
     """Random int8 `a [M, K]`, and `b [K, N]` as the transposed view of a weight `[N, K]` (the
     nn.Linear layout, so no copy is made); for a float `dtype`, also positive float32 scales and
-    a bias in that dtype."""
+    a bias in that dtype. Generated on `device` itself (tune shapes are too large for the CPU)."""
     m, n, k = shape
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    on = dict(device=device, generator=gen)
     inputs = {
-        "a": torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen).to(device),
-        "b": torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen).to(device).t(),
+        "a": torch.randint(-127, 128, (m, k), dtype=torch.int8, **on),
+        "b": torch.randint(-127, 128, (n, k), dtype=torch.int8, **on).t(),
         "out_dtype": getattr(torch, dtype),
     }
     if dtype != "int32":
-        inputs["scale_a"] = (torch.rand(m, generator=gen) * 0.02 + 1e-3).to(device)
-        inputs["scale_b"] = (torch.rand(n, generator=gen) * 0.02 + 1e-3).to(device)
-        inputs["bias"] = torch.randn(n, generator=gen).to(device=device, dtype=inputs["out_dtype"])
+        inputs["scale_a"] = torch.rand(m, **on) * 0.02 + 1e-3
+        inputs["scale_b"] = torch.rand(n, **on) * 0.02 + 1e-3
+        inputs["bias"] = torch.randn(n, **on).to(inputs["out_dtype"])
     return inputs
 
 

@@ -15,11 +15,11 @@ Each program computes one [BLOCK_M, BLOCK_N] tile of C with an int32 accumulator
 
     acc = sum over K tiles k of  A[tile_m, k] @ B[k, tile_n]       (tl.dot, out_dtype=int32)
 
-Every product is at most 128 * 128 = 2**14, so the sum is exact for K < 2**17 and the result does
-not depend on how K is split or in which order tiles are added.
+Every product is at most 128 * 128 = 2**14 in magnitude, so the int32 sum is exact for K < 2**17,
+whatever the order in which tiles are added or K is split.
 
-Tiles are visited in groups of GROUP_M rows of tiles (Triton tutorial 03), so the programs that run
-together reuse the same B columns from L2.
+Tiles are visited in groups of GROUP_M rows of tiles (Triton tutorial 03), so programs that run at
+the same time share A rows and B columns in L2.
 
 Split-K (SPLIT_K > 1, for small M where the M x N tiles alone cannot fill the GPU): the K tiles are
 dealt round-robin to SPLIT_K programs per output tile (grid axis 1), and each adds its partial int32

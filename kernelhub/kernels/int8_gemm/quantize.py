@@ -59,7 +59,7 @@ def quantize_int8_kernel(
     row_absmax = tl.max(absmax, axis=0)
 
     scale = tl.math.div_rn(row_absmax, 127.0)
-    tl.store(scale_ptr + pid_m.to(tl.int64), scale)
+    tl.store(scale_ptr + pid_m.to(tl.int64) * stride_scale, scale)
     is_nonzero = scale > 0.0  # also false when absmax / 127 underflows to 0, as in the reference
     safe_scale = tl.where(is_nonzero, scale, 1.0)
 

@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end on a tiny shape (on CPU: the numbers mean nothing here)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_int8_rows_and_table_on_cpu():
+    gpu_int8 = _load("gpu_int8")
+    calls = []
+
+    def fake_timer(fn):
+        fn()
+        calls.append(fn)
+        return 1.0 + len(calls)
+
+    row = gpu_int8.measure_row((33, 24, 40), "cpu", fake_timer)
+    assert len(calls) == 4 and row["tuned_is_default"]
+    assert row["tuned TOPS"] == pytest.approx(2 * 33 * 24 * 40 / 2e-3 / 1e12)
+    table = gpu_int8.format_table([row])
+    assert table.splitlines()[2].startswith("| 33 | 24 | 40 |") and "| 1.50x | 2.00x |" in table
+
+
+def test_gpu_int8_refuses_without_gpu(capsys):
+    assert _load("gpu_int8").main(["--skip-tune"]) == 2
