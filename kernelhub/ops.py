@@ -34,6 +34,9 @@ __all__ = ["int8_gemm", "int8_scaled_gemm", "quantize_int8"]
 BACKEND_ENV = "KERNELHUB_BACKEND"
 BACKENDS = ("auto", "triton", "reference")
 
+# Products of int8 values are at most 128 * 128 = 2**14 in magnitude: int32 sums are exact up to 2**17 terms.
+MAX_K = 2**17
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.int32: "int32", torch.float32: "float32", torch.float16: "float16",
                 torch.bfloat16: "bfloat16"}
@@ -63,6 +66,8 @@ def _check_int8_operands(a, b) -> tuple[int, int, int]:
     m, k = a.shape
     if b.shape[0] != k:
         raise ValueError(f"b: expected shape [K, N] with K = a.shape[1] = {k}, got {tuple(b.shape)}")
+    if k > MAX_K:
+        raise ValueError(f"a: K = {k} exceeds {MAX_K}, beyond which the int32 accumulator can overflow")
     return m, b.shape[1], k
 
 
@@ -108,16 +113,23 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = No
 
 
 def _cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
-    """`torch._int_mm`, then the dequantisation in two fused passes (torch has no fused epilogue)."""
+    """`torch._int_mm`, then the dequantisation as in-place float32 passes over its result.
+
+    torch has no fused int32 -> scaled float op, and its mixed-dtype elementwise kernels are
+    about 3x slower than same-dtype ones, so: convert in place (the float32 view of the int32
+    buffer), scale rows, scale columns and add the bias in one `addcmul`, then round once to
+    out_dtype. See benchmarks/cpu_int8.py for what this costs over bare `_int_mm`.
+    """
     acc = torch._int_mm(a, b)  # int32 [M, N]
-    # Pass 1 reads int32 and writes float32 into the same buffer: no new allocation.
-    rows_scaled = torch.mul(acc, scale_a[:, None], out=acc.view(torch.float32))
-    if out is None:
-        out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
-    # Pass 2 applies the column scale and the bias and rounds once to out_dtype.
+    y = acc.view(torch.float32).copy_(acc)  # same bytes, now float32 values: no new allocation
+    y.mul_(scale_a[:, None])
     if bias is None:
-        return torch.mul(rows_scaled, scale_b, out=out)
-    return torch.addcmul(bias.to(torch.float32), rows_scaled, scale_b, out=out)
+        y.mul_(scale_b)
+    else:
+        torch.addcmul(bias.to(torch.float32), y, scale_b, out=y)
+    if out is not None:
+        return out.copy_(y)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
 def _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
