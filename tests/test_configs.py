@@ -103,3 +103,12 @@ def test_repeated_calls_do_not_query_the_database(private_config_db, monkeypatch
     for m in (128, 128, 100, 128):
         assert _lookup((m, 4096, 4096)) == TUNED
     assert len(reads) == 1
+
+
+def test_database_from_a_newer_kernelhub_falls_back(private_config_db, monkeypatch):
+    from kernelhub.db import store as store_module
+
+    _store_best(private_config_db, "M=128,N=4096,K=4096", TUNED)
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 0)  # this process now reads an older schema
+    with pytest.warns(configs.ConfigDBWarning, match="newer kernelhub"):
+        assert _lookup((128, 4096, 4096)) == space.DEFAULT_LARGE_M

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernelhub.checking import mismatch_exact
-from kernelhub.db import ConfigStore
+from kernelhub.db import BestConfig, ConfigStore
 from kernelhub.device import current_device
 from kernelhub.errors import KernelhubError
 from kernelhub.kernels.int8_gemm import SPEC as INT8
@@ -100,3 +100,41 @@ def test_rerun_resumes_the_same_study(private_config_db):
     assert best.median_ms == min(completed) and best.trials == 5
     # A third run with the same budget has nothing left to do.
     assert _tuner(private_config_db, seed=1).tune(spec, (7,), "int32", n_trials=5).trials == 5
+
+
+def test_interrupted_run_resumes_where_it_stopped(private_config_db):
+    spec = _doubling_family()
+    launches = {"n": 0}
+    good_launch = spec.launch
+
+    def launch_then_interrupt(inputs, config, out):
+        launches["n"] += 1
+        if launches["n"] == 12:  # Ctrl-C in the middle of a later trial (each takes 1 to 5 launches)
+            raise KeyboardInterrupt
+        return good_launch(inputs, config, out)
+
+    interrupted = dataclasses.replace(spec, launch=launch_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _tuner(private_config_db, seed=2).tune(interrupted, (7,), "int32", n_trials=6)
+    with ConfigStore(private_config_db) as store:
+        before = {t.number: t for t in store.trials(family="test_doubling")}
+    assert before  # the trials finished before Ctrl-C were recorded
+    result = _tuner(private_config_db, seed=2).tune(spec, (7,), "int32", n_trials=6)
+    with ConfigStore(private_config_db) as store:
+        after = {t.number: t for t in store.trials(family="test_doubling")}
+    for number, trial in before.items():
+        assert after[number].created_at == trial.created_at
+    # The in-flight trial is lost (Optuna marks it failed); the rest of the budget is spent anew.
+    assert result.trials == 6 and len(after) >= 5 and result.best_config["BROKEN"] == 0
+
+
+def test_neighbour_buckets_best_configs_are_tried_first(private_config_db):
+    neighbour = dict(INT8.default_config((32, 33, 40)), BLOCK_M=32, BLOCK_N=32, BLOCK_K=64)
+    _tuner(private_config_db).store.save_best(BestConfig(
+        gpu_key="test-cpu", family=INT8.name, bucket="M=32,N=33,K=40", dtype="int32", config=neighbour,
+        median_ms=1.0, p20_ms=1.0, p80_ms=1.0, trials=1, kernel_version=INT8.kernel_version,
+        torch_version=torch.__version__, triton_version=None))
+    _tuner(private_config_db).tune(INT8, (7, 33, 40), "int32", n_trials=2)
+    with ConfigStore(private_config_db) as store:
+        first, second = store.trials(gpu_key="test-cpu", bucket="M=8,N=33,K=40")
+    assert first.config == INT8.default_config((7, 33, 40)) and second.config == neighbour
