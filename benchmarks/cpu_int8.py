@@ -14,26 +14,18 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 import kernelhub.ops as ops
 from kernelhub.kernels.int8_gemm.space import LLAMA3_8B
+from kernelhub.tuning.timing import time_wall_clock
 
 
 def median_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return time_wall_clock(fn, warmup=warmup, reps=reps).median_ms
 
 
 def gemm_rows(ms: Sequence[int], reps: int) -> list[dict]:

@@ -4,29 +4,20 @@ Prints the error against the bfloat16/float32 layer it replaces and the time of 
 this machine (CUDA if present, else the CPU path). Run: python examples/demo_ops.py
 """
 
-import time
-
 import torch
 
 import kernelhub.ops as ops
+from kernelhub.tuning.timing import time_launch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def median_ms(fn, reps: int = 10) -> float:
-    fn()
-    samples = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return sorted(samples)[len(samples) // 2]
+def median_ms(fn) -> float:
+    return time_launch(fn, torch.device(DEVICE)).median_ms
 
 
 def main() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = DEVICE
     torch.manual_seed(0)
     tokens, hidden, out_features = 128, 4096, 4096  # Llama-3-8B attention output projection
     x = torch.randn(tokens, hidden, device=device)

@@ -126,24 +126,6 @@ def cmd_tune(args) -> int:
 
 # -- show --------------------------------------------------------------------------------------
 
-def _staleness(row, current) -> str:
-    """Why a stored row no longer applies here, or '' if it does."""
-    from kernelhub.registry import get_family
-
-    try:
-        spec = get_family(row.family)
-    except KernelhubError:
-        return "unknown kernel"
-    if row.kernel_version != spec.kernel_version:
-        return "kernel changed"
-    triton_major = (current.triton_version or "").split(".")[0]
-    if row.triton_version and triton_major and row.triton_version.split(".")[0] != triton_major:
-        return f"triton {row.triton_version}"
-    if row.device and row.gpu_key == current.key and row.device.get("name") != current.name:
-        return f"other device ({row.device.get('name')})"
-    return ""
-
-
 def _missing_database(url: str | None) -> str | None:
     """A message if `url` is a SQLite file that does not exist yet (reading never creates one)."""
     from kernelhub.db import default_url
@@ -154,6 +136,21 @@ def _missing_database(url: str | None) -> str | None:
     if path is not None and not path.exists():
         return f"no config database yet at {path} (`kernelhub tune` or `kernelhub import` creates it)"
     return None
+
+
+def _status(row, current) -> str:
+    """'ok', or 'stale: <why>' when the runtime would not use this row on the current device."""
+    from kernelhub.configs import stale_reason
+    from kernelhub.registry import get_family
+
+    try:
+        spec = get_family(row.family)
+    except KernelhubError:
+        return "stale: unknown kernel"
+    if row.gpu_key != current.key:  # another GPU's row: only the kernel version can be judged here
+        return "stale: kernel changed" if row.kernel_version != spec.kernel_version else "ok"
+    reason = stale_reason(row, spec, current)
+    return f"stale: {reason}" if reason else "ok"
 
 
 def cmd_show(args) -> int:
@@ -175,7 +172,7 @@ def cmd_show(args) -> int:
         throughput = f"{r.throughput:.3g} {r.throughput_unit}" if r.throughput else "-"
         config = " ".join(f"{k}={v}" for k, v in r.config.items())
         table.append((r.gpu_key, r.family, r.bucket, r.dtype, config, f"{r.median_ms:.4g}", throughput,
-                      speedup, r.trials, _staleness(r, current) or "ok"))
+                      speedup, r.trials, _status(r, current)))
     print(_table(("gpu", "kernel", "shape bucket", "dtype", "config", "ms", "throughput", "vs default",
                   "trials", "status"), table))
     return 0

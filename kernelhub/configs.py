@@ -4,9 +4,10 @@ Lookup rule for a call of shape S on GPU key G (see each family's space module f
 1. the stored config of S's own bucket;
 2. else the stored config of the nearest bucket the family accepts (`bucket_distance`);
 3. else the family's DEFAULT for S.
-Only rows of the current kernel version are read. Every stored config is validated against the
-family's space and constraints (for its own bucket, on this device) before it can be used, so a
-corrupt or hand-edited row falls back instead of launching. A database that cannot be opened or
+Stale rows are never used (`stale_reason`: another kernel version, another Triton major version,
+or tuned on a device of another compute capability or SM count under the same key). Every stored
+config is validated against the family's space and constraints (for its own bucket, on this
+device) before it can be used, so a corrupt or hand-edited row falls back instead of launching. A database that cannot be opened or
 read never breaks a call: one warning, then DEFAULTs.
 
 The first call of a (GPU, family, dtype) reads the database once; after that a call costs a
@@ -48,6 +49,25 @@ def clear_cache() -> None:
         _resolved.clear()
 
 
+def stale_reason(row, spec: FamilySpec, device: DeviceIdentity) -> str | None:
+    """Why a stored row (a `kernelhub.db.BestConfig`) must not be used on `device`, or None.
+
+    Rows of the same key from devices that differ only in name or memory size are shared: that is
+    what a key is for. `kernelhub show` marks the rows this rejects as stale.
+    """
+    if row.kernel_version != spec.kernel_version:
+        return "kernel changed"
+    row_major = (row.triton_version or "").split(".")[0]
+    our_major = (device.triton_version or "").split(".")[0]
+    if row_major and our_major and row_major != our_major:
+        return f"tuned with triton {row.triton_version}"
+    tuned_on = row.device or {}
+    for field in ("compute_capability", "sm_count"):
+        if field in tuned_on and tuned_on[field] != getattr(device, field):
+            return f"tuned on {tuned_on.get('name')} ({field} {tuned_on[field]})"
+    return None
+
+
 def _read_rows(spec: FamilySpec, dtype: str, device: DeviceIdentity) -> dict[Shape, Config]:
     """Valid stored configs for (device, family, dtype) from the database at `KERNELHUB_DB`."""
     from kernelhub.db import ConfigStore, default_url
@@ -70,6 +90,8 @@ def _read_rows(spec: FamilySpec, dtype: str, device: DeviceIdentity) -> dict[Sha
         return {}
     valid: dict[Shape, Config] = {}
     for row in rows:
+        if stale_reason(row, spec, device):
+            continue
         where = f"stored {spec.name} config for {device.key} {row.bucket} {row.dtype}"
         try:
             bucket = spec.parse_shape(row.bucket)

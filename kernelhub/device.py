@@ -56,6 +56,7 @@ _SMEM_BY_CC = {(7, 0): 98304, (7, 5): 65536, (8, 0): 166912, (8, 6): 101376, (8,
 DEFAULT_SMEM_BYTES = 101376
 
 
+@functools.lru_cache(maxsize=64)
 def key_for_name(name: str) -> str:
     """Short key for a device name: `"NVIDIA A100-SXM4-80GB" -> "a100"`.
 
@@ -151,7 +152,8 @@ def current_device(index: int | None = None) -> DeviceIdentity:
 
 
 def device_for_tensor(t: torch.Tensor) -> DeviceIdentity:
-    """Identity of the device a tensor lives on (CPU tensors give the `cpu` identity)."""
+    """Identity of the device a tensor lives on (CPU tensors give the `cpu` identity). Cheap: called per op."""
     if t.device.type == "cuda":
-        return current_device(t.device.index)
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        return _detect(index, _key_override())
     return _detect(None, "")

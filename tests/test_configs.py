@@ -1,5 +1,6 @@
 """Config lookup for a call: exact bucket -> nearest bucket -> DEFAULT, and what it refuses."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -14,13 +15,15 @@ CPU = current_device()  # the tests run without a GPU: the `cpu` identity
 TUNED = dict(space.DEFAULT_LARGE_M, BLOCK_M=64, BLOCK_N=64, num_warps=4)
 
 
-def _store_best(url, bucket, config, *, dtype="int32", kernel_version=None, gpu_key=CPU.key):
+def _store_best(url, bucket, config, *, dtype="int32", kernel_version=None, gpu_key=CPU.key,
+                triton_version=CPU.triton_version, device=None):
     with ConfigStore(url) as store:
         store.save_best(BestConfig(
             gpu_key=gpu_key, family=SPEC.name, bucket=bucket, dtype=dtype, config=config,
             median_ms=1.0, p20_ms=0.9, p80_ms=1.1, throughput=None, throughput_unit=None,
             default_median_ms=2.0, trials=10, kernel_version=kernel_version or SPEC.kernel_version,
-            triton_version="3.9.0", torch_version=torch.__version__, cuda_version=None))
+            triton_version=triton_version, torch_version=torch.__version__, cuda_version=None,
+            device=device))
 
 
 def _lookup(shape, dtype="int32"):
@@ -60,6 +63,17 @@ def test_other_kernel_version_and_other_gpu_are_ignored(private_config_db):
     _store_best(private_config_db, "M=128,N=4096,K=4096", TUNED, kernel_version="0" * 16)
     _store_best(private_config_db, "M=128,N=4096,K=4096", TUNED, gpu_key="h100")
     assert _lookup((128, 4096, 4096)) == space.DEFAULT_LARGE_M
+
+
+def test_rows_from_another_triton_major_or_another_chip_are_stale(private_config_db):
+    _store_best(private_config_db, "M=128,N=4096,K=4096", TUNED, triton_version="2.3.1")
+    other_chip = dataclasses.replace(CPU, name="bigger cpu", sm_count=132).to_dict()
+    _store_best(private_config_db, "M=256,N=4096,K=4096", TUNED, device=other_chip)
+    assert _lookup((128, 4096, 4096)) == space.DEFAULT_LARGE_M
+    same_chip = dataclasses.replace(CPU, name="cpu, other memory size").to_dict()
+    _store_best(private_config_db, "M=512,N=4096,K=4096", TUNED, device=same_chip)
+    configs.clear_cache()
+    assert _lookup((512, 4096, 4096)) == TUNED  # same key, same chip: shared
 
 
 @pytest.mark.parametrize("bad_config, fragment", [
