@@ -34,8 +34,9 @@ __all__ = ["int8_gemm", "int8_scaled_gemm", "quantize_int8"]
 BACKEND_ENV = "KERNELHUB_BACKEND"
 BACKENDS = ("auto", "triton", "reference")
 
-# Products of int8 values are at most 128 * 128 = 2**14 in magnitude: int32 sums are exact up to 2**17 terms.
-MAX_K = 2**17
+# Products of int8 values are at most 128 * 128 = 2**14 in magnitude, so K * 2**14 < 2**31 keeps
+# every int32 sum exact.
+MAX_K = 2**17 - 1
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.int32: "int32", torch.float32: "float32", torch.float16: "float16",

@@ -111,9 +111,9 @@ def test_scaled_gemm_bad_input_names_the_argument(change, error, fragment):
 
 
 def test_k_beyond_int32_exactness_is_rejected():
-    a = torch.zeros(1, 2**17 + 1, dtype=torch.int8)
-    with pytest.raises(ValueError, match="K = 131073 exceeds 131072"):
-        ops.int8_gemm(a, torch.zeros(2**17 + 1, 1, dtype=torch.int8))
+    a = torch.zeros(1, 2**17, dtype=torch.int8)
+    with pytest.raises(ValueError, match="K = 131072 exceeds 131071"):
+        ops.int8_gemm(a, torch.zeros(2**17, 1, dtype=torch.int8))
 
 
 def test_mixed_devices_are_rejected():
