@@ -78,6 +78,19 @@ def test_quantize_round_trip_error_is_bounded():
     assert ((q.float() * scale[:, None] - x).abs() <= scale[:, None] / 2 + 1e-7).all()
 
 
+@pytest.mark.parametrize("m, n, k", [(1, 2, 1), (5, 5, 1), (1, 1, 5), (2, 1, 7)])
+@pytest.mark.parametrize("transpose_a", [False, True], ids=["a", "a=t()"])
+def test_degenerate_strides(backend, m, n, k, transpose_a):
+    """Size-1 dimensions give views strides like (1, 1); oneDNN misreads those unless we fix them."""
+    a = torch.randint(-128, 128, (k, m) if transpose_a else (m, k), dtype=torch.int8)
+    a = a.t() if transpose_a else a
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8).t()
+    expected = (a.long() @ b.long()).int()
+    assert torch.equal(ops.int8_gemm(a, b), expected)
+    scale_a, scale_b = torch.ones(m), torch.ones(n)
+    assert torch.equal(ops.int8_scaled_gemm(a, b, scale_a, scale_b, out_dtype=torch.float32), expected.float())
+
+
 def test_empty_m():
     a, b = _operands(0, 5, 8, seed=0)
     assert ops.int8_gemm(a, b).shape == (0, 5)

@@ -1,0 +1,216 @@
+"""int8 GEMM public ops: validate -> backend -> best stored config -> launch.
+
+Re-exported by `kernelhub.ops`; see there for backends and torch.library registration.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernelhub import backend, configs, validation
+from kernelhub.device import device_for_tensor
+from kernelhub.kernels.int8_gemm import SPEC as INT8_GEMM
+from kernelhub.kernels.int8_gemm.kernel import int8_gemm_triton
+from kernelhub.kernels.int8_gemm.quantize import quantize_int8_triton
+from kernelhub.reference import int8_gemm as int8_ref
+
+# Products of int8 values are at most 128 * 128 = 2**14 in magnitude, so K * 2**14 < 2**31 keeps
+# every int32 sum exact.
+MAX_K = 2**17 - 1
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.int32: "int32", torch.float32: "float32", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 GEMM
+# ----------------------------------------------------------------------------------------------
+
+def _check_int8_operands(a, b) -> tuple[int, int, int]:
+    validation.tensor("a", a, dtypes=(torch.int8,), ndim=2)
+    validation.tensor("b", b, dtypes=(torch.int8,), ndim=2)
+    m, k = a.shape
+    if b.shape[0] != k:
+        raise ValueError(f"b: expected shape [K, N] with K = a.shape[1] = {k}, got {tuple(b.shape)}")
+    if k > MAX_K:
+        raise ValueError(f"a: K = {k} exceeds {MAX_K}, beyond which the int32 accumulator can overflow")
+    return m, b.shape[1], k
+
+
+def _int8_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    path = backend.choose(a.device)
+    if path == "reference":
+        result = int8_ref.int8_gemm(a, b)
+        return result if out is None else out.copy_(result)
+    if path == "cpu":
+        return _int_mm_cpu(a, b, out)
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.int32, device=a.device)
+    config = configs.best_config(INT8_GEMM, (m, n, k), "int32", device_for_tensor(a))
+    return int8_gemm_triton(a, b, config=config, out=out)
+
+
+@torch.library.custom_op("kernelhub::int8_gemm", mutates_args=())
+def _int8_gemm_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _int8_gemm(a, b, None)
+
+
+@_int8_gemm_op.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
+
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact int8 GEMM: `a [M, K] @ b [K, N] -> int32 [M, N]`.
+
+    a, b: int8, on one device, any strides (pass a weight `w [N, K]` as `w.t()`: no copy is made).
+    out: optional int32 `[M, N]` to write into. Equivalent to
+    `(a.to(torch.float64) @ b.to(torch.float64)).to(torch.int32)`.
+    """
+    m, n, _ = _check_int8_operands(a, b)
+    device = validation.same_device(a=a, b=b)
+    validation.out_tensor(out, shape=(m, n), dtype=torch.int32, device=device)
+    if torch.compiler.is_compiling():
+        result = _int8_gemm_op(a, b)
+        return result if out is None else out.copy_(result)
+    return _int8_gemm(a, b, out)
+
+
+def _onednn_strides(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy with canonical strides if it has a size-1 dimension with an unusual stride.
+
+    oneDNN reads strides literally and computes wrong results for, e.g., `w.t()` of a `[N, 1]`
+    weight (strides (1, 1)); such operands are a single row or column, so the copy is cheap.
+    """
+    if 1 in t.shape and t.stride() != (t.shape[1], 1):
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def _int_mm_cpu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    a, b = _onednn_strides(a), _onednn_strides(b)
+    return torch._int_mm(a, b) if out is None else torch._int_mm(a, b, out=out)
+
+
+def _cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
+    """`torch._int_mm`, then the dequantisation as in-place float32 passes over its result.
+
+    torch has no fused int32 -> scaled float op, and its mixed-dtype elementwise kernels are
+    about 3x slower than same-dtype ones, so: convert in place (the float32 view of the int32
+    buffer), scale rows, scale columns and add the bias in one `addcmul`, then round once to
+    out_dtype. See benchmarks/cpu_int8.py for what this costs over bare `_int_mm`.
+    """
+    acc = _int_mm_cpu(a, b)  # int32 [M, N]
+    y = acc.view(torch.float32).copy_(acc)  # same bytes, now float32 values: no new allocation
+    y.mul_(scale_a[:, None])
+    if bias is None:
+        y.mul_(scale_b)
+    else:
+        torch.addcmul(bias.to(torch.float32), y, scale_b, out=y)
+    if out is not None:
+        return out.copy_(y)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
+    path = backend.choose(a.device)
+    if path == "reference":
+        result = int8_ref.int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype)
+        return result if out is None else out.copy_(result)
+    if path == "cpu":
+        return _cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out)
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    config = configs.best_config(INT8_GEMM, (m, n, k), _DTYPE_NAMES[out_dtype], device_for_tensor(a))
+    return int8_gemm_triton(a, b, config=config, out=out, scale_a=scale_a, scale_b=scale_b, bias=bias)
+
+
+@torch.library.custom_op("kernelhub::int8_scaled_gemm", mutates_args=())
+def _int8_scaled_gemm_op(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                         bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, None)
+
+
+@_int8_scaled_gemm_op.register_fake
+def _(a, b, scale_a, scale_b, bias, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+def int8_scaled_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """int8 GEMM with a fused dequantising epilogue: `[M, K] @ [K, N] -> out_dtype [M, N]`.
+
+    a int8 [M, K], b int8 [K, N] (any strides), scale_a float32 [M] (per row of a), scale_b float32
+    [N] (per column of b), bias [N] float32/float16/bfloat16 or None; out_dtype bfloat16, float16
+    or float32; out: optional `[M, N]` of out_dtype. Equivalent to
+
+        acc = (a.double() @ b.double()).float()
+        out = ((acc * scale_a[:, None]) * scale_b[None, :] + bias).to(out_dtype)
+
+    within one rounding of out_dtype (the kernels accumulate exactly in int32, then scale in float32).
+    """
+    m, n, _ = _check_int8_operands(a, b)
+    validation.tensor("scale_a", scale_a, dtypes=(torch.float32,), ndim=1)
+    validation.shape("scale_a", scale_a, (m,), "[M]")
+    validation.tensor("scale_b", scale_b, dtypes=(torch.float32,), ndim=1)
+    validation.shape("scale_b", scale_b, (n,), "[N]")
+    if bias is not None:
+        validation.tensor("bias", bias, dtypes=_FLOAT_DTYPES, ndim=1)
+        validation.shape("bias", bias, (n,), "[N]")
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {out_dtype}")
+    device = validation.same_device(a=a, b=b, scale_a=scale_a, scale_b=scale_b, bias=bias)
+    validation.out_tensor(out, shape=(m, n), dtype=out_dtype, device=device)
+    if torch.compiler.is_compiling():
+        result = _int8_scaled_gemm_op(a, b, scale_a, scale_b, bias, out_dtype)
+        return result if out is None else out.copy_(result)
+    return _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 quantisation
+# ----------------------------------------------------------------------------------------------
+
+def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    path = backend.choose(x.device)
+    if path in ("reference", "cpu"):  # the reference is already the fastest exact CPU form
+        return int8_ref.quantize_int8(x)
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    return quantize_int8_triton(x, q_out=q, scale_out=scale)
+
+
+@torch.library.custom_op("kernelhub::quantize_int8", mutates_args=())
+def _quantize_int8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize_int8(x)
+
+
+@_quantize_int8_op.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 quantisation: float `x [M, K]` -> (int8 `q [M, K]`, float32 `scale [M]`).
+
+    `scale = absmax(row) / 127`, `q = clamp(round_half_even(x / scale), -127, 127)`; an all-zero row
+    gets scale 0 and q 0. Bit-exact with `kernelhub.reference.int8_gemm.quantize_int8`, so
+    `x ~= q * scale[:, None]`.
+    """
+    validation.tensor("x", x, dtypes=_FLOAT_DTYPES, ndim=2)
+    if torch.compiler.is_compiling():
+        return _quantize_int8_op(x)
+    return _quantize_int8(x)
