@@ -87,7 +87,7 @@ def check_config(spec: FamilySpec, shape: Shape, dtype: str, config: Config, *, 
     out = poison_(spec.new_output(inputs))
     try:
         actual = spec.launch(inputs, config, out)
-        problem = spec.compare(actual, expected)
+        problem = spec.compare(actual, expected, inputs)
         if problem is None and actual.data_ptr() != out.data_ptr():
             problem = "launcher did not write into the `out` it was given"
     except Exception as exc:  # a config that cannot compile or launch is a failed check, not a crash

@@ -1,8 +1,9 @@
 """The family contract and its one registry.
 
-Every kernel family registers one `FamilySpec`; the CLI, `kernelhub check`, the tuner, the tests
-and the benchmarks all iterate this registry, so adding a family means adding a folder under
-`kernelhub/kernels/`, a module under `reference/`, and one `register(...)` call.
+Every tunable kernel registers one `FamilySpec` (a family folder under `kernelhub/kernels/`
+registers one spec per kernel it tunes, usually one); the CLI, `kernelhub check`, the tuner, the
+tests and the benchmarks all iterate this registry, so adding a family means adding a folder
+under `kernelhub/kernels/`, a module under `reference/`, and its `register(...)` calls.
 
 Vocabulary:
 - shape: a tuple of ints named by `shape_names`, e.g. (M, N, K) for a GEMM.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from kernelhub.errors import KernelhubError
 from kernelhub.space import Config, SearchSpace
 
 Shape = tuple[int, ...]
-Inputs = dict[str, torch.Tensor]
+Inputs = dict[str, Any]  # tensors, plus plain values such as an output dtype
 
 SHAPE_SETS = ("smoke", "tune", "bench")
 
@@ -49,8 +51,9 @@ class FamilySpec:
     launch: Callable[[Inputs, Config, torch.Tensor], torch.Tensor]
     # An uninitialised output for these inputs (tests and checks poison it before launch).
     new_output: Callable[[Inputs], torch.Tensor]
-    # compare(actual, expected) -> None if within the family's tolerance, else where it failed.
-    compare: Callable[[torch.Tensor, torch.Tensor], "str | None"]
+    # compare(actual, expected, inputs) -> None if within the family's tolerance, else where it
+    # failed. `inputs` lets a family judge by meaning (e.g. top-k by the scores it selected).
+    compare: Callable[[torch.Tensor, torch.Tensor, Inputs], "str | None"]
     # "smoke" (tests, check), "tune" (tuner), "bench" (benchmarks): real model shapes.
     shape_sets: Mapping[str, Sequence[Shape]]
     bucket: Callable[[Shape], Shape]

@@ -37,7 +37,8 @@ def _doubling_family() -> FamilySpec:
         make_inputs=lambda shape, dtype, device, seed: {
             "x": torch.randint(1, 100, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int32)},
         reference=lambda inputs: inputs["x"] * 2, launch=launch,
-        new_output=lambda inputs: torch.empty_like(inputs["x"]), compare=mismatch_exact,
+        new_output=lambda inputs: torch.empty_like(inputs["x"]),
+        compare=lambda actual, expected, inputs: mismatch_exact(actual, expected),
         shape_sets={"smoke": [(7,)], "tune": [(7,)], "bench": [(7,)]},
         bucket=lambda shape: shape, bucket_distance=lambda a, b: None,
         flops=lambda shape: 0, bytes_moved=lambda shape, dtype: 8 * shape[0],

@@ -51,7 +51,7 @@ def new_output(inputs: dict) -> torch.Tensor:
                        device=inputs["a"].device)
 
 
-def compare(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
+def compare(actual: torch.Tensor, expected: torch.Tensor, inputs: dict) -> str | None:
     if expected.dtype == torch.int32:
         return checking.mismatch_exact(actual, expected)
     return checking.mismatch_close(actual, expected, rtol=2 * torch.finfo(expected.dtype).eps, atol_frac=1e-6)

@@ -1,0 +1,42 @@
+"""Rotary position embedding, Llama's rotate-half form: the one RoPE convention of kernelhub.
+
+    inv_freq[i] = theta ** (-2 i / D)                  i = 0 .. D/2 - 1
+    angle[p, i] = p * inv_freq[i]
+    cos[p] = concat(cos(angle[p]), cos(angle[p]))      [max_position, D]: each half repeated
+    sin[p] = concat(sin(angle[p]), sin(angle[p]))
+    rope(x, p) = x * cos[p] + rotate_half(x) * sin[p],  rotate_half(x) = concat(-x[D/2:], x[:D/2])
+
+Tables are computed in float64 and stored in float32, so every implementation reads the same
+numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_tables(max_position: int, head_dim: int, theta: float = 500000.0,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each float32 `[max_position, head_dim]`."""
+    if head_dim % 2:
+        raise ValueError(f"head_dim: RoPE needs an even head dimension, got {head_dim}")
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [D/2]
+    angle = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [P, D/2]
+    angle = torch.cat([angle, angle], dim=-1)  # [P, D]
+    return angle.cos().to(torch.float32).to(device), angle.sin().to(torch.float32).to(device)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of `x [..., D]` at integer `positions` (shape `x.shape[:-1]`), computed in float32.
+
+    Returns float32; callers cast to their storage dtype.
+    """
+    c = cos[positions]  # [..., D]
+    s = sin[positions]
+    x = x.to(torch.float32)
+    return x * c + rotate_half(x) * s
