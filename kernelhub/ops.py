@@ -16,5 +16,13 @@ graph breaks. Eager calls skip the dispatcher and run the implementation directl
 from __future__ import annotations
 
 from kernelhub.kernels.int8_gemm.ops import int8_gemm, int8_scaled_gemm, quantize_int8
+from kernelhub.kernels.landmark_topk.ops import landmark_topk, landmarks, outlier_chunks
+from kernelhub.kernels.lowrank_keys.ops import lowrank_keys, reconstruct_keys
+from kernelhub.kernels.sparse_gather.ops import sparse_gather
 
-__all__ = ["int8_gemm", "int8_scaled_gemm", "quantize_int8"]
+__all__ = [
+    # NGEMM: int8 GEMM
+    "int8_gemm", "int8_scaled_gemm", "quantize_int8",
+    # ShadowKV: low-rank keys, landmark chunk selection, sparse value gather
+    "lowrank_keys", "reconstruct_keys", "landmarks", "outlier_chunks", "landmark_topk", "sparse_gather",
+]

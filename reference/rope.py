@@ -15,15 +15,23 @@ from __future__ import annotations
 import torch
 
 
+def rope_rows(positions: torch.Tensor, head_dim: int, theta: float = 500000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) rows of the tables at integer `positions [n]`, each float32 `[n, head_dim]`.
+
+    Bit-identical to the same rows of `rope_tables`, so a caller may build only the rows it needs.
+    """
+    if head_dim % 2:
+        raise ValueError(f"head_dim: RoPE needs an even head dimension, got {head_dim}")
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angle = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [n, D/2]
+    angle = torch.cat([angle, angle], dim=-1)  # [n, D]
+    return angle.cos().to(torch.float32), angle.sin().to(torch.float32)
+
+
 def rope_tables(max_position: int, head_dim: int, theta: float = 500000.0,
                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each float32 `[max_position, head_dim]`."""
-    if head_dim % 2:
-        raise ValueError(f"head_dim: RoPE needs an even head dimension, got {head_dim}")
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [D/2]
-    angle = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [P, D/2]
-    angle = torch.cat([angle, angle], dim=-1)  # [P, D]
-    return angle.cos().to(torch.float32).to(device), angle.sin().to(torch.float32).to(device)
+    return rope_rows(torch.arange(max_position, device=device), head_dim, theta)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

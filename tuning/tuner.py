@@ -38,6 +38,7 @@ from kernelhub.space import Config
 from kernelhub.tuning.timing import Timing, time_launch
 
 JOURNAL_NAME = "optuna-journal.log"
+MIN_FLOPS_PER_BYTE = 16
 
 
 def study_storage(config_db_url: str) -> optuna.storages.BaseStorage:
@@ -212,10 +213,12 @@ class Tuner:
         default_trial = _trial_with_params(study, default)
         default_timing = _timing_of(default_trial) if default_trial is not None else None
         config = {k: best.params[k] for k in spec.space.params}
-        flops = spec.flops(shape)
+        flops, moved = spec.flops(shape), spec.bytes_moved(shape, dtype)
         seconds = best_timing.median_ms * 1e-3
-        throughput, unit = ((flops / seconds / 1e12, "TFLOP/s") if flops
-                            else (spec.bytes_moved(shape, dtype) / seconds / 1e9, "GB/s"))
+        # Below this many FLOP per byte a kernel is memory-bound on every GPU: report bandwidth.
+        compute_bound = flops >= MIN_FLOPS_PER_BYTE * moved
+        throughput, unit = ((flops / seconds / 1e12, "TFLOP/s") if compute_bound
+                            else (moved / seconds / 1e9, "GB/s"))
         identity = self.device.to_dict()
         self.store.save_best(BestConfig(
             gpu_key=self.device.key, family=spec.name, bucket=bucket, dtype=dtype, config=config,

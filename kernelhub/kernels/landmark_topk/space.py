@@ -1,0 +1,186 @@
+"""Landmark top-k: search space, DEFAULTs, shape sets, shape buckets.
+
+Shapes are (B, H_q, H_kv, C, D, k): batch, query heads, KV heads, chunks (C = S // chunk_size for a
+context of S tokens), head dimension, chunks selected per KV head. The model fixes H_q, H_kv and D,
+the serving setup fixes k (ShadowKV's sparse budget); C grows with the context, so the database
+buckets C by powers of two and keeps every other size exact.
+
+Nearest-bucket rule (when no config is stored for a call's own bucket): among tuned buckets with
+the same B, H_q, H_kv, D and k, take the one whose C bucket is fewest doublings away, at most
+`MAX_C_DOUBLINGS`; on a tie, the larger C (its split count was tuned for more work, which costs
+little on a shorter context; the reverse can leave most of the GPU idle).
+
+Tunables (see kernel.py for what they do): BLOCK_C chunks per loop step, SPLIT_C programs per
+(batch, KV head) along C, num_warps, num_stages.
+
+Constraints see no dtype, so resources are estimated for float32 inputs, the largest element size:
+a config they accept fits the GPU for every dtype of the family.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from kernelhub.space import SearchSpace
+
+SHAPE_NAMES = ("B", "H_q", "H_kv", "C", "D", "k")
+DTYPES = ("float16", "bfloat16", "float32")
+
+MAX_C_DOUBLINGS = 2
+
+PARAMS = {
+    "BLOCK_C": (16, 32, 64, 128, 256),  # >= 16: the N dimension of tl.dot
+    "SPLIT_C": (1, 2, 4, 8, 16, 32),
+    "num_warps": (2, 4, 8),
+    "num_stages": (1, 2, 3, 4),
+}
+
+ELEMENT_BYTES = 4  # float32, the largest input dtype (constraints see no dtype)
+# Registers per thread for the [G_PAD, BLOCK_C] float32 logits (and their exponentials) plus the
+# [BLOCK_C, D_PAD] landmark tile, above which the kernel spills.
+MAX_REGS_PER_THREAD = 160
+# Shared memory every DEFAULT fits: the smallest of the GPUs kernelhub tunes for (sm_86 / sm_89).
+DEFAULT_SMEM_BYTES = 101376
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+def padded_group(shape: tuple[int, ...]) -> int:
+    """G_PAD: query heads per KV head, padded to a power of two >= 16 (the M dimension of tl.dot)."""
+    _, h_q, h_kv, _, _, _ = shape
+    return max(16, next_pow2(h_q // max(1, h_kv)))
+
+
+def padded_head_dim(shape: tuple[int, ...]) -> int:
+    """D_PAD: the head dimension padded to a power of two >= 16 (the K dimension of tl.dot)."""
+    return max(16, next_pow2(shape[4]))
+
+
+def shared_memory_bytes(config: Mapping[str, int], shape: tuple[int, ...]) -> int:
+    """Pipelined landmark tiles plus the group's query tile, both tl.dot operands in shared memory."""
+    d_pad = padded_head_dim(shape)
+    return ELEMENT_BYTES * (config["num_stages"] * config["BLOCK_C"] * d_pad + padded_group(shape) * d_pad)
+
+
+def _fits_shared_memory(config, shape, smem_bytes):
+    need = shared_memory_bytes(config, shape)
+    if need > smem_bytes:
+        return f"needs {need} B of shared memory, device allows {smem_bytes} B"
+    return None
+
+
+def registers_per_thread(config: Mapping[str, int], shape: tuple[int, ...]) -> int:
+    """32-bit registers per thread for the logits, their exponentials and the landmark tile."""
+    tiles = 2 * padded_group(shape) * config["BLOCK_C"] + config["BLOCK_C"] * padded_head_dim(shape)
+    return tiles // (32 * config["num_warps"])
+
+
+def _fits_registers(config, shape, smem_bytes):
+    per_thread = registers_per_thread(config, shape)
+    if per_thread > MAX_REGS_PER_THREAD:
+        return (f"logits and landmark tile need {per_thread} registers per thread with {config['num_warps']} "
+                f"warps (> {MAX_REGS_PER_THREAD})")
+    return None
+
+
+def _block_fits_problem(config, shape, smem_bytes):
+    size = max(16, next_pow2(shape[3]))
+    if config["BLOCK_C"] > size:
+        return f"BLOCK_C={config['BLOCK_C']} exceeds the padded number of chunks {size}"
+    return None
+
+
+def _splits_have_work(config, shape, smem_bytes):
+    blocks = -(-shape[3] // config["BLOCK_C"])
+    if config["SPLIT_C"] > blocks:
+        return f"SPLIT_C={config['SPLIT_C']} exceeds the {blocks} blocks of C={shape[3]}"
+    return None
+
+
+SPACE = SearchSpace(
+    params=PARAMS,
+    constraints=(_fits_shared_memory, _fits_registers, _block_fits_problem, _splits_have_work),
+)
+
+# Long contexts are split along C so that B * H_kv programs (8 for Llama-3-8B at batch 1) become
+# enough to fill a GPU; short ones are not worth a second launch.
+LONG_C = 1024
+DEFAULT_SPLIT_LONG = 8
+DEFAULT_SHORT = {"BLOCK_C": 64, "SPLIT_C": 1, "num_warps": 4, "num_stages": 2}
+DEFAULT_LONG = dict(DEFAULT_SHORT, SPLIT_C=DEFAULT_SPLIT_LONG)
+# For large groups or head dims, where a 64-chunk tile would not fit the smallest GPU.
+DEFAULT_SHORT_NARROW = dict(DEFAULT_SHORT, BLOCK_C=16)
+DEFAULT_LONG_NARROW = dict(DEFAULT_LONG, BLOCK_C=16)
+DEFAULTS = (DEFAULT_SHORT, DEFAULT_LONG, DEFAULT_SHORT_NARROW, DEFAULT_LONG_NARROW)
+
+
+def default_config(shape: tuple[int, ...]) -> dict[str, int]:
+    """The untuned fallback: correct for any shape.
+
+    BLOCK_C is 64 unless that does not fit the smallest GPU's shared memory or registers (group size
+    times head dimension beyond 16 x 128), then 16; with 16 every group of up to 64 query heads
+    per KV head fits for D <= 256. SPLIT_C is 8 from C > LONG_C on, else 1.
+    """
+    long = shape[3] > LONG_C
+    config = DEFAULT_LONG if long else DEFAULT_SHORT
+    if _fits_shared_memory(config, shape, DEFAULT_SMEM_BYTES) or _fits_registers(config, shape, DEFAULT_SMEM_BYTES):
+        config = DEFAULT_LONG_NARROW if long else DEFAULT_SHORT_NARROW
+    return dict(config)
+
+
+def bucket(shape: tuple[int, ...]) -> tuple[int, ...]:
+    b, h_q, h_kv, c, d, k = shape
+    return (b, h_q, h_kv, next_pow2(c), d, k)
+
+
+def bucket_distance(a: tuple[int, ...], b: tuple[int, ...]) -> float | None:
+    """Doublings of C between two buckets equal in everything else; None if not reusable.
+
+    The tie-break towards the larger C is a small bonus, so `min` picks it.
+    """
+    if a[:3] != b[:3] or a[4:] != b[4:]:
+        return None
+    doublings = abs(math.log2(a[3]) - math.log2(b[3]))
+    if doublings > MAX_C_DOUBLINGS:
+        return None
+    return doublings - (0.25 if b[3] > a[3] else 0.0)
+
+
+# Attention geometry (H_q, H_kv, D) of the models the tune and bench sets use.
+LLAMA3_8B = (32, 8, 128)
+LLAMA3_70B = (64, 8, 128)
+CHUNK_SIZE = 8  # ShadowKV's
+CONTEXTS = (8192, 32768, 131072)  # tokens: C = S / 8
+SPARSE_BUDGET_CHUNKS = 256  # k: 2048 tokens of 8-token chunks
+
+
+def _model_shapes(model: tuple[int, int, int], batches: tuple[int, ...]) -> list[tuple[int, ...]]:
+    h_q, h_kv, d = model
+    return [(b, h_q, h_kv, s // CHUNK_SIZE, d, SPARSE_BUDGET_CHUNKS) for b in batches for s in CONTEXTS]
+
+
+SHAPE_SETS = {
+    # Odd C (never a power of two), MHA and GQA groups of 4 and 8, D 64 and 128, k from 1 to C;
+    # small enough for the Triton interpreter.
+    "smoke": [(1, 4, 4, 7, 64, 1), (2, 8, 1, 63, 128, 63), (1, 32, 4, 129, 64, 16),
+              (2, 8, 2, 1000, 128, 100), (1, 8, 8, 300, 128, 37)],
+    "tune": _model_shapes(LLAMA3_8B, (1, 8)),
+    "bench": _model_shapes(LLAMA3_8B, (1, 8)) + _model_shapes(LLAMA3_70B, (1, 8)),
+}
+
+
+def flops(shape: tuple[int, ...]) -> int:
+    """The logits (one multiply-add per query head, chunk and dimension) and the softmax (about 4 per
+    probability); the kernel's second pass over the logits is an implementation detail, not counted."""
+    b, h_q, h_kv, c, d, k = shape
+    return 2 * b * h_q * c * d + 4 * b * h_q * c
+
+
+def bytes_moved(shape: tuple[int, ...], dtype: str) -> int:
+    """Landmarks and queries read once, the int64 indices written once (bytes dominate)."""
+    b, h_q, h_kv, c, d, k = shape
+    element = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    return b * h_kv * c * d * element + b * h_q * d * element + 8 * b * h_kv * k

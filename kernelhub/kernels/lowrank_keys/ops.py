@@ -1,0 +1,242 @@
+"""Low-rank key cache public ops (ShadowKV): validate -> backend -> best stored config -> launch.
+
+Re-exported by `kernelhub.ops`; see there for backends and torch.library registration.
+
+`lowrank_keys` factors the merged pre-RoPE keys through their Gram matrix rather than an SVD of
+the [S, H_kv * D] key matrix: G_b = K_b^T K_b is one long GEMM (the Triton kernel; S up to 128K
+is split across programs), then `torch.linalg.eigh` of the small [HD, HD] matrix, then one more
+GEMM, a_b = K_b V_r. The eigendecomposition runs in float32: G itself is rounded to float32, so a
+float64 solver could not recover what that rounding lost (directions whose singular value is
+below about sqrt(u) = 2.4e-4 of the largest are unresolved either way: the Gram squares the
+condition number), float32 `eigh` is backward stable to the same order, and float64 runs at
+1/32 to 1/64 of the float32 rate on most GPUs other than the A100/H100 class.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernelhub import backend, configs, validation
+from kernelhub.device import device_for_tensor
+from kernelhub.kernels.lowrank_keys import GRAM_SPEC, RECONSTRUCT_SPEC, space
+from kernelhub.kernels.lowrank_keys.kernel import gram_triton, project_triton, reconstruct_keys_triton
+from kernelhub.reference import lowrank_keys as lowrank_ref
+from kernelhub.reference.rope import apply_rope
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# The widest head the DEFAULT reconstruction tiles fit in every GPU's shared memory.
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# lowrank_keys
+# ----------------------------------------------------------------------------------------------
+
+def _check_lowrank_args(k, rank) -> None:
+    validation.tensor("k", k, dtypes=_FLOAT_DTYPES, ndim=4)
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank: expected an int, got {type(rank).__name__}")
+    _, heads, seq, head_dim = k.shape
+    limit = min(seq, heads * head_dim)
+    if not 1 <= rank <= limit:
+        raise ValueError(f"rank: expected 1 <= rank <= min(S, H_kv * D) = min({seq}, {heads * head_dim}) = "
+                         f"{limit}, got {rank}")
+
+
+def _basis_from_gram(gram: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """Top-`rank` eigenvectors of float32 `gram [B, HD, HD]`, by descending eigenvalue, as the rows
+    of `basis [B, rank, HD]` in `dtype` (eigh reads the lower triangle)."""
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    top = vectors[..., -rank:].flip(-1)  # [B, HD, rank]
+    return top.transpose(1, 2).to(dtype).contiguous()
+
+
+def _lowrank_keys_cpu(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same method with torch's float32 GEMMs (the merged keys are copied once)."""
+    keys = lowrank_ref.merge_heads(k).to(torch.float32)  # [B, S, HD]
+    basis = _basis_from_gram(keys.transpose(1, 2) @ keys, rank, k.dtype)
+    a = keys @ basis.to(torch.float32).transpose(1, 2)  # [B, S, rank]
+    return a.to(k.dtype), basis
+
+
+def _lowrank_keys_triton(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, seq, head_dim = k.shape
+    hd = heads * head_dim
+    gram = torch.empty((batch, hd, hd), dtype=torch.float32, device=k.device)
+    config = configs.best_config(GRAM_SPEC, tuple(k.shape), _DTYPE_NAMES[k.dtype], device_for_tensor(k))
+    gram_triton(k, config=config, out=gram)
+    basis = _basis_from_gram(gram, rank, k.dtype)
+    a = torch.empty((batch, seq, rank), dtype=k.dtype, device=k.device)
+    project_triton(k, basis, config=space.PROJECT_CONFIG, out=a)
+    return a, basis
+
+
+def _lowrank_keys(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    path = backend.choose(k.device)
+    if path == "reference":
+        return lowrank_ref.lowrank_keys(k, rank)
+    if path == "cpu":
+        return _lowrank_keys_cpu(k, rank)
+    return _lowrank_keys_triton(k, rank)
+
+
+@torch.library.custom_op("kernelhub::lowrank_keys", mutates_args=())
+def _lowrank_keys_op(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _lowrank_keys(k, rank)
+
+
+@_lowrank_keys_op.register_fake
+def _(k, rank):
+    batch, heads, seq, head_dim = k.shape
+    return k.new_empty((batch, seq, rank)), k.new_empty((batch, rank, heads * head_dim))
+
+
+def lowrank_keys(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` factorisation of pre-RoPE keys merged over KV heads (ShadowKV's key cache).
+
+    k: `[B, H_kv, S, D]`, float16, bfloat16 or float32, any strides (a slice of a cache is read in
+    place). rank: int in `[1, min(S, H_kv * D)]`.
+    Returns `a [B, S, rank]` and `basis [B, rank, H_kv * D]`, both in k.dtype, basis with
+    orthonormal rows (the top right singular vectors), such that `a[b] @ basis[b]` is the best
+    rank-`rank` approximation of the merged keys `K_b` in the least-squares sense. Equivalent to
+
+        K = k.transpose(1, 2).reshape(B, S, H_kv * D).double()         # K[b, s, h * D + d] = k[b, h, s, d]
+        U, sigma, Vh = torch.linalg.svd(K, full_matrices=False)
+        a, basis = (U[..., :rank] * sigma[:, None, :rank]).to(k.dtype), Vh[:, :rank].to(k.dtype)
+
+    up to the signs of the factors (compare `a @ basis`, unique when sigma[rank-1] > sigma[rank]),
+    computed as eigenvectors V_r of the float32 Gram matrix K^T K, `basis = V_r^T` and
+    `a = K @ basis^T` (float32 accumulation). See the module docstring for its accuracy.
+    """
+    _check_lowrank_args(k, rank)
+    if torch.compiler.is_compiling():
+        return _lowrank_keys_op(k, rank)
+    return _lowrank_keys(k, rank)
+
+
+# ----------------------------------------------------------------------------------------------
+# reconstruct_keys
+# ----------------------------------------------------------------------------------------------
+
+def _check_reconstruct_args(a, basis, positions, cos, sin, rope_positions) -> tuple[int, int, int, int, int, int]:
+    """Validates everything; returns the shape (B, S, H_kv, n, D, rank)."""
+    validation.tensor("a", a, dtypes=_FLOAT_DTYPES, ndim=3)
+    validation.tensor("basis", basis, dtypes=(a.dtype,), ndim=3)
+    validation.tensor("positions", positions, dtypes=_INDEX_DTYPES, ndim=3)
+    validation.tensor("cos", cos, dtypes=(torch.float32,), ndim=2)
+    validation.tensor("sin", sin, dtypes=(torch.float32,), ndim=2)
+    if rope_positions is not None:
+        validation.tensor("rope_positions", rope_positions, dtypes=_INDEX_DTYPES, ndim=3)
+    batch, seq, rank = a.shape
+    hd = basis.shape[2]
+    if tuple(basis.shape[:2]) != (batch, rank):
+        raise ValueError(f"basis: expected shape [B, rank, H_kv * D] with B = a.shape[0] = {batch} and "
+                         f"rank = a.shape[2] = {rank}, got {tuple(basis.shape)}")
+    heads, n = positions.shape[1], positions.shape[2]
+    if positions.shape[0] != batch:
+        raise ValueError(f"positions: expected shape [B, H_kv, n] with B = a.shape[0] = {batch}, "
+                         f"got {tuple(positions.shape)}")
+    if heads == 0 or hd % heads:
+        raise ValueError(f"positions: H_kv = positions.shape[1] = {heads} must divide basis.shape[2] = "
+                         f"H_kv * D = {hd}")
+    head_dim = hd // heads
+    if head_dim == 0 or head_dim % 2 or head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"basis: head dimension D = basis.shape[2] / H_kv = {hd} / {heads} = {head_dim}; "
+                         f"RoPE needs D even, and D must be in [2, {MAX_HEAD_DIM}]")
+    if cos.shape[1] != head_dim:
+        raise ValueError(f"cos: expected shape [P, D] with D = {head_dim}, got {tuple(cos.shape)}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin: expected the shape of cos {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    if rope_positions is None and cos.shape[0] < seq:
+        raise ValueError(f"cos: the tables have {cos.shape[0]} positions but a holds S = {seq} tokens; "
+                         "they must cover every position in [0, S) (or pass rope_positions)")
+    if rope_positions is not None and rope_positions.shape != positions.shape:
+        raise ValueError(f"rope_positions: expected the shape of positions {tuple(positions.shape)}, "
+                         f"got {tuple(rope_positions.shape)}")
+    validation.same_device(a=a, basis=basis, positions=positions, cos=cos, sin=sin, rope_positions=rope_positions)
+    # Reading the values costs a device sync on a GPU; on the CPU it is cheap, so check there.
+    if positions.device.type == "cpu" and positions.numel() and not torch.compiler.is_compiling():
+        for name, t, limit, meaning in (("positions", positions, seq, "S"),
+                                        ("rope_positions", rope_positions, cos.shape[0], "P")):
+            if t is None:
+                continue
+            low, high = int(t.min()), int(t.max())
+            if low < 0 or high >= limit:
+                raise ValueError(f"{name}: expected values in [0, {meaning}) = [0, {limit}), "
+                                 f"got values in [{low}, {high}]")
+    return batch, seq, heads, n, head_dim, rank
+
+
+def _reconstruct_keys_cpu(a, basis, positions, cos, sin, rope_positions) -> torch.Tensor:
+    """Gather + batched float32 matmul + `apply_rope`, all torch."""
+    batch, heads, _ = positions.shape
+    rank = a.shape[2]
+    head_dim = basis.shape[2] // heads
+    positions = positions.to(torch.int64)
+    rows = a[torch.arange(batch, device=a.device)[:, None, None], positions]  # [B, H_kv, n, rank]
+    per_head = basis.reshape(batch, rank, heads, head_dim).transpose(1, 2)  # [B, H_kv, rank, D]
+    keys = torch.matmul(rows.to(torch.float32), per_head.to(torch.float32))  # [B, H_kv, n, D]
+    rope_rows = positions if rope_positions is None else rope_positions.to(torch.int64)
+    return apply_rope(keys, rope_rows, cos, sin).to(a.dtype)
+
+
+def _reconstruct_keys(a, basis, positions, cos, sin, rope_positions, out) -> torch.Tensor:
+    path = backend.choose(a.device)
+    if path in ("reference", "cpu"):
+        fn = lowrank_ref.reconstruct_keys if path == "reference" else _reconstruct_keys_cpu
+        result = fn(a, basis, positions, cos, sin, rope_positions)
+        return result if out is None else out.copy_(result)
+    batch, heads, n = positions.shape
+    head_dim = basis.shape[2] // heads
+    if out is None:
+        out = torch.empty((batch, heads, n, head_dim), dtype=a.dtype, device=a.device)
+    shape = (batch, a.shape[1], heads, n, head_dim, a.shape[2])
+    config = configs.best_config(RECONSTRUCT_SPEC, shape, _DTYPE_NAMES[a.dtype], device_for_tensor(a))
+    return reconstruct_keys_triton(a, basis, positions, cos, sin, config=config, out=out,
+                                   rope_positions=rope_positions)
+
+
+@torch.library.custom_op("kernelhub::reconstruct_keys", mutates_args=())
+def _reconstruct_keys_op(a: torch.Tensor, basis: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, rope_positions: torch.Tensor | None) -> torch.Tensor:
+    return _reconstruct_keys(a, basis, positions, cos, sin, rope_positions, None)
+
+
+@_reconstruct_keys_op.register_fake
+def _(a, basis, positions, cos, sin, rope_positions):
+    batch, heads, n = positions.shape
+    return a.new_empty((batch, heads, n, basis.shape[2] // heads))
+
+
+def reconstruct_keys(a: torch.Tensor, basis: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, *, rope_positions: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Post-RoPE keys of chosen tokens, rebuilt from the low-rank factors of `lowrank_keys`.
+
+    a: `[B, S, rank]` and basis: `[B, rank, H_kv * D]`, one float dtype (float16, bfloat16 or
+    float32); positions: int32 or int64 `[B, H_kv, n]`, token positions per KV head, in [0, S), in
+    any order and with repeats; cos, sin: float32 `[P, D]` RoPE tables
+    (`kernelhub.reference.rope.rope_tables`, P >= S). All on one device, any strides.
+    rope_positions: optional int32/int64 `[B, H_kv, n]`, the rows of cos and sin to use for each
+    token instead of its position, in [0, P): for tables holding only the chosen tokens' rows
+    (`rope_rows(positions.flatten())` with `rope_positions = arange(n_total).view(positions.shape)`),
+    which at long context are much smaller than whole tables; then P >= S is not required.
+    out: optional `[B, H_kv, n, D]` of a's dtype to write into.
+    Returns `[B, H_kv, n, D]` in a's dtype, computed in float32. Equivalent to
+
+        p, q = positions[b, h, i], rope_positions[b, h, i]  # q = p without rope_positions
+        x = a[b, p].float() @ basis[b, :, h * D:(h + 1) * D].float()             # [D]
+        out[b, h, i] = (x * cos[q] + rotate_half(x) * sin[q]).to(a.dtype)         # rotate-half RoPE
+
+    Index values are range-checked only for CPU tensors (on a GPU the check would cost a device
+    sync): on a GPU an index out of range reads out of bounds. P >= S (without rope_positions) is
+    always checked.
+    """
+    batch, _, heads, n, head_dim, _ = _check_reconstruct_args(a, basis, positions, cos, sin, rope_positions)
+    validation.out_tensor(out, shape=(batch, heads, n, head_dim), dtype=a.dtype, device=a.device)
+    if torch.compiler.is_compiling():
+        result = _reconstruct_keys_op(a, basis, positions, cos, sin, rope_positions)
+        return result if out is None else out.copy_(result)
+    return _reconstruct_keys(a, basis, positions, cos, sin, rope_positions, out)

@@ -1,0 +1,204 @@
+"""ShadowKV decode cache, composed from kernelhub's three ShadowKV families.
+
+Prefill splits a sequence of S tokens into
+- candidate chunks: the first `n_chunks * chunk_size` tokens, cut into chunks of `chunk_size`.
+  Their pre-RoPE keys are kept as a rank-r factorisation `a [B, S_c, r] @ basis [B, r, H_kv*D]`
+  on the compute device, their values are offloaded (chunk-major) to `offload_device`, and each
+  chunk gets a landmark (mean of its post-RoPE keys);
+- outlier chunks: per KV head, the `outliers` candidate chunks least similar to their landmark;
+  their exact post-RoPE keys and values stay on the compute device and they are never selected;
+- the local window: every token after the last candidate chunk (`local` tokens at least, up to
+  `local + chunk_size - 1`), kept exact.
+
+Decode of the token at position p = S + t:
+1. RoPE the query and the new key at p; the new key and value join the generated tokens (exact);
+2. `landmark_topk` picks `budget // chunk_size` candidate chunks per KV head (outliers excluded);
+3. `reconstruct_keys` rebuilds their post-RoPE keys from the factorisation, `sparse_gather`
+   fetches their values (reusing the chunks fetched at the previous step);
+4. attention (scale 1/sqrt(D), GQA) over outliers + local window + selected chunks + generated
+   tokens. Every token of the sequence is in at most one of these sets, so with full rank and a
+   budget that covers every candidate chunk, decode equals dense attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import kernelhub.ops as ops
+from kernelhub.reference.rope import apply_rope, rope_rows, rope_tables
+
+
+def _gather_tokens(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D] at per-head token positions [B, H, n] -> [B, H, n, D]."""
+    return torch.gather(x, 2, positions[..., None].expand(*positions.shape, x.shape[-1]))
+
+
+def _chunk_tokens(chunk_idx: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Token positions of chunks: [B, H, k] -> [B, H, k * chunk_size], chunk by chunk."""
+    offsets = torch.arange(chunk_size, device=chunk_idx.device)
+    return (chunk_idx[..., None] * chunk_size + offsets).flatten(-2)
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class ShadowKVCache:
+    """A long-context KV cache with low-rank keys on the device and values offloaded.
+
+    rank: rank of the pre-RoPE key factorisation (clamped to what the prefill allows).
+    chunk_size: tokens per chunk. budget: tokens selected per KV head per decode step.
+    outliers: exact chunks kept per KV head. local: exact trailing tokens kept.
+    device: compute device (default: the prefill tensors' device). offload_device: where the
+    candidate chunks' values live ("cpu"; pinned when the compute device is CUDA).
+    """
+
+    def __init__(self, rank: int = 160, chunk_size: int = 8, budget: int = 2048, outliers: int = 48,
+                 local: int = 32, rope_theta: float = 500000.0, device: torch.device | str | None = None,
+                 offload_device: torch.device | str = "cpu"):
+        for name, value, low in (("rank", rank, 1), ("chunk_size", chunk_size, 1), ("budget", budget, 0),
+                                 ("outliers", outliers, 0), ("local", local, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        self.rank, self.chunk_size, self.budget = rank, chunk_size, budget
+        self.outliers, self.local, self.rope_theta = outliers, local, rope_theta
+        self.device = torch.device(device) if device is not None else None
+        self.offload_device = torch.device(offload_device)
+        self._prefilled = False
+
+    # -- prefill -----------------------------------------------------------------------------
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Build the cache from pre-RoPE keys `k` and values `v`, both [B, H_kv, S, D], positions 0..S-1."""
+        if k.dim() != 4 or v.shape != k.shape:
+            raise ValueError(f"k, v: expected two [B, H_kv, S, D] tensors of one shape, got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if not k.dtype.is_floating_point or v.dtype != k.dtype:
+            raise TypeError(f"k, v: expected one float dtype, got {k.dtype} and {v.dtype}")
+        device = self.device or k.device
+        k, v = k.to(device), v.to(device)
+        batch, heads, seq, head_dim = k.shape
+        self.device, self.dtype = device, k.dtype
+        self.batch, self.heads, self.head_dim, self.seq_len = batch, heads, head_dim, seq
+
+        # Candidate chunks end where the local window (at least `local` tokens) begins.
+        self.n_chunks = max(0, seq - self.local) // self.chunk_size
+        candidate_end = self.n_chunks * self.chunk_size
+        positions = torch.arange(seq, device=device).expand(batch, heads, seq)
+        cos, sin = rope_tables(seq, head_dim, self.rope_theta, device=device)  # prefill only: not kept
+        k_rope = apply_rope(k, positions, cos, sin).to(k.dtype)  # [B, H_kv, S, D]
+        del cos, sin
+
+        self.local_k, self.local_v = k_rope[:, :, candidate_end:], v[:, :, candidate_end:]
+        self.gen_k = k.new_empty(batch, heads, 0, head_dim)
+        self.gen_v = v.new_empty(batch, heads, 0, head_dim)
+        self.steps = 0
+        self._resident_idx = self._resident_values = None
+
+        n_outliers = min(self.outliers, self.n_chunks)
+        self.n_select = min(self.budget // self.chunk_size, self.n_chunks - n_outliers)
+        if self.n_chunks == 0:  # a short prefill: everything is in the local window
+            self.a = self.basis = self.landmarks = self.exclude = self.values = self.outlier_idx = None
+            self.outlier_k = self.outlier_v = k.new_empty(batch, heads, 0, head_dim)
+            self._prefilled = True
+            return
+
+        candidate_k = k[:, :, :candidate_end]
+        self.effective_rank = min(self.rank, candidate_end, heads * head_dim)
+        self.a, self.basis = ops.lowrank_keys(candidate_k, self.effective_rank)
+        self.landmarks = ops.landmarks(k_rope[:, :, :candidate_end], self.chunk_size)
+        self.outlier_idx = outlier_idx = ops.outlier_chunks(k_rope[:, :, :candidate_end], self.landmarks,
+                                                            n_outliers, chunk_size=self.chunk_size)
+        outlier_tokens = _chunk_tokens(outlier_idx, self.chunk_size)
+        self.outlier_k = _gather_tokens(k_rope, outlier_tokens)
+        self.outlier_v = _gather_tokens(v, outlier_tokens)
+        self.exclude = torch.zeros(batch, heads, self.n_chunks, dtype=torch.bool, device=device)
+        self.exclude.scatter_(2, outlier_idx, True)
+
+        values = v[:, :, :candidate_end].reshape(batch, heads, self.n_chunks, self.chunk_size, head_dim)
+        values = values.to(self.offload_device).contiguous()  # chunk-major: a selected chunk is one block
+        if device.type == "cuda" and self.offload_device.type == "cpu":
+            values = values.pin_memory()
+        self.values = values
+        self._prefilled = True
+
+    def _rope_at(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        """RoPE of `x [B, H, D]` at one position, float32."""
+        cos, sin = rope_rows(torch.tensor([position], device=self.device), self.head_dim, self.rope_theta)
+        return apply_rope(x, torch.zeros(x.shape[:2], dtype=torch.long, device=self.device), cos, sin)
+
+    # -- decode ------------------------------------------------------------------------------
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention output `[B, H_q, D]` of the next token: pre-RoPE query `q [B, H_q, D]`, its
+        pre-RoPE key and value `k`, `v [B, H_kv, D]`, at position S + (decode calls so far)."""
+        if not self._prefilled:
+            raise RuntimeError("ShadowKVCache.decode: call prefill(k, v) first")
+        batch, heads, head_dim = self.batch, self.heads, self.head_dim
+        if q.dim() != 3 or q.shape[0] != batch or q.shape[2] != head_dim or q.shape[1] % heads:
+            raise ValueError(f"q: expected [B={batch}, H_q, D={head_dim}] with H_q a multiple of "
+                             f"H_kv={heads}, got {tuple(q.shape)}")
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != (batch, heads, head_dim):
+                raise ValueError(f"{name}: expected [B, H_kv, D] = {(batch, heads, head_dim)}, got {tuple(t.shape)}")
+        q, k, v = q.to(self.device), k.to(self.device), v.to(self.device)
+
+        position = self.seq_len + self.steps
+        q_rope, k_rope = self._rope_at(q, position), self._rope_at(k, position)
+        self.gen_k = torch.cat([self.gen_k, k_rope.to(self.dtype)[:, :, None]], dim=2)
+        self.gen_v = torch.cat([self.gen_v, v.to(self.dtype)[:, :, None]], dim=2)
+        self.steps += 1
+
+        parts_k = [self.outlier_k, self.local_k]
+        parts_v = [self.outlier_v, self.local_v]
+        if self.n_select > 0:
+            chunk_idx = ops.landmark_topk(q_rope.to(self.landmarks.dtype), self.landmarks, self.n_select,
+                                          exclude=self.exclude)
+            tokens = _chunk_tokens(chunk_idx, self.chunk_size)  # [B, H_kv, n]
+            # Only the RoPE rows of the selected tokens are built, not a table of every position:
+            # at 128K context the tables would outweigh the rest of the resident cache.
+            cos, sin = rope_rows(tokens.flatten(), self.head_dim, self.rope_theta)
+            rows = torch.arange(tokens.numel(), device=self.device).view(tokens.shape)
+            parts_k.append(ops.reconstruct_keys(self.a, self.basis, tokens, cos, sin, rope_positions=rows))
+            selected_v = ops.sparse_gather(self.values, chunk_idx, resident_idx=self._resident_idx,
+                                           resident=self._resident_values, device=self.device)
+            self._resident_idx, self._resident_values = chunk_idx, selected_v
+            parts_v.append(selected_v)
+        parts_k.append(self.gen_k)
+        parts_v.append(self.gen_v)
+        keys = torch.cat(parts_k, dim=2).to(torch.float32)  # [B, H_kv, T, D]
+        values = torch.cat(parts_v, dim=2).to(torch.float32)
+        return gqa_attention(q_rope, keys, values).to(q.dtype)
+
+    @property
+    def selected_chunks(self) -> torch.Tensor | None:
+        """int64 [B, H_kv, budget // chunk_size]: the chunks the last decode step selected."""
+        return self._resident_idx
+
+    # -- memory ------------------------------------------------------------------------------
+
+    def resident_bytes(self) -> int:
+        """Bytes the cache keeps on the compute device."""
+        if not self._prefilled:
+            return 0
+        return _nbytes(self.a, self.basis, self.landmarks, self.exclude, self.outlier_k, self.outlier_v,
+                       self.local_k, self.local_v, self.gen_k, self.gen_v, self._resident_idx,
+                       self._resident_values)
+
+    def offloaded_bytes(self) -> int:
+        """Bytes of values kept in `offload_device` memory."""
+        return _nbytes(self.values) if self._prefilled else 0
+
+
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for one query token per head, in float32.
+
+    q [B, H_q, D] post-RoPE, k and v [B, H_kv, T, D]; query head j reads KV head j // (H_q // H_kv).
+    """
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.to(torch.float32).view(batch, kv_heads, q_heads // kv_heads, head_dim)  # [B, H_kv, G, D]
+    scores = torch.matmul(q, k.to(torch.float32).transpose(-1, -2)) / math.sqrt(head_dim)  # [B, H_kv, G, T]
+    return torch.matmul(scores.softmax(dim=-1), v.to(torch.float32)).view(batch, q_heads, head_dim)
