@@ -23,6 +23,8 @@ import kernelhub.ops as ops
 from kernelhub.kernels.int8_gemm.space import LLAMA3_8B
 from kernelhub.tuning.timing import time_wall_clock
 
+from report import markdown_table  # noqa: E402  (benchmarks/report.py)
+
 
 def median_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
     return time_wall_clock(fn, warmup=warmup, reps=reps).median_ms
@@ -70,19 +72,6 @@ def overhead_rows(reps: int) -> list[dict]:
     ]
 
 
-def markdown(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    def fmt(col, value):
-        if col == "epilogue":
-            return f"{value * 100:+.1f}%"
-        if col == "vs fp32":
-            return f"{value:.2f}x"
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(c, r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 16, 128, 512])
@@ -92,9 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(0)
     header = (f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
               f"torch {torch.__version__}; python {platform.python_version()}")
-    gemm = markdown(gemm_rows(args.ms, args.reps),
-                    ["layer", "M", "N", "K", "fp32 ms", "_int_mm ms", "int8_scaled_gemm ms", "epilogue", "vs fp32"])
-    overhead = markdown(overhead_rows(args.reps), ["path", "us per call", "added us"])
+    gemm = markdown_table(gemm_rows(args.ms, args.reps),
+                          ["layer", "M", "N", "K", "fp32 ms", "_int_mm ms", "int8_scaled_gemm ms", "epilogue", "vs fp32"],
+                          {"epilogue": lambda v: f"{v * 100:+.1f}%", "vs fp32": lambda v: f"{v:.2f}x",
+                           **{c: "{:.3f}".format for c in ("fp32 ms", "_int_mm ms", "int8_scaled_gemm ms")}})
+    overhead = markdown_table(overhead_rows(args.reps), ["path", "us per call", "added us"],
+                              {"us per call": "{:.3f}".format, "added us": "{:.3f}".format})
     text = f"{header}\n\n{gemm}\n\n{overhead}\n"
     print(text)
     if args.markdown:

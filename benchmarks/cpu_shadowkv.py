@@ -31,6 +31,8 @@ from kernelhub.shadowkv.fidelity import decode_fidelity
 from kernelhub.shadowkv.synthetic import make_synthetic_cache
 from kernelhub.tuning.timing import time_wall_clock
 
+from report import markdown_table  # noqa: E402  (benchmarks/report.py)
+
 B, H_Q, H_KV, D = 1, 32, 8, 128
 
 
@@ -70,19 +72,6 @@ def run(seq: int, reps: int, svd: bool) -> dict:
             **fidelity}
 
 
-def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    def fmt(value):
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", type=int, nargs="+", default=[32768, 131072])
@@ -95,10 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"B={B}, H_q={H_Q}, H_kv={H_KV}, D={D}, float32")
     text = "\n\n".join([
         header,
-        table(rows, ["S", "decode ms", "dense SDPA ms", "speedup", "resident MB", "full KV MB", "memory ratio",
+        markdown_table(rows, ["S", "decode ms", "dense SDPA ms", "speedup", "resident MB", "full KV MB", "memory ratio",
                      "offloaded MB", "prefill s"]),
-        table(rows, ["S", "lowrank_keys s", "svd s"]),
-        table(rows, ["S", "key_rel_error", "oracle_recall", "mass_covered", "output_rel_error", "needles_found"]),
+        markdown_table(rows, ["S", "lowrank_keys s", "svd s"]),
+        markdown_table(rows, ["S", "key_rel_error", "oracle_recall", "mass_covered", "output_rel_error", "needles_found"]),
     ]) + "\n"
     print(text)
     if args.markdown:

@@ -25,6 +25,8 @@ from kernelhub.device import current_device, device_for_tensor
 from kernelhub.kernels.int8_gemm import SPEC
 from kernelhub.kernels.int8_gemm.kernel import int8_gemm_triton
 
+from report import markdown_table  # noqa: E402  (benchmarks/report.py)
+
 Shape = tuple[int, int, int]
 Timer = Callable[[Callable[[], object]], float]  # returns median milliseconds
 
@@ -72,20 +74,17 @@ def measure_row(shape: Shape, device, timer: Timer) -> dict:
     return row
 
 
+CONTENDERS = ("tuned", "default", "int_mm+dequant", "bf16 matmul")
+
+
 def format_table(rows: Sequence[dict]) -> str:
-    names = ("tuned", "default", "int_mm+dequant", "bf16 matmul")
-    header = "| M | N | K | " + " | ".join(f"{n} TOPS" for n in names) + " | tuned/default | tuned/int_mm |"
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-
-    def fmt(value):
-        return f"{value:.1f}" if value else "n/a"
-
+    """TOPS of every contender and the tuned config's speedup over the DEFAULT and over _int_mm."""
     for r in rows:
-        ratio_default = r["default ms"] / r["tuned ms"]
-        ratio_int_mm = (r["int_mm+dequant ms"] / r["tuned ms"]) if r["int_mm+dequant ms"] else None
-        lines.append(f"| {r['M']} | {r['N']} | {r['K']} | " + " | ".join(fmt(r[f'{n} TOPS']) for n in names)
-                     + f" | {ratio_default:.2f}x | " + (f"{ratio_int_mm:.2f}x" if ratio_int_mm else "n/a") + " |")
-    return "\n".join(lines)
+        r["tuned/default"] = r["default ms"] / r["tuned ms"]
+        r["tuned/int_mm"] = r["int_mm+dequant ms"] / r["tuned ms"] if r["int_mm+dequant ms"] else None
+    tops = {f"{name} TOPS": "{:.1f}".format for name in CONTENDERS}
+    ratios = {name: "{:.2f}x".format for name in ("tuned/default", "tuned/int_mm")}
+    return markdown_table(rows, ["M", "N", "K", *tops, *ratios], {**tops, **ratios})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on a tiny shape (on CPU: the numbers mean nothing here)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _load(name):
+    if str(BENCHMARKS) not in sys.path:  # the scripts import their sibling `report`, as when run directly
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -33,3 +36,15 @@ def test_gpu_int8_rows_and_table_on_cpu():
 
 def test_gpu_int8_refuses_without_gpu(capsys):
     assert _load("gpu_int8").main(["--skip-tune"]) == 2
+
+
+def test_gpu_shadowkv_refuses_without_gpu_and_its_gram_baseline_is_right():
+    import torch
+
+    gpu_shadowkv = _load("gpu_shadowkv")
+    assert gpu_shadowkv.main(["--skip-tune"]) == 2
+    from kernelhub.registry import get_family
+
+    spec = get_family("lowrank_gram")
+    inputs = spec.make_inputs(spec.shapes("smoke")[0], "float32", "cpu", seed=0)
+    torch.testing.assert_close(gpu_shadowkv._gram_fp32(inputs), spec.reference(inputs), rtol=1e-4, atol=1e-3)

@@ -41,14 +41,20 @@ def inverse_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, si
 def make_synthetic_cache(batch: int, kv_heads: int, q_heads: int, seq_len: int, head_dim: int, *,
                          steps: int = 1, n_needles: int = 4, chunk_size: int = 8, protect_tail: int = 64,
                          spectrum_rank: int = 384, spectrum_decay: float = 40.0, big_channels: int = 4,
-                         needle_strength: float = 14.0, rope_theta: float = 500000.0, seed: int = 0,
+                         needle_strength: float | None = None, rope_theta: float = 500000.0, seed: int = 0,
                          dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> SyntheticCache:
     """Keys, values, decode queries and planted needles; see the module docstring.
 
     spectrum_rank/spectrum_decay: the merged keys have singular values exp(-i / spectrum_decay)
-    for i < spectrum_rank, plus a small isotropic floor. Needles are drawn among chunks that end
+    for i < spectrum_rank, plus a small isotropic floor. needle_strength: the logit margin of a
+    query head's own needle over the background (default ln(S) + 4). Needles are drawn among chunks that end
     before the last `protect_tail` tokens (so they are not in a local window).
     """
+    if needle_strength is None:
+        # A query that retrieves a needle must out-score the whole background: with N(0, 1) logits
+        # over S tokens that takes a margin of about ln(S); 4 more keeps the needle's share of the
+        # attention mass the same at every context length.
+        needle_strength = math.log(seq_len) + 4.0
     if q_heads % kv_heads:
         raise ValueError(f"q_heads: expected a multiple of kv_heads={kv_heads}, got {q_heads}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
