@@ -95,6 +95,13 @@ def cmd_tune(args) -> int:
     from kernelhub.device import current_device
     from kernelhub.tuning.tuner import Tuner, study_storage
 
+    specs = _families(args.kernel)
+    for spec in specs:
+        spec.shapes(args.shapes)  # an unknown shape set is an error before anything starts
+    for dtype in args.dtype or ():
+        if not any(dtype in spec.dtypes for spec in specs):
+            raise KernelhubError(f"--dtype {dtype}: none of {', '.join(s.name for s in specs)} has it "
+                                 f"(they have {', '.join(sorted({d for s in specs for d in s.dtypes}))})")
     detected = current_device()
     gpu = (args.gpu or detected.key).lower()
     if gpu != detected.key:
@@ -103,16 +110,13 @@ def cmd_tune(args) -> int:
     if not detected.is_gpu:
         raise DeviceMismatchError(f"no GPU on this machine ({detected.describe()}): tuning times real kernels, "
                                   "and Triton interpreter timings are never recorded")
-    specs = _families(args.kernel)
     url = args.db or default_url()
     with _open_store(url) as store:
         tuner = Tuner(store, study_storage(url), detected, seed=args.seed)
         results = []
         for spec in specs:
-            dtypes = args.dtype or spec.dtypes
-            for dtype in dtypes:
-                if dtype not in spec.dtypes:
-                    raise KernelhubError(f"--dtype {dtype}: {spec.name} supports {', '.join(spec.dtypes)}")
+            # --dtype applies to the families that have it; one that no selected family has is an error.
+            dtypes = [d for d in args.dtype if d in spec.dtypes] if args.dtype else spec.dtypes
             for shape in spec.shapes(args.shapes):
                 for dtype in dtypes:
                     results.append(tuner.tune(spec, shape, dtype, n_trials=args.trials, timeout=args.timeout))
@@ -228,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", help="GPU key to tune for; must be this machine's (default: detected)")
     p.add_argument("--kernel", action="append", help="family name (repeatable; default: all)")
     p.add_argument("--shapes", default="tune", help="shape set: smoke, tune or bench (default: tune)")
-    p.add_argument("--dtype", action="append", help="dtype (repeatable; default: all of the family's)")
+    p.add_argument("--dtype", action="append",
+                   help="dtype (repeatable; each family tunes those it has; default: all of each family's)")
     p.add_argument("--trials", type=int, default=50, help="trials per study, counting earlier runs (default 50)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per study")
     p.add_argument("--seed", type=int, default=0)

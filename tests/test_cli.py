@@ -127,3 +127,14 @@ def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 2
+
+
+def test_tune_rejects_a_dtype_no_selected_family_has(capsys):
+    assert cli.main(["tune", "--kernel", "sparse_gather", "--dtype", "int32"]) == 1
+    err = capsys.readouterr().err
+    assert "--dtype int32: none of sparse_gather has it" in err and "bfloat16" in err
+
+
+def test_tune_rejects_an_unknown_shape_set(capsys):
+    assert cli.main(["tune", "--shapes", "huge"]) == 1
+    assert "unknown shape set 'huge'" in capsys.readouterr().err
