@@ -23,7 +23,7 @@ import kernelhub.ops as ops
 from kernelhub.kernels.int8_gemm.space import LLAMA3_8B
 from kernelhub.tuning.timing import time_wall_clock
 
-from report import markdown_table  # noqa: E402  (benchmarks/report.py)
+from report import markdown_table, publish  # noqa: E402  (benchmarks/report.py)
 
 
 def median_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
@@ -88,10 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overhead = markdown_table(overhead_rows(args.reps), ["path", "us per call", "added us"],
                               {"us per call": "{:.3f}".format, "added us": "{:.3f}".format})
     text = f"{header}\n\n{gemm}\n\n{overhead}\n"
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(f"Command: `python benchmarks/cpu_int8.py {' '.join(argv or sys.argv[1:])}`\n\n{text}")
+    publish(text, "cpu_int8.py", argv if argv is not None else sys.argv[1:], args.markdown)
     return 0
 
 

@@ -31,7 +31,7 @@ from kernelhub.shadowkv.fidelity import decode_fidelity
 from kernelhub.shadowkv.synthetic import make_synthetic_cache
 from kernelhub.tuning.timing import time_wall_clock
 
-from report import markdown_table  # noqa: E402  (benchmarks/report.py)
+from report import markdown_table, publish  # noqa: E402  (benchmarks/report.py)
 
 B, H_Q, H_KV, D = 1, 32, 8, 128
 
@@ -89,10 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         markdown_table(rows, ["S", "lowrank_keys s", "svd s"]),
         markdown_table(rows, ["S", "key_rel_error", "oracle_recall", "mass_covered", "output_rel_error", "needles_found"]),
     ]) + "\n"
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(f"Command: `python benchmarks/cpu_shadowkv.py {' '.join(argv or sys.argv[1:])}`\n\n{text}")
+    publish(text, "cpu_shadowkv.py", argv if argv is not None else sys.argv[1:], args.markdown)
     return 0
 
 

@@ -25,3 +25,11 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str],
             cells.append(_default(value) if value is None else formats.get(column, _default)(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def publish(text: str, script: str, argv: Sequence[str], markdown_path: str | None) -> None:
+    """Print a results page and, if asked, write it with the command that reproduces it."""
+    print(text)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(f"Command: `python benchmarks/{script} {' '.join(argv)}`\n\n{text}")
