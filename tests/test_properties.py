@@ -1,4 +1,8 @@
-"""Property tests: random shapes and layouts, every backend equal to the reference."""
+"""Property tests: random shapes and layouts, every backend equal to the reference.
+
+Derandomized, so CI sees the same examples every run (reproducible failures); change the
+settings locally to explore further.
+"""
 
 import pytest
 import torch
@@ -13,7 +17,8 @@ dims = st.integers(min_value=1, max_value=70)
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(m=dims, n=dims, k=st.integers(min_value=1, max_value=150), weight_layout=st.booleans(),
        seed=st.integers(min_value=0, max_value=2**31 - 1))
 def test_int8_gemm_equals_reference(monkeypatch, backend, m, n, k, weight_layout, seed):
@@ -27,7 +32,7 @@ def test_int8_gemm_equals_reference(monkeypatch, backend, m, n, k, weight_layout
     assert torch.equal(ops.int8_gemm(a, b, out=out), ref.int8_gemm(a, b))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(m=st.integers(1, 9), k=st.integers(1, 300), scale=st.floats(1e-3, 1e3),
        seed=st.integers(min_value=0, max_value=2**31 - 1))
 def test_quantize_dequantize_error_within_half_step(m, k, scale, seed):
