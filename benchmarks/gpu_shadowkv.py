@@ -13,6 +13,7 @@ bandwidth is measured here as a device-to-device copy of 2 GiB. Decode rows comp
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Sequence
@@ -73,28 +74,34 @@ def kernel_rows(bandwidth: float, dtype: str) -> list[dict]:
     return rows
 
 
+def decode_row(seq: int, batch: int) -> dict:
+    """One decode step of ShadowKVCache vs SDPA over the full exact cache, at (S, B)."""
+    synth = make_synthetic_cache(batch, 8, 32, seq, 128, steps=64, dtype=torch.bfloat16, device="cuda")
+    cache = ShadowKVCache(device="cuda")
+    cache.prefill(synth.k, synth.v)
+    # do_bench decides how many calls it makes: cycle through the planted queries (the cache
+    # keeps growing by one token per call, as in real decoding).
+    steps = itertools.cycle(range(synth.queries.shape[0]))
+
+    def decode():
+        t = next(steps)
+        cache.decode(synth.queries[t], synth.new_k[t], synth.new_v[t])
+
+    shadow_ms = median_ms(decode)
+    cos, sin = rope_tables(seq + 1, 128, device="cuda")
+    k_rope = apply_rope(synth.k, torch.arange(seq, device="cuda").expand(batch, 8, seq), cos, sin).to(torch.bfloat16)
+    q = apply_rope(synth.queries[0], torch.full((batch, 32), seq, device="cuda"), cos, sin)
+    q = q.to(torch.bfloat16)[:, :, None]
+    dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k_rope, synth.v, enable_gqa=True))
+    return {"S": seq, "B": batch, "shadowkv decode ms": shadow_ms, "dense SDPA ms": dense_ms,
+            "speedup": dense_ms / shadow_ms, "resident GB": cache.resident_bytes() / 1e9,
+            "full KV GB": 2 * synth.k.numel() * synth.k.element_size() / 1e9}
+
+
 def decode_rows(seq: int, batches: Sequence[int]) -> list[dict]:
     rows = []
     for batch in batches:
-        synth = make_synthetic_cache(batch, 8, 32, seq, 128, steps=200, dtype=torch.bfloat16, device="cuda")
-        cache = ShadowKVCache(device="cuda")
-        cache.prefill(synth.k, synth.v)
-        steps = iter(range(200))
-
-        def decode():
-            t = next(steps)
-            cache.decode(synth.queries[t], synth.new_k[t], synth.new_v[t])
-
-        shadow_ms = median_ms(decode)
-        cos, sin = rope_tables(seq + 1, 128, device="cuda")
-        k_rope = apply_rope(synth.k, torch.arange(seq, device="cuda").expand(batch, 8, seq), cos, sin).to(torch.bfloat16)
-        q = apply_rope(synth.queries[0], torch.full((batch, 32), seq, device="cuda"), cos, sin)
-        q = q.to(torch.bfloat16)[:, :, None]
-        dense_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k_rope, synth.v, enable_gqa=True))
-        rows.append({"S": seq, "B": batch, "shadowkv decode ms": shadow_ms, "dense SDPA ms": dense_ms,
-                     "speedup": dense_ms / shadow_ms, "resident GB": cache.resident_bytes() / 1e9,
-                     "full KV GB": 2 * synth.k.numel() * synth.k.element_size() / 1e9})
-        del synth, cache, k_rope
+        rows.append(decode_row(seq, batch))  # its caches are freed on return
         torch.cuda.empty_cache()
     return rows
 

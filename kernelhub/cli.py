@@ -65,8 +65,9 @@ def cmd_check(args) -> int:
     if not device.is_gpu:
         from kernelhub.kernels import interpreter_problem
 
-        if interpreter_problem():
-            raise KernelhubError(interpreter_problem())
+        problem = interpreter_problem()
+        if problem:
+            raise KernelhubError(problem)
     print(f"kernelhub check {where}: {device.describe()}")
     failures = 0
     for spec in _families(args.kernel):

@@ -10,13 +10,18 @@ from collections.abc import Sequence
 import torch
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> `"bfloat16"`: how dtypes appear in messages and in the config database."""
+    return str(dtype).removeprefix("torch.")
+
+
 def tensor(name: str, value, *, dtypes: Sequence[torch.dtype], ndim: int) -> torch.Tensor:
     """`value` must be a tensor of one of `dtypes` with `ndim` dimensions."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in dtypes:
-        expected = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise TypeError(f"{name}: expected dtype {expected}, got {str(value.dtype).removeprefix('torch.')}")
+        expected = " or ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {expected}, got {dtype_name(value.dtype)}")
     if value.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
     return value
@@ -41,13 +46,12 @@ def same_device(**tensors: torch.Tensor | None) -> torch.device:
 
 def out_tensor(value: torch.Tensor | None, *, shape: Sequence[int], dtype: torch.dtype,
                device: torch.device) -> torch.Tensor | None:
-    """A user-provided `out=` must match exactly (shape, dtype, device) and not overlap its inputs' roles."""
+    """A user-provided `out=` must match exactly: shape, dtype and device."""
     if value is None:
         return None
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"out: expected a torch.Tensor, got {type(value).__name__}")
     if tuple(value.shape) != tuple(shape) or value.dtype != dtype or value.device != device:
-        raise ValueError(f"out: expected shape {tuple(shape)}, dtype {str(dtype).removeprefix('torch.')}, "
-                         f"device {device}; got {tuple(value.shape)}, "
-                         f"{str(value.dtype).removeprefix('torch.')}, {value.device}")
+        raise ValueError(f"out: expected shape {tuple(shape)}, dtype {dtype_name(dtype)}, "
+                         f"device {device}; got {tuple(value.shape)}, {dtype_name(value.dtype)}, {value.device}")
     return value

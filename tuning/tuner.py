@@ -111,7 +111,6 @@ class Tuner:
         """Run the study of `shape`'s bucket until it holds `n_trials` finished trials (or `timeout` s)."""
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         name = self.study_name(spec, shape, dtype)
-        bucket = spec.format_shape(spec.bucket(shape))
         study = optuna.create_study(study_name=name, storage=self.storage, direction="minimize",
                                     sampler=optuna.samplers.TPESampler(seed=self.seed), load_if_exists=True)
         default = spec.default_config(shape)

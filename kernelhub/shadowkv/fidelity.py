@@ -59,6 +59,9 @@ def decode_fidelity(cache: ShadowKVCache, k: torch.Tensor, v: torch.Tensor, quer
     cache.prefill(k, v)
     for step in range(queries.shape[0]):
         out = cache.decode(queries[step], new_k[step], new_v[step])
+    if cache.n_chunks == 0 or cache.selected_chunks is None:
+        raise ValueError("decode_fidelity: the prefill is too short for any chunk to be selected "
+                         f"(S = {k.shape[2]}, local window {cache.local}); nothing to measure")
     dense = dense_decode(k, v, queries, new_k, new_v, cache.rope_theta)[-1]
     batch, heads, seq, head_dim = k.shape
     chunk = cache.chunk_size

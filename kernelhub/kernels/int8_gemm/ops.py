@@ -19,8 +19,6 @@ from kernelhub.reference import int8_gemm as int8_ref
 MAX_K = 2**17 - 1
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPE_NAMES = {torch.int32: "int32", torch.float32: "float32", torch.float16: "float16",
-                torch.bfloat16: "bfloat16"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +124,7 @@ def _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Ten
     n = b.shape[1]
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    config = configs.best_config(INT8_GEMM, (m, n, k), _DTYPE_NAMES[out_dtype], device_for_tensor(a))
+    config = configs.best_config(INT8_GEMM, (m, n, k), validation.dtype_name(out_dtype), device_for_tensor(a))
     return int8_gemm_triton(a, b, config=config, out=out, scale_a=scale_a, scale_b=scale_b, bias=bias)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from kernelhub import validation
 from kernelhub.kernels.landmark_topk import space
 from kernelhub.kernels.landmark_topk.kernel import landmark_topk_triton
 from kernelhub.reference import landmark_topk as ref
@@ -96,8 +97,8 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, inputs: dict) -> str |
     compared), and the chosen chunks must come in descending score (same tolerance).
     """
     if actual.shape != expected.shape or actual.dtype != expected.dtype:
-        return (f"expected {str(expected.dtype).removeprefix('torch.')} {tuple(expected.shape)}, got "
-                f"{str(actual.dtype).removeprefix('torch.')} {tuple(actual.shape)}")
+        return (f"expected {validation.dtype_name(expected.dtype)} {tuple(expected.shape)}, got "
+                f"{validation.dtype_name(actual.dtype)} {tuple(actual.shape)}")
     q, landmarks, exclude = inputs["q"], inputs["landmarks"], inputs["exclude"]
     c = landmarks.shape[2]
     actual = actual.to(q.device)

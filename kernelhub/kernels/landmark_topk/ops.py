@@ -21,11 +21,6 @@ from kernelhub.kernels.landmark_topk.kernel import landmark_topk_triton
 from kernelhub.reference import landmark_topk as ref
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _check_int(name: str, value) -> int:
@@ -147,8 +142,8 @@ def _check_topk_arguments(q, landmarks, k, exclude) -> tuple[int, int, int]:
     validation.tensor("q", q, dtypes=_FLOAT_DTYPES, ndim=3)
     validation.tensor("landmarks", landmarks, dtypes=_FLOAT_DTYPES, ndim=4)
     if landmarks.dtype != q.dtype:
-        raise TypeError(f"landmarks: expected dtype {_dtype_name(q.dtype)} (the dtype of q), "
-                        f"got {_dtype_name(landmarks.dtype)}")
+        raise TypeError(f"landmarks: expected dtype {validation.dtype_name(q.dtype)} (the dtype of q), "
+                        f"got {validation.dtype_name(landmarks.dtype)}")
     b, h_q, d = q.shape
     lb, h_kv, c, ld = landmarks.shape
     if lb != b or ld != d:
@@ -207,7 +202,7 @@ def _landmark_topk(q, landmarks, k, exclude, out) -> torch.Tensor:
     if out is None:
         out = torch.empty((b, h_kv, k), dtype=torch.int64, device=q.device)
     shape = (b, h_q, h_kv, c, d, k)
-    config = configs.best_config(LANDMARK_TOPK, shape, _DTYPE_NAMES[q.dtype], device_for_tensor(q))
+    config = configs.best_config(LANDMARK_TOPK, shape, validation.dtype_name(q.dtype), device_for_tensor(q))
     return landmark_topk_triton(q, landmarks, k, config=config, out=out, exclude=exclude)
 
 

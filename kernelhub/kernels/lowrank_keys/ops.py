@@ -25,7 +25,6 @@ from kernelhub.reference.rope import apply_rope
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # The widest head the DEFAULT reconstruction tiles fit in every GPU's shared memory.
 MAX_HEAD_DIM = 256
 
@@ -65,7 +64,7 @@ def _lowrank_keys_triton(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     batch, heads, seq, head_dim = k.shape
     hd = heads * head_dim
     gram = torch.empty((batch, hd, hd), dtype=torch.float32, device=k.device)
-    config = configs.best_config(GRAM_SPEC, tuple(k.shape), _DTYPE_NAMES[k.dtype], device_for_tensor(k))
+    config = configs.best_config(GRAM_SPEC, tuple(k.shape), validation.dtype_name(k.dtype), device_for_tensor(k))
     gram_triton(k, config=config, out=gram)
     basis = _basis_from_gram(gram, rank, k.dtype)
     a = torch.empty((batch, seq, rank), dtype=k.dtype, device=k.device)
@@ -193,7 +192,7 @@ def _reconstruct_keys(a, basis, positions, cos, sin, rope_positions, out) -> tor
     if out is None:
         out = torch.empty((batch, heads, n, head_dim), dtype=a.dtype, device=a.device)
     shape = (batch, a.shape[1], heads, n, head_dim, a.shape[2])
-    config = configs.best_config(RECONSTRUCT_SPEC, shape, _DTYPE_NAMES[a.dtype], device_for_tensor(a))
+    config = configs.best_config(RECONSTRUCT_SPEC, shape, validation.dtype_name(a.dtype), device_for_tensor(a))
     return reconstruct_keys_triton(a, basis, positions, cos, sin, config=config, out=out,
                                    rope_positions=rope_positions)
 

@@ -22,10 +22,6 @@ _CPU = torch.device("cpu")
 _HOST_POINTER_REFUSED = "cannot be accessed from Triton"
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _canonical(device: torch.device) -> torch.device:
     """`cuda` -> `cuda:<current>`, so devices compare equal to a tensor's `.device`."""
     if device.type == "cuda" and device.index is None:
@@ -75,8 +71,8 @@ def _check_inputs(values, chunk_idx, out, resident_idx, resident, device) -> tor
         if not isinstance(resident, torch.Tensor):
             raise TypeError(f"resident: expected a torch.Tensor, got {type(resident).__name__}")
         if resident.dtype != values.dtype:
-            raise TypeError(f"resident: expected dtype {_dtype_name(values.dtype)} (that of values), "
-                            f"got {_dtype_name(resident.dtype)}")
+            raise TypeError(f"resident: expected dtype {validation.dtype_name(values.dtype)} (that of values), "
+                            f"got {validation.dtype_name(resident.dtype)}")
         if resident.dim() != 4:
             raise ValueError(f"resident: expected a 4-D tensor, got shape {tuple(resident.shape)}")
         validation.shape("resident", resident, (batch, heads, k_prev * chunk, d), "[B, H_kv, k_prev*chunk, D]")
@@ -187,7 +183,7 @@ def _sparse_gather(values, chunk_idx, resident_idx, resident, target: torch.devi
     if path == "cpu":  # host to host: a chunk costs the same copied from `resident` or from `values`
         return _gather_cpu(values, chunk_idx, out) if out.numel() else out
     shape = (batch, heads, num_chunks, chunk, d, k)
-    config = configs.best_config(SPARSE_GATHER, shape, _dtype_name(values.dtype), device_for_tensor(out))
+    config = configs.best_config(SPARSE_GATHER, shape, validation.dtype_name(values.dtype), device_for_tensor(out))
     if target.type != "cuda":  # Triton's interpreter on CPU tensors
         return sparse_gather_triton(values, chunk_idx, config=config, out=out, resident_idx=resident_idx,
                                     resident=resident)
