@@ -63,6 +63,13 @@ class FamilySpec:
     bytes_moved: Callable[[Shape, str], int]
     # Files whose text, with the search space, defines the kernel version.
     source_files: tuple[Path, ...]
+    # Collective families: how many ranks one run of `shape` takes. `make_inputs`, `reference`
+    # and `launch` then run on every rank of an initialised torch.distributed group, and
+    # `kernelhub check` / `tune` start that many local processes (`kernelhub.local_world`).
+    world_size: Callable[[Shape], int] | None = None
+    # True when the family's CPU path is what its config controls (not the Triton interpreter),
+    # so `kernelhub tune --gpu cpu` times it for real and stores the winner under the `cpu` key.
+    tunes_on_cpu: bool = False
 
     def format_shape(self, shape: Sequence[int]) -> str:
         """`(1, 4096, 4096)` -> `"M=1,N=4096,K=4096"` (also the database's bucket text)."""

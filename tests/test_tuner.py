@@ -47,8 +47,9 @@ def _doubling_family() -> FamilySpec:
 
 
 def test_refuses_interpreter_timings_by_default(private_config_db):
-    with pytest.raises(KernelhubError, match="refusing to tune on cpu"):
-        Tuner(ConfigStore(private_config_db), study_storage(private_config_db), current_device())
+    tuner = Tuner(ConfigStore(private_config_db), study_storage(private_config_db), current_device())
+    with pytest.raises(KernelhubError, match="refusing to tune int8_gemm on cpu"):
+        tuner.tune(INT8, (7, 33, 40), "int32", n_trials=1)
 
 
 def test_short_int8_study_records_best_default_and_trials(private_config_db):

@@ -46,3 +46,35 @@ def time_wall_clock(fn: Callable[[], object], *, warmup: int = 1, reps: int = 3)
 
 def time_launch(fn: Callable[[], object], device: torch.device) -> Timing:
     return time_gpu(fn) if device.type == "cuda" else time_wall_clock(fn)
+
+
+def time_collective(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, reps: int = 10) -> Timing:
+    """Time a collective op on every rank of the default process group; every rank gets the same result.
+
+    Every rank makes the same number of calls (an adaptive count such as `do_bench`'s could
+    differ between ranks and leave one waiting for a peer that stopped), each call starts after a
+    barrier, and each statistic is the slowest rank's: the op is as slow as its slowest rank.
+    """
+    import torch.distributed as dist
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(reps):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - start) * 1e3)
+    deciles = statistics.quantiles(samples, n=10, method="inclusive")
+    local = torch.tensor([statistics.median(samples), deciles[1], deciles[7]], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        local = local.to(device)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    median, p20, p80 = local.tolist()
+    return Timing(median, p20, p80)

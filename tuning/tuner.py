@@ -28,14 +28,14 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from kernelhub.checking import check_config
 from kernelhub.db import BestConfig, ConfigStore, TrialRecord
 from kernelhub.db.store import sqlite_path
 from kernelhub.device import DeviceIdentity
 from kernelhub.errors import KernelhubError
 from kernelhub.registry import FamilySpec, Shape
 from kernelhub.space import Config
-from kernelhub.tuning.timing import Timing, time_launch
+from kernelhub.tuning.timing import Timing
+from kernelhub.tuning.trial import InProcessRunner, TrialRunner
 
 JOURNAL_NAME = "optuna-journal.log"
 MIN_FLOPS_PER_BYTE = 16
@@ -84,21 +84,29 @@ class StudyResult:
 class Tuner:
     """Tunes families on one device and records the results in a config store.
 
-    `device` names the key results are stored under; timings taken without a GPU are refused
-    unless `allow_interpreter` (tests of the mechanics, under a test key).
+    `device` names the key results are stored under. Without a GPU only families whose CPU path
+    is real (`FamilySpec.tunes_on_cpu`) are tuned: Triton interpreter timings are refused unless
+    `allow_interpreter` (tests of the mechanics, under a test key). `runner` says where trials
+    run (default: in this process).
     """
 
     def __init__(self, store: ConfigStore, storage: optuna.storages.BaseStorage, device: DeviceIdentity, *,
-                 seed: int = 0, allow_interpreter: bool = False, progress: Callable[[str], None] = print):
-        if not device.is_gpu and not allow_interpreter:
-            raise KernelhubError(f"refusing to tune on {device.describe()}: Triton interpreter timings "
-                                 "say nothing about a GPU; run `kernelhub tune` on the GPU itself")
+                 seed: int = 0, allow_interpreter: bool = False, progress: Callable[[str], None] = print,
+                 runner: TrialRunner | None = None):
         self.store = store
         self.storage = storage
         self.device = device
         self.torch_device = torch.device("cuda" if device.is_gpu else "cpu")
         self.seed = seed
+        self.allow_interpreter = allow_interpreter
         self.progress = progress
+        self.runner = runner or InProcessRunner(self.torch_device)
+
+    def check_tunable(self, spec: FamilySpec) -> None:
+        """Raise unless `spec`'s timings on this device are worth recording."""
+        if not (self.device.is_gpu or spec.tunes_on_cpu or self.allow_interpreter):
+            raise KernelhubError(f"refusing to tune {spec.name} on {self.device.describe()}: Triton interpreter "
+                                 "timings say nothing about a GPU; run `kernelhub tune` on the GPU itself")
 
     # -- one study ---------------------------------------------------------------------------
 
@@ -109,6 +117,7 @@ class Tuner:
     def tune(self, spec: FamilySpec, shape: Shape, dtype: str, *, n_trials: int,
              timeout: float | None = None) -> StudyResult:
         """Run the study of `shape`'s bucket until it holds `n_trials` finished trials (or `timeout` s)."""
+        self.check_tunable(spec)
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         name = self.study_name(spec, shape, dtype)
         study = optuna.create_study(study_name=name, storage=self.storage, direction="minimize",
@@ -169,14 +178,11 @@ class Tuner:
             raise optuna.TrialPruned(reason)
 
         seed = zlib.crc32(f"{self.seed}/{study_name}/{trial.number}".encode())  # fresh inputs per trial
-        outcome = check_config(spec, shape, dtype, config, device=self.torch_device, seed=seed)
-        if not outcome.ok:
-            record("failed", outcome.problem)
-            raise _Rejected(outcome.problem)
-
-        inputs = spec.make_inputs(shape, dtype, self.torch_device, seed)
-        out = spec.new_output(inputs)
-        timing = time_launch(lambda: spec.launch(inputs, config, out), self.torch_device)
+        outcome = self.runner.run(spec, shape, dtype, config, seed)
+        if outcome.state != "complete":
+            record(outcome.state, outcome.reason)
+            raise _Rejected(outcome.reason)
+        timing = outcome.timing
         record("complete", timing=timing)
         for key, value in (("p20_ms", timing.p20_ms), ("p80_ms", timing.p80_ms)):
             trial.set_user_attr(key, value)
