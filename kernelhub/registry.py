@@ -113,8 +113,22 @@ def register(spec: FamilySpec) -> FamilySpec:
     return spec
 
 
+# Comma-separated modules to import after the built-in families: out-of-tree families (and the
+# test suite's fault-injecting ones) register themselves on import, as built-in families do.
+EXTRA_FAMILIES_ENV = "KERNELHUB_FAMILIES"
+
+
 def _load_builtin_families() -> None:
+    import importlib
+    import os
+
     import kernelhub.kernels  # noqa: F401  (each family registers itself on import)
+
+    for module in filter(None, (m.strip() for m in os.environ.get(EXTRA_FAMILIES_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise KernelhubError(f"{EXTRA_FAMILIES_ENV}: cannot import {module!r}: {exc}") from None
 
 
 def families() -> list[FamilySpec]:

@@ -41,6 +41,11 @@ JOURNAL_NAME = "optuna-journal.log"
 MIN_FLOPS_PER_BYTE = 16
 
 
+def DEFAULT_SAMPLER(seed: int) -> optuna.samplers.BaseSampler:
+    """The sampler every study uses unless told otherwise: seeded TPE."""
+    return optuna.samplers.TPESampler(seed=seed)
+
+
 def study_storage(config_db_url: str) -> optuna.storages.BaseStorage:
     """Where studies live, chosen to be safe for several tuner processes at once.
 
@@ -87,12 +92,13 @@ class Tuner:
     `device` names the key results are stored under. Without a GPU only families whose CPU path
     is real (`FamilySpec.tunes_on_cpu`) are tuned: Triton interpreter timings are refused unless
     `allow_interpreter` (tests of the mechanics, under a test key). `runner` says where trials
-    run (default: in this process).
+    run (default: in this process); `sampler(seed)` makes each study's Optuna sampler.
     """
 
     def __init__(self, store: ConfigStore, storage: optuna.storages.BaseStorage, device: DeviceIdentity, *,
                  seed: int = 0, allow_interpreter: bool = False, progress: Callable[[str], None] = print,
-                 runner: TrialRunner | None = None):
+                 runner: TrialRunner | None = None,
+                 sampler: Callable[[int], optuna.samplers.BaseSampler] = DEFAULT_SAMPLER):
         self.store = store
         self.storage = storage
         self.device = device
@@ -101,6 +107,7 @@ class Tuner:
         self.allow_interpreter = allow_interpreter
         self.progress = progress
         self.runner = runner or InProcessRunner(self.torch_device)
+        self.sampler = sampler
 
     def check_tunable(self, spec: FamilySpec) -> None:
         """Raise unless `spec`'s timings on this device are worth recording."""
@@ -121,7 +128,7 @@ class Tuner:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         name = self.study_name(spec, shape, dtype)
         study = optuna.create_study(study_name=name, storage=self.storage, direction="minimize",
-                                    sampler=optuna.samplers.TPESampler(seed=self.seed), load_if_exists=True)
+                                    sampler=self.sampler(self.seed), load_if_exists=True)
         default = spec.default_config(shape)
         if not study.trials:
             for config in [default, *self._neighbour_configs(spec, shape, dtype)]:
