@@ -1,7 +1,11 @@
 """Export tuned configs to a JSON document, and import such a document into a store.
 
+An export carries its format version, and every entry the kernel version it was tuned with and
+the full identity of the device it was tuned on, which is what decides whether it is stale.
+
 An import is validated entry by entry before anything is written (family known, bucket and dtype
-legal for it, config inside its search space), then written in one transaction: a bad file never
+legal for it, config inside its search space, device identity complete and of the entry's GPU
+key, no two entries for one database row), then written in one transaction: a bad file never
 leaves half of itself in the database.
 
 Rows of any kernel version are accepted: an import from an older kernelhub brings stale rows,
@@ -82,11 +86,18 @@ def import_configs(store: ConfigStore, doc: dict) -> int:
     if not isinstance(doc.get("entries"), list):
         raise reject("'entries' is missing or not a list")
     entries = []
+    first_with_key: dict[tuple, int] = {}
     for index, item in enumerate(doc["entries"]):
         try:
-            entries.append(_parse_entry(item))
+            entry = _parse_entry(item)
         except ValueError as exc:
             raise reject(f"entry {index}: {exc}") from None
+        key = (entry.gpu_key, entry.family, entry.bucket, entry.dtype, entry.kernel_version)
+        if key in first_with_key:
+            raise reject(f"entries {first_with_key[key]} and {index} are both the config of {', '.join(key[:4])} "
+                         f"(kernel version {key[4]}); an export has one entry per config")
+        first_with_key[key] = index
+        entries.append(entry)
     store.save_many(entries)
     return len(entries)
 
@@ -144,6 +155,9 @@ def _parse_entry(item) -> BestConfig:
         bad = [k for k, v in device.items() if not _type_ok(v, (str, int, None))]
         if bad:
             raise ValueError(f"field 'device': {bad[0]!r} is {device[bad[0]]!r}, expected a string, int or null")
+        if device["key"] != item["gpu_key"]:
+            raise ValueError(f"field 'device': tuned on a {device['key']!r} device, but stored under gpu_key "
+                             f"{item['gpu_key']!r}")
     values = dict(item, config=config)
     if "created_at" in item:
         try:

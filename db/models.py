@@ -12,7 +12,9 @@ from sqlalchemy import (BigInteger, CheckConstraint, DateTime, Float, ForeignKey
                         Text, TypeDecorator, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-TRIAL_STATES = ("complete", "failed", "pruned")
+# What became of a tuning trial: timed ("complete"), never run ("constraint"), or how it failed
+# (kernelhub.tuning.trial.FAILURE_STATES). "failed" and "pruned" are schema version 1's, still valid.
+TRIAL_STATES = ("complete", "constraint", "mismatch", "error", "crash", "timeout", "failed", "pruned")
 
 
 class UTCDateTime(TypeDecorator):

@@ -7,6 +7,13 @@ and `BEGIN IMMEDIATE` for write transactions, because a deferred transaction tha
 writes later fails at once with "database is locked" when another writer got in between, without
 waiting for the busy timeout.
 
+PostgreSQL shares one database between the tuner processes of many machines. Its row locks do
+not cover what our writes do (read, then insert if absent: two writers would both insert, and
+get-or-create of a device with NULL columns would make duplicates, since NULLs never collide in a
+unique constraint), so every write transaction first takes one transaction-scoped advisory lock:
+kernelhub's writers queue, as they do on SQLite, and give up after the same 30 s. Writes are
+small (one per trial), so a single lock costs nothing that matters.
+
 Every database problem leaves as a `ConfigDBError` that names the database and says what to do.
 """
 
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -21,21 +29,46 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import Connection, create_engine, event, inspect, select
+from sqlalchemy import Connection, create_engine, delete, event, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
-from kernelhub.db.models import Base, BestConfigRow, Device, Meta, TrialRow
+from kernelhub.db.models import TRIAL_STATES, Base, BestConfigRow, Device, Meta, TrialRow
 from kernelhub.device import DeviceIdentity
 from kernelhub.errors import ConfigDBError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_ENV = "KERNELHUB_DB"
 
+
+
+def _widen_trial_states(conn: Connection) -> None:
+    """Schema 1 -> 2: a trial's state says how it failed (mismatch, error, crash, timeout, constraint).
+
+    Only the trials table's CHECK constraint changes; every row is kept as it was.
+    """
+    check = f"CONSTRAINT trial_state CHECK (state IN ({', '.join(repr(s) for s in TRIAL_STATES)}))"
+    if conn.dialect.name != "sqlite":
+        conn.exec_driver_sql("ALTER TABLE kernelhub_trials DROP CONSTRAINT trial_state")
+        conn.exec_driver_sql(f"ALTER TABLE kernelhub_trials ADD {check}")
+        return
+    # SQLite cannot alter a constraint: copy the rows into a table made from the old one's own
+    # definition with the new constraint (https://www.sqlite.org/lang_altertable.html#otheralter).
+    old = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'kernelhub_trials'")
+    new, found = re.subn(r"CONSTRAINT trial_state CHECK \(.*\)", lambda _: check, old.scalar_one())
+    if found != 1:
+        raise ConfigDBError("cannot migrate the trials table from schema version 1: its definition is not "
+                            "the one kernelhub wrote; nothing was changed")
+    conn.exec_driver_sql(new.replace("CREATE TABLE kernelhub_trials", "CREATE TABLE kernelhub_trials_v2", 1))
+    conn.exec_driver_sql("INSERT INTO kernelhub_trials_v2 SELECT * FROM kernelhub_trials")
+    conn.exec_driver_sql("DROP TABLE kernelhub_trials")
+    conn.exec_driver_sql("ALTER TABLE kernelhub_trials_v2 RENAME TO kernelhub_trials")
+
+
 # MIGRATIONS[v](connection) turns schema version v into v + 1; all steps run in one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _widen_trial_states}
 
 DEVICE_FIELDS = tuple(f.name for f in fields(DeviceIdentity))
 
@@ -47,6 +80,8 @@ _OPTUNA_TABLES = frozenset({
 })
 
 _BUSY_TIMEOUT_S = 30
+# Key of the PostgreSQL advisory lock that write transactions take (any constant kernelhub owns).
+_POSTGRES_WRITE_LOCK = 0x6B65726E656C6875  # "kernelhu"
 
 # (substring of the driver's message, what the user should do): the first match is used.
 _HINTS = (
@@ -54,11 +89,21 @@ _HINTS = (
                                f"{DB_ENV} to another path"),
     ("locked", f"another process held it locked for {_BUSY_TIMEOUT_S} s: retry when that process is done"),
     ("busy", f"another process held it locked for {_BUSY_TIMEOUT_S} s: retry when that process is done"),
+    ("lock timeout", f"another process held it locked for {_BUSY_TIMEOUT_S} s: retry when that process is done"),
+    ("disk is full", "its disk (or this process's file size limit) is full: free space and retry; "
+                     "the transaction was rolled back, the database is as it was"),
+    ("disk i/o error", "the disk failed or filled up while writing: check it and retry; the transaction "
+                       "was rolled back"),
     ("readonly", f"it is read-only: fix its permissions or set {DB_ENV} to a writable path"),
     ("unable to open", f"check that its directory exists and is writable, or set {DB_ENV} to another path"),
     ("permission denied", f"check the permissions, or set {DB_ENV} to a writable path"),
     ("errno", f"check that the directory can be created, or set {DB_ENV} to another path"),
-    ("no module named", f"install that database's Python driver, or set {DB_ENV} to another database"),
+    ("password authentication failed", f"check the user and password in {DB_ENV}"),
+    ('role "', f"check the user name in {DB_ENV}, or create that role on the server"),
+    ('database "', "create that database on the server first (README: Sharing results across machines)"),
+    ("connect", "check that the database server is running and reachable at that host and port"),
+    ("no module named", "install that database's Python driver (PostgreSQL: pip install 'kernelhub[postgres]'), "
+                        f"or set {DB_ENV} to another database"),
     ("can't load plugin", f"use a SQLite file path or a SQLAlchemy URL (sqlite:///..., postgresql://...) "
                           f"in {DB_ENV}"),
 )
@@ -123,7 +168,7 @@ class BestConfig:
 
 @dataclass(kw_only=True)
 class TrialRecord:
-    """One measured tuning trial; (study, number) identifies it. `state`: complete, failed or pruned."""
+    """One tuning trial; (study, number) identifies it. `state`: one of `models.TRIAL_STATES`."""
 
     gpu_key: str
     family: str
@@ -134,7 +179,7 @@ class TrialRecord:
     number: int
     config: dict[str, int]
     state: str
-    reason: str | None = None  # why it failed or was pruned
+    reason: str | None = None  # why it failed (or was never run: "constraint")
     median_ms: float | None = None
     p20_ms: float | None = None
     p80_ms: float | None = None
@@ -213,7 +258,10 @@ class ConfigStore:
     # -- opening -----------------------------------------------------------------------------------
 
     def _open_engine(self):
-        if make_url(self.url).get_backend_name() != "sqlite":
+        backend = make_url(self.url).get_backend_name()
+        if backend == "postgresql":
+            return self._open_postgres_engine()
+        if backend != "sqlite":
             return create_engine(self.url, pool_pre_ping=True)
         if self.path is None:
             # One shared connection, or each thread would see its own empty in-memory database.
@@ -236,6 +284,18 @@ class ConfigStore:
         def _on_begin(connection):
             immediate = connection.get_execution_options().get("kernelhub_write")
             connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    def _open_postgres_engine(self):
+        engine = create_engine(self.url, pool_pre_ping=True)
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(connection):
+            if connection.get_execution_options().get("kernelhub_write"):
+                # lock_timeout bounds the wait for the advisory lock too: an error after 30 s, not a hang.
+                connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{_BUSY_TIMEOUT_S}s'")
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_POSTGRES_WRITE_LOCK})")
 
         return engine
 
@@ -357,6 +417,20 @@ class ConfigStore:
                  .order_by(BestConfigRow.gpu_key, BestConfigRow.family, BestConfigRow.dtype, BestConfigRow.bucket))
         with self._session("read best configs") as session:
             return [_from_row(BestConfig, row) for row in session.scalars(query)]
+
+    def delete_best(self, rows: Iterable[BestConfig]) -> int:
+        """Delete best configs read from this store, all in one transaction; returns how many went.
+
+        A row that changed since it was read (tuned again: another `created_at`) or is already
+        gone is left alone, so a prune that races a tuner never deletes the tuner's fresh result.
+        """
+        rows = list(rows)
+        if any(row.id is None for row in rows):
+            raise ValueError("delete_best takes rows read from the store (with their id)")
+        with self._session("delete best configs", write=True) as session:
+            return sum(session.execute(delete(BestConfigRow).where(BestConfigRow.id == row.id,
+                                                                   BestConfigRow.created_at == row.created_at)
+                                       ).rowcount for row in rows)
 
     def add_trial(self, rec: TrialRecord) -> None:
         """Record one trial; adding (study, number) again replaces it."""

@@ -74,6 +74,7 @@ class CheckOutcome:
     dtype: str
     config: Config
     problem: str | None  # None means the output matched the reference
+    raised: bool = False  # the problem is an exception (could not compile, launch or compare), not a wrong answer
 
     @property
     def ok(self) -> bool:
@@ -91,5 +92,5 @@ def check_config(spec: FamilySpec, shape: Shape, dtype: str, config: Config, *, 
         if problem is None and actual.data_ptr() != out.data_ptr():
             problem = "launcher did not write into the `out` it was given"
     except Exception as exc:  # a config that cannot compile or launch is a failed check, not a crash
-        problem = f"{type(exc).__name__}: {exc}"
+        return CheckOutcome(spec.name, tuple(shape), dtype, dict(config), f"{type(exc).__name__}: {exc}", raised=True)
     return CheckOutcome(spec.name, tuple(shape), dtype, dict(config), problem)

@@ -1,4 +1,4 @@
-"""The `kernelhub` command line: gpus, check, tune, show, export, import.
+"""The `kernelhub` command line: gpus, check, tune, show, prune, export, import, report, sweep, replay.
 
 Errors are one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -56,8 +56,8 @@ def cmd_gpus(args) -> int:
 def cmd_check(args) -> int:
     import torch
 
-    from kernelhub.checking import check_config
     from kernelhub.device import current_device
+    from kernelhub.tuning.collective import FamilyChecker, cannot_run_here
 
     device = current_device()
     torch_device = torch.device("cuda" if device.is_gpu else "cpu")
@@ -72,16 +72,21 @@ def cmd_check(args) -> int:
     failures = 0
     for spec in _families(args.kernel):
         runs = family_failures = 0
-        for shape in spec.shapes("smoke"):
-            sampled = spec.space.sample(args.configs, shape, device.shared_memory_bytes, seed=args.seed)
-            configs = list(spec.defaults) + [c for c in sampled if c not in spec.defaults]
-            for dtype in spec.dtypes:
-                for i, config in enumerate(configs):
-                    outcome = check_config(spec, shape, dtype, config, device=torch_device, seed=args.seed + i)
-                    runs += 1
-                    if not outcome.ok:
-                        family_failures += 1
-                        print(f"  FAIL {spec.name} {spec.format_shape(shape)} {dtype} {config}: {outcome.problem}")
+        with FamilyChecker(spec, torch_device) as checker:
+            for shape in spec.shapes("smoke"):
+                skip = cannot_run_here(spec, shape, torch_device)
+                if skip:
+                    print(f"  skip {spec.name} {spec.format_shape(shape)}: {skip}")
+                    continue
+                sampled = spec.space.sample(args.configs, shape, device.shared_memory_bytes, seed=args.seed)
+                configs = list(spec.defaults) + [c for c in sampled if c not in spec.defaults]
+                for dtype in spec.dtypes:
+                    for i, config in enumerate(configs):
+                        problem = checker.problem(shape, dtype, config, seed=args.seed + i)
+                        runs += 1
+                        if problem is not None:
+                            family_failures += 1
+                            print(f"  FAIL {spec.name} {spec.format_shape(shape)} {dtype} {config}: {problem}")
         print(f"{spec.name}: {runs} runs against the reference, "
               f"{f'{family_failures} mismatches' if family_failures else 'all match'}")
         failures += family_failures
@@ -90,12 +95,41 @@ def cmd_check(args) -> int:
 
 # -- tune --------------------------------------------------------------------------------------
 
+def _cpu_tunable(specs, device, *, named: bool):
+    """The families a CPU machine can tune for real (their CPU path is what the config controls)."""
+    cpu_specs = [s for s in specs if s.tunes_on_cpu]
+    others = [s.name for s in specs if not s.tunes_on_cpu]
+    if named and others:
+        raise DeviceMismatchError(f"no GPU on this machine ({device.describe()}): {', '.join(others)} run "
+                                  "in the Triton interpreter here, whose timings are never recorded; "
+                                  f"on a CPU only {', '.join(s.name for s in _families(None) if s.tunes_on_cpu)} "
+                                  "can be tuned")
+    if others:
+        print(f"no GPU: tuning only the families with a real CPU path ({', '.join(s.name for s in cpu_specs)}); "
+              f"{', '.join(others)} need a GPU")
+    return cpu_specs
+
+
+def _tune_shapes(spec, shape_set: str, world_size: int | None):
+    """The shape set, with W replaced by `world_size` for collective families (duplicates dropped)."""
+    shapes = spec.shapes(shape_set)
+    if spec.world_size is None or world_size is None:
+        return shapes
+    return list(dict.fromkeys((world_size, *shape[1:]) for shape in shapes))
+
+
 def cmd_tune(args) -> int:
+    import torch
+
     from kernelhub import configs
     from kernelhub.db import default_url
     from kernelhub.device import current_device
+    from kernelhub.tuning.collective import LocalWorldRunner, cannot_run_here
+    from kernelhub.tuning.isolation import IsolatedRunner
     from kernelhub.tuning.tuner import Tuner, study_storage
 
+    if not 0 < args.trial_timeout < float("inf"):
+        raise KernelhubError(f"--trial-timeout: expected a positive number of seconds, got {args.trial_timeout:g}")
     specs = _families(args.kernel)
     for spec in specs:
         spec.shapes(args.shapes)  # an unknown shape set is an error before anything starts
@@ -109,18 +143,28 @@ def cmd_tune(args) -> int:
         raise DeviceMismatchError(f"--gpu {gpu} does not match this machine's device, {detected.describe()}; "
                                   "nothing was tuned or written")
     if not detected.is_gpu:
-        raise DeviceMismatchError(f"no GPU on this machine ({detected.describe()}): tuning times real kernels, "
-                                  "and Triton interpreter timings are never recorded")
+        specs = _cpu_tunable(specs, detected, named=bool(args.kernel))
+    torch_device = torch.device("cuda" if detected.is_gpu else "cpu")
     url = args.db or default_url()
     with _open_store(url) as store:
-        tuner = Tuner(store, study_storage(url), detected, seed=args.seed)
+        # Every trial runs in a worker process: a config that crashes or hangs fails alone, the run goes on.
+        runner = LocalWorldRunner(torch_device, IsolatedRunner(torch_device, trial_timeout=args.trial_timeout),
+                                  trial_timeout_s=args.trial_timeout)
+        tuner = Tuner(store, study_storage(url), detected, seed=args.seed, runner=runner)
         results = []
-        for spec in specs:
-            # --dtype applies to the families that have it; one that no selected family has is an error.
-            dtypes = [d for d in args.dtype if d in spec.dtypes] if args.dtype else spec.dtypes
-            for shape in spec.shapes(args.shapes):
-                for dtype in dtypes:
-                    results.append(tuner.tune(spec, shape, dtype, n_trials=args.trials, timeout=args.timeout))
+        try:
+            for spec in specs:
+                # --dtype applies to the families that have it; one that no selected family has is an error.
+                dtypes = [d for d in args.dtype if d in spec.dtypes] if args.dtype else spec.dtypes
+                for shape in _tune_shapes(spec, args.shapes, args.world_size):
+                    skip = cannot_run_here(spec, shape, torch_device)
+                    if skip:
+                        print(f"skip {spec.name} {spec.format_shape(shape)}: {skip}")
+                        continue
+                    for dtype in dtypes:
+                        results.append(tuner.tune(spec, shape, dtype, n_trials=args.trials, timeout=args.timeout))
+        finally:
+            runner.close()
     configs.clear_cache()
     rows = [(r.family, r.bucket, r.dtype, r.trials, f"{r.best.median_ms:.4g}" if r.best else "-",
              f"{r.speedup:.2f}x" if r.speedup else "-") for r in results]
@@ -143,22 +187,8 @@ def _missing_database(url: str | None) -> str | None:
     return None
 
 
-def _status(row, current) -> str:
-    """'ok', or 'stale: <why>' when the runtime would not use this row on the current device."""
-    from kernelhub.configs import stale_reason
-    from kernelhub.registry import get_family
-
-    try:
-        spec = get_family(row.family)
-    except KernelhubError:
-        return "stale: unknown kernel"
-    if row.gpu_key != current.key:  # another GPU's row: only the kernel version can be judged here
-        return "stale: kernel changed" if row.kernel_version != spec.kernel_version else "ok"
-    reason = stale_reason(row, spec, current)
-    return f"stale: {reason}" if reason else "ok"
-
-
 def cmd_show(args) -> int:
+    from kernelhub.configs import row_status
     from kernelhub.device import current_device
 
     missing = _missing_database(args.db)
@@ -177,9 +207,56 @@ def cmd_show(args) -> int:
         throughput = f"{r.throughput:.3g} {r.throughput_unit}" if r.throughput else "-"
         config = " ".join(f"{k}={v}" for k, v in r.config.items())
         table.append((r.gpu_key, r.family, r.bucket, r.dtype, config, f"{r.median_ms:.4g}", throughput,
-                      speedup, r.trials, _status(r, current)))
+                      speedup, r.trials, row_status(r, current)))
     print(_table(("gpu", "kernel", "shape bucket", "dtype", "config", "ms", "throughput", "vs default",
                   "trials", "status"), table))
+    return 0
+
+
+# -- prune -------------------------------------------------------------------------------------
+
+def _confirm(question: str) -> bool:
+    """Ask on stdin: only y or yes (any case) is a yes; no answer at all (end of input) is a no."""
+    try:
+        answer = input(question)
+    except EOFError:
+        print()
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def cmd_prune(args) -> int:
+    from kernelhub.configs import row_status
+    from kernelhub.device import current_device
+    from kernelhub.registry import families, get_family
+
+    if args.kernel:
+        get_family(args.kernel)  # an unknown name is an error, not "nothing stale"
+    missing = _missing_database(args.db)
+    if missing:
+        print(missing)
+        return 0
+    current = current_device()
+    # Rows of families this install does not know are kept: their module may only be missing
+    # from KERNELHUB_FAMILIES in this shell, and what cannot be judged is never deleted.
+    known = {spec.name for spec in families()}
+    with _open_store(args.db, create=False) as store:
+        rows = store.best_configs(gpu_key=args.gpu, family=args.kernel)
+        stale = [(r, status) for r in rows if r.family in known and (status := row_status(r, current)) != "ok"]
+        unknown = sum(r.family not in known for r in rows)
+        if unknown:
+            print(f"keeping {unknown} rows of kernels this install does not know (see KERNELHUB_FAMILIES)")
+        if not stale:
+            print(f"no stale rows in {store.where}")
+            return 0
+        print(_table(("gpu", "kernel", "shape bucket", "dtype", "status"),
+                     [(r.gpu_key, r.family, r.bucket, r.dtype, status) for r, status in stale]))
+        if not args.yes and not _confirm(f"remove these {len(stale)} rows from {store.where}? [y/N] "):
+            print("nothing removed")
+            return 0
+        removed = store.delete_best(row for row, _ in stale)
+    changed = len(stale) - removed
+    print(f"removed {removed} stale rows" + (f"; {changed} changed since listed and were kept" if changed else ""))
     return 0
 
 
@@ -214,6 +291,81 @@ def cmd_import(args) -> int:
     return 0
 
 
+# -- report ------------------------------------------------------------------------------------
+
+def cmd_report(args) -> int:
+    from kernelhub.device import current_device
+    from kernelhub.tuning.report import write_report
+
+    missing = _missing_database(args.db)
+    if missing:
+        print(missing)
+        return 0
+    with _open_store(args.db, create=False) as store:
+        report = write_report(store, args.output, device=current_device(), gpu_key=args.gpu, family=args.kernel)
+    if report is None:
+        scope = "".join(f" {word} {value}" for word, value in (("for", args.gpu), ("of", args.kernel)) if value)
+        print(f"nothing to report: no tuned configs or trials{scope} in {store.where}")
+        return 0
+    print(f"wrote {len(report.plots)} plots and {report.summary}"
+          + (f" ({len(report.skipped)} rows or studies skipped: see the summary)" if report.skipped else ""))
+    return 0
+
+
+# -- sweep / replay ----------------------------------------------------------------------------
+
+def cmd_sweep(args) -> int:
+    import torch
+
+    from kernelhub.device import current_device
+    from kernelhub.registry import get_family
+    from kernelhub.tuning.collective import LocalWorldRunner
+    from kernelhub.tuning.sweep import default_output, run_sweep
+    from kernelhub.tuning.trial import InProcessRunner
+
+    spec = get_family(args.kernel)
+    spec.shapes(args.shapes)  # an unknown shape set is an error before anything starts
+    dtype = args.dtype or spec.dtypes[0]
+    if dtype not in spec.dtypes:
+        raise KernelhubError(f"--dtype {dtype}: {spec.name} has {', '.join(spec.dtypes)}")
+    detected = current_device()
+    if args.gpu.lower() != detected.key:
+        raise DeviceMismatchError(f"--gpu {args.gpu} does not match this machine's device, {detected.describe()}; "
+                                  "nothing was swept")
+    output = args.output or default_output(detected.key, spec.name, args.shapes, dtype)
+    torch_device = torch.device("cuda" if detected.is_gpu else "cpu")
+    runner = LocalWorldRunner(torch_device, InProcessRunner(torch_device))  # trials run as `kernelhub tune` runs them
+    try:
+        doc = run_sweep(spec, args.shapes, dtype, detected, output, runner=runner, seed=args.seed)
+    finally:
+        runner.close()
+    rows = []
+    for entry in doc["shapes"]:
+        timed = {json.dumps(c["config"]): c["median_ms"] for c in entry["configs"] if c["state"] == "complete"}
+        default_ms = timed.get(json.dumps(entry["default"]))
+        best = min(timed.values(), default=None)
+        rows.append((entry["shape"], len(entry["configs"]), len(entry["configs"]) - len(timed),
+                     f"{best:.4g}" if best else "-", f"{default_ms:.4g}" if default_ms else "-"))
+    print(_table(("shape", "configs", "failed", "best ms", "DEFAULT ms"), rows))
+    print(f"wrote {output}; compare samplers on it with `kernelhub replay {output}`")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from kernelhub.tuning.replay import format_report, replay_sweep, sampler_names, version_note
+    from kernelhub.tuning.sweep import load_sweep
+
+    samplers = sampler_names(args.samplers)
+    doc = load_sweep(args.sweep)
+    note = version_note(doc)
+    if note:
+        print(f"kernelhub replay: warning: {note}", file=sys.stderr)
+    report = replay_sweep(doc, samplers=samplers, seeds=args.seeds, budget=args.budget,
+                          progress=lambda line: print(line, file=sys.stderr))
+    print(format_report(report))
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,7 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", action="append",
                    help="dtype (repeatable; each family tunes those it has; default: all of each family's)")
     p.add_argument("--trials", type=int, default=50, help="trials per study, counting earlier runs (default 50)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="ranks for collective families (local processes; default: each shape's own W, 2 in "
+                        "the shape sets)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per study")
+    p.add_argument("--trial-timeout", type=float, default=120.0,
+                   help="seconds one trial may take; then its worker process is killed and the trial recorded "
+                        "as a timeout (default 120)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--db", help=db_help)
     p.set_defaults(func=cmd_tune)
@@ -257,6 +415,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--db", help=db_help)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("prune", help="delete stale rows (the ones `show` marks), after asking")
+    p.add_argument("--gpu", help="only this GPU key")
+    p.add_argument("--kernel", help="only this family")
+    p.add_argument("--yes", action="store_true", help="do not ask")
+    p.add_argument("--db", help=db_help)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("report", help="PNG plots (tuning history, speedup, roofline) and a Markdown summary")
+    p.add_argument("--gpu", help="only this GPU key")
+    p.add_argument("--kernel", help="only this family")
+    p.add_argument("-o", "--output", default="kernelhub-report", help="folder to write into (default: kernelhub-report)")
+    p.add_argument("--db", help=db_help)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sweep", help="measure every feasible config at each shape of a set into a JSON file")
+    p.add_argument("--gpu", required=True, help="this machine's device key (`kernelhub gpus`)")
+    p.add_argument("--kernel", required=True, help="family name")
+    p.add_argument("--shapes", required=True, help="shape set: smoke, tune or bench")
+    p.add_argument("--dtype", help="dtype (default: the family's first)")
+    p.add_argument("-o", "--output", help="sweep file; an unfinished sweep in it is resumed "
+                                          "(default: sweep-GPU-KERNEL-SHAPES-DTYPE.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("replay", help="compare samplers on a recorded sweep, no GPU needed (Markdown table)")
+    p.add_argument("sweep", help="a file written by `kernelhub sweep`")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per sampler (default 5)")
+    p.add_argument("--samplers", nargs="+", metavar="NAME",
+                   help="tuner, tpe-independent, tpe-multivariate, random, grid, qmc, cmaes (default: all)")
+    p.add_argument("--budget", type=int, default=50,
+                   help="also report the best after this many trials (default 50, `kernelhub tune`'s default)")
+    p.set_defaults(func=cmd_replay)
     return parser
 
 
@@ -268,7 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kernelhub {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"kernelhub {args.command}: interrupted" + ("; run it again to resume" if args.command == "tune" else ""),
+        resumable = args.command in ("tune", "sweep")
+        print(f"kernelhub {args.command}: interrupted" + ("; run it again to resume" if resumable else ""),
               file=sys.stderr)
         return 130
 

@@ -68,6 +68,21 @@ def stale_reason(row, spec: FamilySpec, device: DeviceIdentity) -> str | None:
     return None
 
 
+def row_status(row, device: DeviceIdentity) -> str:
+    """'ok', or 'stale: <why>' when the runtime would not use this row on `device`
+    (what `kernelhub show` and `kernelhub report` print)."""
+    from kernelhub.registry import get_family
+
+    try:
+        spec = get_family(row.family)
+    except KernelhubError:
+        return "stale: unknown kernel"
+    if row.gpu_key != device.key:  # another GPU's row: only the kernel version can be judged here
+        return "stale: kernel changed" if row.kernel_version != spec.kernel_version else "ok"
+    reason = stale_reason(row, spec, device)
+    return f"stale: {reason}" if reason else "ok"
+
+
 def _read_rows(spec: FamilySpec, dtype: str, device: DeviceIdentity) -> dict[Shape, Config]:
     """Valid stored configs for (device, family, dtype) from the database at `KERNELHUB_DB`."""
     from kernelhub.db import ConfigStore, default_url

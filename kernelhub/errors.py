@@ -15,3 +15,7 @@ class ConfigDBError(KernelhubError):
 
 class DeviceMismatchError(KernelhubError):
     """A command asked for one GPU key on a machine whose device has another."""
+
+
+class CollectiveError(KernelhubError, RuntimeError):
+    """A collective op could not complete: a peer rank rejected its arguments, failed or timed out."""

@@ -20,3 +20,7 @@ def private_config_db(tmp_path, monkeypatch):
     configs.clear_cache()
     yield url
     configs.clear_cache()
+
+
+# A throwaway PostgreSQL server (or KERNELHUB_TEST_POSTGRES) and a fresh database on it per test.
+from postgres import postgres_server, postgres_url  # noqa: E402, F401

@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/install.sh test
-exec "${PYTHON:-python3}" -m pytest "$@"
+# A throwaway PostgreSQL server for the tests that share one database between tuner processes;
+# it stops when this script exits (an EXIT trap, so pytest is not exec'd).
+source .ci/postgres.sh
+"${PYTHON:-python3}" -m pytest "$@"

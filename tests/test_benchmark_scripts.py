@@ -48,3 +48,27 @@ def test_gpu_shadowkv_refuses_without_gpu_and_its_gram_baseline_is_right():
     spec = get_family("lowrank_gram")
     inputs = spec.make_inputs(spec.shapes("smoke")[0], "float32", "cpu", seed=0)
     torch.testing.assert_close(gpu_shadowkv._gram_fp32(inputs), spec.reference(inputs), rtol=1e-4, atol=1e-3)
+
+
+def test_cpu_tp_overlap_row_on_two_ranks():
+    _load("report")  # puts benchmarks/ on sys.path, which the ranks inherit
+    import cpu_tp_overlap
+
+    from kernelhub.local_world import LocalWorld
+
+    with LocalWorld(2) as world:
+        rows = world.run(cpu_tp_overlap.measure_shape, "gemm_reduce_scatter", 8, 5, 4, "float32", 3, [1, 2, 8])
+    assert rows[0] == rows[1]  # every figure is the slowest rank's, so the ranks agree
+    row = rows[0]
+    assert row["CHUNKS"] in (1, 2)  # CHUNKS=8 exceeds the 4 rows per rank: never run
+    assert all(row[t] > 0 for t in ("T_gemm", "T_comm", "T_p2p", "T_sequential", "T_default", "T_overlapped"))
+    assert row["speedup"] == pytest.approx(row["T_sequential"] / row["T_overlapped"])
+    expected_e = (row["T_gemm"] + row["T_p2p"] - row["T_overlapped"]) / min(row["T_gemm"], row["T_p2p"])
+    assert row["E"] == pytest.approx(expected_e)
+
+
+def test_gpu_tp_overlap_refuses_without_gpu():
+    _load("report")
+    gpu_tp_overlap = _load("gpu_tp_overlap")
+    with pytest.raises(SystemExit, match="no GPU"):
+        gpu_tp_overlap.main([])

@@ -61,10 +61,12 @@ def test_tune_refuses_another_gpu_and_writes_nothing(capsys, tmp_path):
     assert not (tmp_path / "tune.sqlite").exists()
 
 
-def test_tune_without_gpu_refuses(capsys, tmp_path):
+def test_tune_without_gpu_refuses_interpreted_families(capsys, tmp_path):
     url = f"sqlite:///{tmp_path / 'tune.sqlite'}"
-    assert cli.main(["tune", "--db", url]) == 1
-    assert "no GPU" in capsys.readouterr().err
+    assert cli.main(["tune", "--db", url, "--kernel", "int8_gemm", "--kernel", "all_gather_gemm"]) == 1
+    err = capsys.readouterr().err
+    assert "no GPU" in err and "int8_gemm run in the Triton interpreter" in err
+    assert "only all_gather_gemm, gemm_reduce_scatter can be tuned" in err
     assert not (tmp_path / "tune.sqlite").exists()
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -299,13 +302,16 @@ def test_errors_after_open_are_config_db_errors(tmp_path, monkeypatch):
 
 
 def test_export_import_round_trip(tmp_path, fake_family):
-    entries = [make_best(), make_best(bucket="M=1,N=4096", dtype="float16", device=CPU_DEVICE),
+    entries = [make_best(), make_best(gpu_key="cpu", bucket="M=1,N=4096", dtype="float16", device=CPU_DEVICE),
                make_best(gpu_key="a100", device=None, kernel_version="v0")]
     with ConfigStore(tmp_path / "a.sqlite") as source:
         source.save_many(entries)
         doc = export_configs(source)
         assert [e["gpu_key"] for e in export_configs(source, gpu_key="a100")["entries"]] == ["a100"]
     assert doc["format"] == "kernelhub-configs" and doc["version"] == 1 and "kernelhub_version" in doc
+    # What decides staleness travels with every entry: the kernel version and the device identity.
+    assert [(e["gpu_key"], e["kernel_version"], e["device"]) for e in doc["entries"]] == \
+        [("a100", "v0", None), ("cpu", "v1", CPU_DEVICE), ("h100", "v1", DEVICE)]
     (tmp_path / "export.json").write_text(json.dumps(doc))
     with ConfigStore(tmp_path / "b.sqlite") as target:
         assert import_configs(target, load_export_file(tmp_path / "export.json")) == 3
@@ -336,6 +342,10 @@ def _doc(*entries, **overrides) -> dict:
     (_doc(_entry(trials=True)), r"entry 0: field 'trials'"),
     (_doc(_entry(median_ms=float("nan"))), r"entry 0: field 'median_ms'"),
     (_doc(_entry(device={"key": "h100"})), r"entry 0: field 'device'"),
+    (_doc(_entry(device=CPU_DEVICE)), r"entry 0: field 'device': tuned on a 'cpu' device, but stored under "
+                                      r"gpu_key 'h100'"),
+    (_doc(_entry(), _entry(median_ms=0.2), _entry(kernel_version="v0"), _entry(median_ms=0.1)),
+     r"entries 0 and 1 are both the config of h100, toy, M=128,N=4096, bfloat16 \(kernel version v1\)"),
     (_doc({k: v for k, v in _entry().items() if k != "p80_ms"}), r"entry 0: field 'p80_ms' is missing"),
     (_doc(_entry(colour="red")), r"entry 0: field 'colour' is unknown"),
     (_doc(_entry(bucket="M=1,N=8"), _entry(config={"BLOCK": 1024, "num_warps": 4})), r"entry 1: field 'config'"),
@@ -344,7 +354,8 @@ def _doc(*entries, **overrides) -> dict:
     (_doc(entries="all of them"), r"'entries'"),
     (["not", "a", "dict"], r"not a kernelhub-configs document"),
 ], ids=["unknown-family", "config-outside-space", "config-missing-key", "bucket-unparsable",
-        "bucket-not-a-bucket", "dtype", "bool-as-int", "nan", "device-fields", "missing-field",
+        "bucket-not-a-bucket", "dtype", "bool-as-int", "nan", "device-fields", "device-of-another-gpu",
+        "duplicate-entries", "missing-field",
         "unknown-field", "second-entry-bad", "format", "newer-version", "entries-not-list", "not-a-dict"])
 def test_import_rejects_and_writes_nothing(tmp_path, fake_family, doc, message):
     with ConfigStore(tmp_path / "c.sqlite") as store:
@@ -364,6 +375,48 @@ def test_load_export_file_errors(tmp_path):
         load_export_file(tmp_path / "list.json")
     with pytest.raises(ConfigDBError, match=r"cannot read config export .*absent\.json"):
         load_export_file(tmp_path / "absent.json")
+
+
+# -- a disk that fills up ---------------------------------------------------------------------------
+
+_WITH_FILE_SIZE_LIMIT = (  # run `kernelhub ARGS...` where no file may grow past LIMIT bytes
+    "import resource, runpy, signal, sys; "
+    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "  # a write past the limit then fails as on a full disk
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2); "
+    "sys.argv = ['kernelhub', *sys.argv[2:]]; "
+    "runpy.run_module('kernelhub', run_name='__main__')"
+)
+
+
+def test_disk_full_during_import_is_one_clear_line_and_loses_nothing(tmp_path):
+    from kernelhub.kernels.int8_gemm import SPEC, space
+
+    config = dict(space.DEFAULT_LARGE_M)
+    path = tmp_path / "c.sqlite"
+    with ConfigStore(path) as store:
+        store.save_best(make_best(family=SPEC.name, bucket="M=128,N=4096,K=4096", config=config))
+        store.add_trial(make_trial(family=SPEC.name, bucket="M=128,N=4096,K=4096", config=config))
+        before = (store.best_configs(), store.trials())
+    limit = path.stat().st_size + 32 * 1024  # the import needs about 150 KB
+    big_export = tmp_path / "big.json"
+    big_export.write_text(json.dumps(_doc(*(
+        _entry(family=SPEC.name, bucket=SPEC.format_shape(SPEC.bucket((128, 64 * n, 4096))), config=config)
+        for n in range(1, 501)))))
+
+    result = subprocess.run([sys.executable, "-c", _WITH_FILE_SIZE_LIMIT, str(limit), "import", str(big_export),
+                             "--db", f"sqlite:///{path}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    error = result.stderr.strip()
+    assert "\n" not in error and "Traceback" not in error
+    # SQLite reports a write cut short by the limit as a full disk, one refused outright as an I/O error.
+    assert re.match(r"kernelhub import: error: config database .*c\.sqlite: cannot save best configs: "
+                    r"(database or disk is full; its disk .* is full|disk I/O error; the disk failed or filled up)",
+                    error), error
+    with ConfigStore(path) as store:
+        assert (store.best_configs(), store.trials()) == before
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
 
 
 # -- concurrency -----------------------------------------------------------------------------------
@@ -396,3 +449,73 @@ def test_two_stores_writing_concurrently_lose_nothing(tmp_path):
     conn.close()
     for store in stores:
         store.close()
+
+
+# -- PostgreSQL (a throwaway server: tests/postgres.py) ----------------------------------------------
+
+
+def test_postgres_round_trip(postgres_url):
+    with ConfigStore(postgres_url) as store:
+        assert store.where == postgres_url  # no password in the URL to hide
+        store.save_many([make_best(), make_best(gpu_key="cpu", device=CPU_DEVICE)])
+        store.save_best(make_best(median_ms=0.1))  # replaces, never duplicates
+        store.add_trial(make_trial())
+        store.add_trial(make_trial(state="failed", reason="wrong result", median_ms=None))
+        assert store.record_device(CPU_DEVICE) == store.record_device(dict(CPU_DEVICE))  # NULLs match too
+    with ConfigStore(postgres_url, create=False) as store:
+        assert [(r.gpu_key, r.median_ms, r.device) for r in store.best_configs()] == \
+            [("cpu", 0.125, CPU_DEVICE), ("h100", 0.1, DEVICE)]
+        (trial,) = store.trials()
+        assert (trial.state, trial.reason) == ("failed", "wrong result")
+
+
+def test_postgres_concurrent_writers_make_no_duplicates(postgres_url):
+    stores = [ConfigStore(postgres_url) for _ in range(4)]
+    errors = []
+
+    def writer(worker: int) -> None:
+        try:
+            for i in range(25):
+                # The same best-config row and the same device (NULL columns) from every writer: a
+                # read-then-insert that is not serialised inserts twice, or fails on the unique key.
+                stores[worker].save_best(make_best(gpu_key="cpu", device=CPU_DEVICE, median_ms=1.0 + i))
+                stores[worker].add_trial(make_trial(study=f"w{worker}", number=i))
+        except Exception as exc:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(stores[0].best_configs()) == 1 and len(stores[0].trials()) == 100
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(postgres_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM kernelhub_devices")).scalar() == 1
+    engine.dispose()
+    for store in stores:
+        store.close()
+
+
+def test_postgres_writer_waits_then_fails_clearly(postgres_url, monkeypatch):
+    psycopg = pytest.importorskip("psycopg")
+    monkeypatch.setattr(store_module, "_BUSY_TIMEOUT_S", 0.2)
+    with ConfigStore(postgres_url) as store:
+        with psycopg.connect(postgres_url) as other:  # another writer holds the write lock past our timeout
+            other.execute(f"SELECT pg_advisory_xact_lock({store_module._POSTGRES_WRITE_LOCK})")
+            with pytest.raises(ConfigDBError, match=r"cannot save best configs: .*lock timeout; another process"):
+                store.save_best(make_best())
+        store.save_best(make_best())  # the lock went with the other transaction
+        assert len(store.best_configs()) == 1
+
+
+def test_postgres_server_not_reachable_is_one_clear_error(postgres_url):
+    from sqlalchemy.engine import make_url
+
+    missing = make_url(postgres_url).set(database="kernelhub_no_such_database").render_as_string(False)
+    with pytest.raises(ConfigDBError, match=r'database "kernelhub_no_such_database" does not exist; create that '
+                                            r"database on the server first"):
+        ConfigStore(missing)

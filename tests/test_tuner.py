@@ -67,7 +67,7 @@ def test_short_int8_study_records_best_default_and_trials(private_config_db):
     assert [t.number for t in trials] == [0, 1, 2, 3]
     assert trials[0].config == INT8.default_config(shape) and trials[0].state == "complete"
     for t in trials:
-        if t.state == "pruned":
+        if t.state == "constraint":
             assert t.reason and t.median_ms is None
     completed = [t for t in trials if t.state == "complete"]
     assert best.median_ms == min(t.median_ms for t in completed)
@@ -78,11 +78,23 @@ def test_wrong_configs_fail_and_never_win(private_config_db):
     result = _tuner(private_config_db, seed=3).tune(spec, (7,), "int32", n_trials=12)
     with ConfigStore(private_config_db) as store:
         trials = store.trials(family="test_doubling")
-    failed = [t for t in trials if t.state == "failed"]
+    failed = [t for t in trials if t.state == "mismatch"]
     assert failed and all(t.config["BROKEN"] == 1 for t in failed)
     assert all("differ" in t.reason for t in failed)
     assert all(t.config["BROKEN"] == 0 for t in trials if t.state == "complete")
     assert result.best_config["BROKEN"] == 0
+
+
+def test_a_failed_default_is_never_the_baseline_of_the_speedup(private_config_db):
+    spec = dataclasses.replace(_doubling_family(), default_config=lambda shape: {"BLOCK": 16, "BROKEN": 1})
+    lines = []
+    result = _tuner(private_config_db, seed=3, progress=lines.append).tune(spec, (7,), "int32", n_trials=8)
+    with ConfigStore(private_config_db) as store:
+        (best,) = store.best_configs(family="test_doubling")
+        first = store.trials(family="test_doubling")[0]
+    assert first.config == {"BLOCK": 16, "BROKEN": 1} and first.state == "mismatch"
+    assert result.default is None and result.speedup is None and best.default_median_ms is None
+    assert result.best_config["BROKEN"] == 0 and not any("vs default" in line for line in lines)
 
 
 def test_rerun_resumes_the_same_study(private_config_db):

@@ -1,8 +1,10 @@
 """One trial's measurement, and the runners that decide where it runs.
 
 `measure` is the whole of a trial once its config passed the constraints: run the config on fresh
-inputs into a poisoned output, compare with the reference (a wrong or crashing config is FAILED),
-then time it. A runner calls `measure` somewhere: `InProcessRunner` in the tuner's own process;
+inputs into a poisoned output, compare with the reference (a wrong answer is a "mismatch", an
+exception an "error"), then time it. A runner calls `measure` somewhere: `InProcessRunner` in the
+tuner's own process; `kernelhub.tuning.isolation.IsolatedRunner` in a worker process that may
+crash or hang without taking the tuner down ("crash", "timeout");
 `kernelhub.tuning.collective.LocalWorldRunner` on every rank of a local process group for
 collective families.
 """
@@ -19,12 +21,17 @@ from kernelhub.registry import FamilySpec, Shape
 from kernelhub.space import Config
 from kernelhub.tuning.timing import Timing, time_collective, time_launch
 
+# How a trial can fail, besides never being run ("constraint", decided by the tuner):
+#   mismatch: the output differs from the reference;  error: compiling, launching or timing raised;
+#   crash: the process running it died (signal or exit code);  timeout: no answer in time, killed.
+FAILURE_STATES = ("mismatch", "error", "crash", "timeout")
+
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    state: str  # "complete", or "failed" (wrong answer, or could not launch)
-    reason: str | None = None
-    timing: Timing | None = None
+    state: str  # "complete" (correct, and timed), or one of FAILURE_STATES
+    reason: str | None = None  # what went wrong, for a failure
+    timing: Timing | None = None  # for "complete"
 
 
 def measure(spec: FamilySpec, shape: Shape, dtype: str, config: Config, *, device: torch.device,
@@ -32,30 +39,38 @@ def measure(spec: FamilySpec, shape: Shape, dtype: str, config: Config, *, devic
     """Check `config` against the reference on fresh inputs, then time it.
 
     For a collective family this runs on every rank of the default process group, and every rank
-    returns the same outcome: a failure on any rank fails the trial everywhere, and the timing is
-    the slowest rank's (the op is as slow as its slowest rank).
+    returns the same outcome: a failure on any rank fails the trial everywhere (with the first
+    failing rank's state and reason), and the timing is the slowest rank's (the op is as slow as
+    its slowest rank).
     """
-    problem = check_config(spec, shape, dtype, config, device=device, seed=seed).problem
+    check = check_config(spec, shape, dtype, config, device=device, seed=seed)
+    failure = None if check.ok else ("error" if check.raised else "mismatch", check.problem)
     collective = spec.world_size is not None
     if collective:
-        problem = _first_problem_over_ranks(problem)
-    if problem is not None:
-        return TrialOutcome("failed", problem)
+        failure = _first_failure_over_ranks(failure)
+    if failure is not None:
+        return TrialOutcome(*failure)
     inputs = spec.make_inputs(shape, dtype, device, seed)
     out = spec.new_output(inputs)
     run = lambda: spec.launch(inputs, config, out)  # noqa: E731
-    timing = time_collective(run, device) if collective else time_launch(run, device)
-    return TrialOutcome("complete", timing=timing)
+    if collective:
+        return TrialOutcome("complete", timing=time_collective(run, device))
+    try:
+        return TrialOutcome("complete", timing=time_launch(run, device))
+    except Exception as exc:  # passed the check but failed a later launch: still only this config's fault
+        return TrialOutcome("error", f"while timing: {type(exc).__name__}: {exc}")
 
 
-def _first_problem_over_ranks(problem: str | None) -> str | None:
+def _first_failure_over_ranks(failure: tuple[str, str] | None) -> tuple[str, str] | None:
+    """Gather every rank's (state, reason), None where it passed; the first failing rank's, or None."""
     import torch.distributed as dist
 
-    problems = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
-    for rank, p in enumerate(problems):
-        if p is not None:
-            return f"rank {rank}: {p}"
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    for rank, f in enumerate(failures):
+        if f is not None:
+            state, reason = f
+            return state, f"rank {rank}: {reason}"
     return None
 
 
@@ -66,7 +81,7 @@ class TrialRunner(Protocol):
 
 
 class InProcessRunner:
-    """Runs each trial in the tuner's own process, on `device`."""
+    """Runs each trial in the tuner's own process, on `device` (a crash or hang takes the tuner with it)."""
 
     def __init__(self, device: torch.device):
         self.device = device

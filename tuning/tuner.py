@@ -2,19 +2,28 @@
 
 A trial, in order:
 1. sample a config from the family's space (TPE, seeded);
-2. constraints: an infeasible config is PRUNED with its reason and never launched;
-3. correctness: the config runs on fresh random inputs into a poisoned output and is compared
-   with the reference; a wrong or crashing config is FAILED and can never become best;
+2. constraints: an infeasible config is recorded as "constraint" with its reason, never launched;
+3. correctness, through the runner (in a worker process with `IsolatedRunner`): the config runs on
+   fresh random inputs into a poisoned output and is compared with the reference; a config that
+   computes a wrong answer ("mismatch"), raises ("error"), kills its process ("crash") or does not
+   finish in time ("timeout") fails with that reason and can never become best;
 4. timing: median (and p20/p80) of the launch, after warm-up.
-Every trial is also written to the config database, and the study's best, with its timing and
-the DEFAULT's timing, becomes the stored best config.
+Every finished trial is written to the config database with its state and reason, and the best
+trial so far, with its timing and the DEFAULT's timing, is the stored best config.
+
+Failures teach the sampler: Optuna's TPE ignores FAILED trials, so it would keep proposing a
+region where every config crashes. A failed trial is instead told to Optuna as COMPLETE with the
+worst possible time (infinity): TPE ranks it below every timed config and moves away from its
+region. Its `state` user attribute says it failed, so it is never taken as best.
 
 The DEFAULT config and the best configs of neighbouring buckets are enqueued first, so the
 search starts from what is known, and the speedup over the DEFAULT is always measured.
 
 Resume: studies live in an Optuna storage that outlives the process (see `study_storage`);
 the study name holds the kernel version, so re-running continues the same study, its finished
-trials count against `--trials`, and a changed kernel starts afresh.
+trials count against `--trials` and are not measured again, and a changed kernel starts afresh.
+A run killed at any moment (even `kill -9`) loses only the trial in flight: the database rows
+follow Optuna's record of finished trials, and a rerun writes any row the kill cut off.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
+import sqlalchemy.exc
 import torch
 
 from kernelhub.db import BestConfig, ConfigStore, TrialRecord
@@ -38,7 +48,9 @@ from kernelhub.tuning.timing import Timing
 from kernelhub.tuning.trial import InProcessRunner, TrialRunner
 
 JOURNAL_NAME = "optuna-journal.log"
+STORAGE_ATTEMPTS = 5
 MIN_FLOPS_PER_BYTE = 16
+FAILED_TRIAL_VALUE = math.inf  # what Optuna is told for a failed trial: worse than any time
 
 
 def DEFAULT_SAMPLER(seed: int) -> optuna.samplers.BaseSampler:
@@ -62,11 +74,15 @@ def study_storage(config_db_url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path.with_name(JOURNAL_NAME))))
     if config_db_url.startswith("sqlite"):
         return optuna.storages.InMemoryStorage()  # in-memory config database: nothing to resume
-    return optuna.storages.RDBStorage(config_db_url)
-
-
-class _Rejected(Exception):
-    """A config that computed a wrong answer or failed to launch: the trial is FAILED."""
+    # Workers that start together against an empty database all create Optuna's tables; all but
+    # one collide (duplicate table or type). Those find the tables there when they try again.
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(config_db_url)
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == STORAGE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 @dataclass(frozen=True)
@@ -92,7 +108,8 @@ class Tuner:
     `device` names the key results are stored under. Without a GPU only families whose CPU path
     is real (`FamilySpec.tunes_on_cpu`) are tuned: Triton interpreter timings are refused unless
     `allow_interpreter` (tests of the mechanics, under a test key). `runner` says where trials
-    run (default: in this process); `sampler(seed)` makes each study's Optuna sampler.
+    run (default: in this process; `kernelhub tune` isolates each trial in a worker process with
+    `kernelhub.tuning.isolation.IsolatedRunner`); `sampler(seed)` makes each study's Optuna sampler.
     """
 
     def __init__(self, store: ConfigStore, storage: optuna.storages.BaseStorage, device: DeviceIdentity, *,
@@ -134,14 +151,20 @@ class Tuner:
             for config in [default, *self._neighbour_configs(spec, shape, dtype)]:
                 study.enqueue_trial(config, skip_if_exists=True)
 
+        self._record_missing_trials(spec, shape, dtype, study)
+
         remaining = n_trials - _finished(study)
         started = time.monotonic()
+
+        def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            self._save_trial(spec, shape, dtype, study, trial, default)
+            self._report(spec, shape, dtype, study, trial, n_trials, default, started)
+
+        # Other workers may share the study: stop when the study (not this worker) has n_trials.
+        enough = optuna.study.MaxTrialsCallback(n_trials, states=_FINISHED_STATES)
         if remaining > 0:
-            study.optimize(
-                lambda trial: self._objective(spec, shape, dtype, name, trial),
-                n_trials=remaining, timeout=timeout, catch=(_Rejected,),
-                callbacks=[lambda st, tr: self._report(spec, shape, dtype, st, tr, n_trials, default, started)],
-            )
+            study.optimize(lambda trial: self._objective(spec, shape, dtype, name, trial),
+                           n_trials=remaining, timeout=timeout, callbacks=[after_trial, enough])
         return self._record_best(spec, shape, dtype, study, default)
 
     def _neighbour_configs(self, spec: FamilySpec, shape: Shape, dtype: str) -> list[Config]:
@@ -163,37 +186,48 @@ class Tuner:
     def _objective(self, spec: FamilySpec, shape: Shape, dtype: str, study_name: str,
                    trial: optuna.Trial) -> float:
         config = spec.space.suggest(trial)
-        bucket = spec.format_shape(spec.bucket(shape))
-
-        def record(state: str, reason: str | None = None, timing: Timing | None = None) -> None:
-            trial.set_user_attr("state", state)
-            if reason:
-                trial.set_user_attr("reason", reason)
-            self.store.add_trial(TrialRecord(
-                gpu_key=self.device.key, family=spec.name, bucket=bucket, dtype=dtype,
-                kernel_version=spec.kernel_version, study=study_name, number=trial.number, config=config,
-                state=state, reason=reason, median_ms=timing and timing.median_ms,
-                p20_ms=timing and timing.p20_ms, p80_ms=timing and timing.p80_ms,
-            ))
-
         # The DEFAULT is what runs untuned, so it is always measured (the baseline of the speedup);
         # DEFAULTs are chosen to fit every GPU.
         is_default = config == spec.default_config(shape)
         reason = None if is_default else spec.space.infeasibility(config, shape, self.device.shared_memory_bytes)
         if reason is not None:
-            record("pruned", reason)
-            raise optuna.TrialPruned(reason)
+            return _failed(trial, "constraint", reason)
 
         seed = zlib.crc32(f"{self.seed}/{study_name}/{trial.number}".encode())  # fresh inputs per trial
         outcome = self.runner.run(spec, shape, dtype, config, seed)
         if outcome.state != "complete":
-            record(outcome.state, outcome.reason)
-            raise _Rejected(outcome.reason)
+            return _failed(trial, outcome.state, outcome.reason)
         timing = outcome.timing
-        record("complete", timing=timing)
+        trial.set_user_attr("state", "complete")
         for key, value in (("p20_ms", timing.p20_ms), ("p80_ms", timing.p80_ms)):
             trial.set_user_attr(key, value)
         return timing.median_ms
+
+    def _save_trial(self, spec: FamilySpec, shape: Shape, dtype: str, study: optuna.Study,
+                    trial: optuna.trial.FrozenTrial, default: Config) -> None:
+        """Write a finished trial to the database; a new best, or the DEFAULT's time, updates the stored best."""
+        self.store.add_trial(self._trial_record(spec, shape, dtype, study.study_name, trial))
+        if _timed(trial) and (trial.number == _best_trial(study).number or trial.params == default):
+            self._record_best(spec, shape, dtype, study, default)
+
+    def _record_missing_trials(self, spec: FamilySpec, shape: Shape, dtype: str, study: optuna.Study) -> None:
+        """Write the finished trials the database lacks: a run killed after Optuna recorded a trial
+        and before the database did."""
+        recorded = {t.number for t in self.store.trials(study=study.study_name)}
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if "state" in trial.user_attrs and trial.number not in recorded:
+                self.store.add_trial(self._trial_record(spec, shape, dtype, study.study_name, trial))
+
+    def _trial_record(self, spec: FamilySpec, shape: Shape, dtype: str, study_name: str,
+                      trial: optuna.trial.FrozenTrial) -> TrialRecord:
+        attrs = trial.user_attrs
+        timed = _timed(trial)
+        return TrialRecord(
+            gpu_key=self.device.key, family=spec.name, bucket=spec.format_shape(spec.bucket(shape)), dtype=dtype,
+            kernel_version=spec.kernel_version, study=study_name, number=trial.number, config=dict(trial.params),
+            state=attrs["state"], reason=attrs.get("reason"), median_ms=trial.value if timed else None,
+            p20_ms=attrs.get("p20_ms"), p80_ms=attrs.get("p80_ms"),
+        )
 
     def _report(self, spec, shape, dtype, study, trial, n_trials, default, started) -> None:
         done = _finished(study)
@@ -207,7 +241,7 @@ class Tuner:
                 line += f" ({default_trial.value / best.value:.2f}x vs default)"
         state = trial.user_attrs.get("state", trial.state.name.lower())
         line += f"  last: {state}"
-        if trial.value is not None:
+        if _timed(trial):
             line += f" {trial.value:.4g} ms"
         elif "reason" in trial.user_attrs:
             line += f" ({trial.user_attrs['reason'][:80]})"
@@ -244,24 +278,40 @@ class Tuner:
         return StudyResult(spec.name, bucket, dtype, config, best_timing, default_timing, finished)
 
 
+def _failed(trial: optuna.Trial, state: str, reason: str | None) -> float:
+    """Mark `trial` as failed (`state`, `reason`); returns what Optuna is told (see the module docstring)."""
+    trial.set_user_attr("state", state)
+    if reason:
+        trial.set_user_attr("reason", reason)
+    return FAILED_TRIAL_VALUE
+
+
+_FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
 def _finished(study: optuna.Study) -> int:
-    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+    return len(study.get_trials(deepcopy=False, states=_FINISHED_STATES))
 
 
-def _completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+def _timed(trial: optuna.trial.FrozenTrial) -> bool:
+    """True for a trial that passed and was timed; failed trials are COMPLETE too, marked by `state`."""
+    return (trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs.get("state") == "complete"
+            and trial.value is not None and math.isfinite(trial.value))
+
+
+def _timed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if _timed(t)]
 
 
 def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    completed = [t for t in _completed(study) if t.value is not None and math.isfinite(t.value)]
-    return min(completed, key=lambda t: t.value) if completed else None
+    timed = _timed_trials(study)
+    return min(timed, key=lambda t: t.value) if timed else None
 
 
 def _trial_with_params(study: optuna.Study, config: Config) -> optuna.trial.FrozenTrial | None:
-    matches = [t for t in _completed(study) if t.params == config]
+    matches = [t for t in _timed_trials(study) if t.params == config]
     return min(matches, key=lambda t: t.value) if matches else None
 
 
 def _timing_of(trial: optuna.trial.FrozenTrial) -> Timing:
     return Timing(trial.value, trial.user_attrs.get("p20_ms", trial.value), trial.user_attrs.get("p80_ms", trial.value))
-

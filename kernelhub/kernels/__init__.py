@@ -2,7 +2,7 @@
 
 import os
 
-from kernelhub.kernels import int8_gemm, landmark_topk, lowrank_keys, sparse_gather  # noqa: F401
+from kernelhub.kernels import int8_gemm, landmark_topk, lowrank_keys, sparse_gather, tp_overlap  # noqa: F401
 
 
 def interpreter_problem() -> str | None:

@@ -1,0 +1,167 @@
+"""Tensor-parallel overlap public ops: validate -> agree across ranks -> backend -> config -> overlapped schedule.
+
+Every call starts with one small all_gather of each rank's call signature (shapes, dtype, whether
+its arguments were valid, and its config), so that
+- a rank whose arguments are invalid raises its error and every other rank raises a
+  CollectiveError naming it, instead of waiting forever for its data;
+- shapes that differ across ranks are an error on every rank, not a hang or garbage;
+- every rank runs rank 0's config, even if the ranks' config databases differ.
+That costs one tiny collective per call (see benchmarks/cpu_tp_overlap.py for its time).
+
+Re-exported by `kernelhub.ops`. Not registered with torch.library: the ops take a process group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from kernelhub import backend, configs, validation
+from kernelhub.device import device_for_tensor
+from kernelhub.errors import CollectiveError
+from kernelhub.kernels.tp_overlap import AG_SPEC, RS_SPEC, chunk_gemm, overlap
+from kernelhub.reference import tp_overlap as ref
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = [validation.dtype_name(d) for d in _DTYPES]
+_BACKEND_DEVICE = {"gloo": "cpu", "nccl": "cuda"}
+# Configs travel between ranks as their index in the space's fixed enumeration.
+_CONFIGS = {spec.name: list(spec.space.configs()) for spec in (AG_SPEC, RS_SPEC)}
+
+
+def _group_size(group, op: str) -> tuple[int, int]:
+    """(rank, world size) of `group`; a clear error when there is no process group."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{op}: torch.distributed is not initialised: call "
+                           "torch.distributed.init_process_group first (any backend: gloo on CPU, nccl on GPU)")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the group")
+    return rank, dist.get_world_size(group)
+
+
+def _check_operands(a, b, group, rows_divisor: int, what_rows: str) -> None:
+    validation.tensor("a", a, dtypes=_DTYPES, ndim=2)
+    validation.tensor("b", b, dtypes=(a.dtype,), ndim=2)
+    validation.same_device(a=a, b=b)
+    if b.shape[0] != a.shape[1]:
+        raise ValueError(f"b: expected shape [K, N] with K = a.shape[1] = {a.shape[1]}, got {tuple(b.shape)}")
+    if min(a.shape[0], a.shape[1], b.shape[1]) < 1:
+        raise ValueError(f"a, b: every dimension must be at least 1, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] % rows_divisor:
+        raise ValueError(f"a: {what_rows} = {a.shape[0]} is not divisible by the world size {rows_divisor}")
+    expected = _BACKEND_DEVICE.get(dist.get_backend(group))
+    if expected is not None and a.device.type != expected:
+        raise ValueError(f"a: the {dist.get_backend(group)} process group needs {expected} tensors, got {a.device}")
+
+
+def _agree(op: str, group, signature: list[int], problem: Exception | None, device: torch.device) -> list[list[int]]:
+    """All ranks' signatures [ok, rows, N, K, dtype, config index]; raises if any rank's call is bad."""
+    mine = torch.tensor([0 if problem else 1, *signature], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        mine = mine.to(device)
+    world = dist.get_world_size(group)
+    everyone = torch.empty(world * mine.numel(), dtype=torch.int64, device=mine.device)
+    try:
+        dist.all_gather_into_tensor(everyone, mine, group=group)
+    except Exception as exc:
+        raise CollectiveError(f"{op}: exchanging call signatures with the other ranks failed: {exc}") from exc
+    if problem is not None:
+        raise problem
+    rows = everyone.view(world, -1).tolist()
+    bad = [rank for rank, row in enumerate(rows) if row[0] == 0]
+    if bad:
+        raise CollectiveError(f"{op}: rank(s) {bad} rejected their arguments (see the error on those ranks)")
+    shapes = {tuple(row[1:5]) for row in rows}
+    if len(shapes) > 1:
+        listing = "; ".join(f"rank {r}: a {row[1:3]}, b [{row[2]}, {row[3]}], {_DTYPE_NAMES[row[4]]}"
+                            for r, row in enumerate(rows))
+        raise ValueError(f"{op}: every rank must pass the same shapes and dtype, got {listing}")
+    return rows
+
+
+
+def _signature(a, b) -> list[int]:
+    """[rows of a, K, N, dtype index] of a call (-1 for what a bad argument does not define)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2 and b.dim() == 2):
+        return [-1, -1, -1, -1]
+    return [a.shape[0], a.shape[1], b.shape[1], _DTYPES.index(a.dtype) if a.dtype in _DTYPES else -1]
+
+
+def _prepare(op: str, spec, a, b, group, rows_divisor_of, out_rows_of, out):
+    """Validate locally, agree with every rank, and choose the config: -> (world size, config, path)."""
+    _, world = _group_size(group, op)
+    problem, config = None, None
+    try:
+        _check_operands(a, b, group, rows_divisor_of(world), "M" if spec is RS_SPEC else "M_local")
+        validation.out_tensor(out, shape=(out_rows_of(world), b.shape[1]), dtype=a.dtype, device=a.device)
+        path = backend.choose(a.device)
+        shape = (world, a.shape[0], b.shape[1], a.shape[1])
+        config = configs.best_config(spec, shape, validation.dtype_name(a.dtype), device_for_tensor(a))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        problem = exc
+    signature = _signature(a, b) + [_CONFIGS[spec.name].index(config) if config else -1]
+    device = a.device if isinstance(a, torch.Tensor) else torch.device("cpu")
+    rows = _agree(op, group, signature, problem, device)
+    return world, dict(_CONFIGS[spec.name][rows[0][-1]]), path
+
+
+def all_gather_gemm(a: torch.Tensor, b: torch.Tensor, *, group=None, return_gathered: bool = False,
+                    out: torch.Tensor | None = None):
+    """`all_gather(a) @ b` with the gather overlapped with the GEMM: a column-parallel layer.
+
+    a: [M_local, K], this rank's rows; b: [K, N]; float32, float16 or bfloat16, one dtype, on the
+    group's device (CPU for gloo, CUDA for nccl). Every rank of `group` (default: the world group)
+    calls it with the same shapes. Returns out [W * M_local, N] in a's dtype (rank r's rows at
+    r * M_local), and the gathered a [W * M_local, K] too when `return_gathered` (a column-parallel
+    layer's backward needs it). out: optional [W * M_local, N] to write into. Equivalent to::
+
+        gathered = torch.empty(W * M_local, K, dtype=a.dtype, device=a.device)
+        torch.distributed.all_gather_into_tensor(gathered, a, group=group)
+        out = gathered @ b
+    """
+    world, config, path = _prepare("all_gather_gemm", AG_SPEC, a, b, group, lambda w: 1,
+                                         lambda w: w * a.shape[0], out)
+    if path == "reference":
+        result, gathered = ref.all_gather_gemm(a, b, group=group, return_gathered=True)
+        result = result if out is None else out.copy_(result)
+        return (result, gathered) if return_gathered else result
+    m, k = a.shape
+    out = out if out is not None else torch.empty((world * m, b.shape[1]), dtype=a.dtype, device=a.device)
+    gathered = torch.empty((world * m, k), dtype=a.dtype, device=a.device)
+    gemm = chunk_gemm(a)
+    if world == 1:
+        gemm(a, b, out)
+        gathered.copy_(a)
+    else:
+        overlap.all_gather_gemm(a, b, out, gathered, group=group, chunks=config["CHUNKS"],
+                                order=config["ORDER"], gemm=gemm)
+    return (out, gathered) if return_gathered else out
+
+
+def gemm_reduce_scatter(a: torch.Tensor, b: torch.Tensor, *, group=None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's rows of `sum over ranks of a @ b`, the sum overlapped with the GEMM: a row-parallel layer.
+
+    a: [M, K_local] with M divisible by W; b: [K_local, N]; float32, float16 or bfloat16, one dtype,
+    on the group's device. Every rank of `group` (default: the world group) calls it with the same
+    shapes. Returns out [M / W, N] in a's dtype: rows r * M / W ... (r + 1) * M / W of the sum on
+    rank r. Partials are rounded to a's dtype before they are sent, as the reference's are, and
+    summed in float32. out: optional [M / W, N] to write into. Equivalent to::
+
+        partial = a @ b
+        out = torch.empty(M // W, N, dtype=a.dtype, device=a.device)
+        torch.distributed.reduce_scatter_tensor(out, partial, group=group)
+    """
+    world, config, path = _prepare("gemm_reduce_scatter", RS_SPEC, a, b, group, lambda w: w,
+                                         lambda w: a.shape[0] // w, out)
+    if path == "reference":
+        result = ref.gemm_reduce_scatter(a, b, group=group)
+        return result if out is None else out.copy_(result)
+    out = out if out is not None else torch.empty((a.shape[0] // world, b.shape[1]), dtype=a.dtype, device=a.device)
+    gemm = chunk_gemm(a)
+    if world == 1:
+        gemm(a, b, out)
+    else:
+        overlap.gemm_reduce_scatter(a, b, out, group=group, chunks=config["CHUNKS"], gemm=gemm)
+    return out
