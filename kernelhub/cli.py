@@ -130,6 +130,8 @@ def cmd_tune(args) -> int:
 
     if not 0 < args.trial_timeout < float("inf"):
         raise KernelhubError(f"--trial-timeout: expected a positive number of seconds, got {args.trial_timeout:g}")
+    if args.world_size is not None and args.world_size < 1:
+        raise KernelhubError(f"--world-size: expected at least 1 rank, got {args.world_size}")
     specs = _families(args.kernel)
     for spec in specs:
         spec.shapes(args.shapes)  # an unknown shape set is an error before anything starts

@@ -215,3 +215,12 @@ def test_cli_tunes_a_collective_on_the_cpu_and_ops_use_the_winner(capsys, tmp_pa
         assert row.trials == 3 and row.median_ms > 0 and row.default_median_ms > 0
         bucket = AG_SPEC.parse_shape(row.bucket)
         assert configs.best_config(AG_SPEC, bucket, "float32", current_device()) == row.config
+
+
+def test_cli_tune_refuses_a_world_of_no_ranks(capsys, tmp_path):
+    from kernelhub import cli
+
+    url = f"sqlite:///{tmp_path / 'tune.sqlite'}"
+    assert cli.main(["tune", "--gpu", "cpu", "--kernel", "all_gather_gemm", "--world-size", "0", "--db", url]) == 1
+    assert "--world-size: expected at least 1 rank, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "tune.sqlite").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kernelhub import checking, configs
+from kernelhub import checking, configs, validation
 from kernelhub.device import device_for_tensor
 from kernelhub.kernels.tp_overlap import overlap, space
 from kernelhub.kernels.tp_overlap.kernel import gemm_triton
@@ -71,7 +71,7 @@ def chunk_gemm(a: torch.Tensor):
     path = backend.choose(a.device)
     if path == "cpu":
         return lambda x, b, out: torch.matmul(x, b, out=out)
-    dtype, identity = str(a.dtype).removeprefix("torch."), device_for_tensor(a)
+    dtype, identity = validation.dtype_name(a.dtype), device_for_tensor(a)
 
     def gemm(x, b, out):
         config = configs.best_config(GEMM_SPEC, (x.shape[0], b.shape[1], x.shape[1]), dtype, identity)
