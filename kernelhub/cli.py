@@ -110,6 +110,16 @@ def _cpu_tunable(specs, device, *, named: bool):
     return cpu_specs
 
 
+def _trial_runner(torch_device, trial_timeout: float):
+    """How `tune` and `sweep` run trials: each in a worker process, so a config that crashes or hangs
+    fails alone and the run goes on; collective families on local ranks."""
+    from kernelhub.tuning.collective import LocalWorldRunner
+    from kernelhub.tuning.isolation import IsolatedRunner
+
+    return LocalWorldRunner(torch_device, IsolatedRunner(torch_device, trial_timeout=trial_timeout),
+                            trial_timeout_s=trial_timeout)
+
+
 def _tune_shapes(spec, shape_set: str, world_size: int | None):
     """The shape set, with W replaced by `world_size` for collective families (duplicates dropped)."""
     shapes = spec.shapes(shape_set)
@@ -124,8 +134,7 @@ def cmd_tune(args) -> int:
     from kernelhub import configs
     from kernelhub.db import default_url
     from kernelhub.device import current_device
-    from kernelhub.tuning.collective import LocalWorldRunner, cannot_run_here
-    from kernelhub.tuning.isolation import IsolatedRunner
+    from kernelhub.tuning.collective import cannot_run_here
     from kernelhub.tuning.tuner import Tuner, study_storage
 
     if not 0 < args.trial_timeout < float("inf"):
@@ -149,9 +158,7 @@ def cmd_tune(args) -> int:
     torch_device = torch.device("cuda" if detected.is_gpu else "cpu")
     url = args.db or default_url()
     with _open_store(url) as store:
-        # Every trial runs in a worker process: a config that crashes or hangs fails alone, the run goes on.
-        runner = LocalWorldRunner(torch_device, IsolatedRunner(torch_device, trial_timeout=args.trial_timeout),
-                                  trial_timeout_s=args.trial_timeout)
+        runner = _trial_runner(torch_device, args.trial_timeout)
         tuner = Tuner(store, study_storage(url), detected, seed=args.seed, runner=runner)
         results = []
         try:
@@ -321,10 +328,10 @@ def cmd_sweep(args) -> int:
 
     from kernelhub.device import current_device
     from kernelhub.registry import get_family
-    from kernelhub.tuning.collective import LocalWorldRunner
     from kernelhub.tuning.sweep import default_output, run_sweep
-    from kernelhub.tuning.trial import InProcessRunner
 
+    if not 0 < args.trial_timeout < float("inf"):
+        raise KernelhubError(f"--trial-timeout: expected a positive number of seconds, got {args.trial_timeout:g}")
     spec = get_family(args.kernel)
     spec.shapes(args.shapes)  # an unknown shape set is an error before anything starts
     dtype = args.dtype or spec.dtypes[0]
@@ -336,7 +343,7 @@ def cmd_sweep(args) -> int:
                                   "nothing was swept")
     output = args.output or default_output(detected.key, spec.name, args.shapes, dtype)
     torch_device = torch.device("cuda" if detected.is_gpu else "cpu")
-    runner = LocalWorldRunner(torch_device, InProcessRunner(torch_device))  # trials run as `kernelhub tune` runs them
+    runner = _trial_runner(torch_device, args.trial_timeout)
     try:
         doc = run_sweep(spec, args.shapes, dtype, detected, output, runner=runner, seed=args.seed)
     finally:
@@ -439,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="dtype (default: the family's first)")
     p.add_argument("-o", "--output", help="sweep file; an unfinished sweep in it is resumed "
                                           "(default: sweep-GPU-KERNEL-SHAPES-DTYPE.json)")
+    p.add_argument("--trial-timeout", type=float, default=120.0,
+                   help="seconds one config may take; then its worker process is killed and the config recorded "
+                        "as a timeout (default 120)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sweep)
 

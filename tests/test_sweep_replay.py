@@ -53,10 +53,14 @@ def _family() -> FamilySpec:
 
 @pytest.fixture
 def family(monkeypatch):
-    """The test family, registered for this test only."""
+    """The test family, registered for this test only; `kernelhub sweep` runs its trials in process.
+
+    (The CLI's isolated worker process has a registry of its own, which never sees this family.)
+    """
     registry.families()  # the built-in families first, so the monkeypatched entry is the only change
     spec = _family()
     monkeypatch.setitem(registry._FAMILIES, FAMILY, spec)
+    monkeypatch.setattr(cli, "_trial_runner", lambda torch_device, trial_timeout: InProcessRunner(torch_device))
     return spec
 
 
@@ -130,7 +134,9 @@ def test_sweep_never_overwrites_another_sweep(family, tmp_path):
     (["--gpu", "cpu", "--kernel", "no_such_kernel", "--shapes", "smoke"], "unknown kernel family 'no_such_kernel'"),
     (["--gpu", "cpu", "--kernel", FAMILY, "--shapes", "huge"], "unknown shape set 'huge'"),
     (["--gpu", "cpu", "--kernel", FAMILY, "--shapes", "smoke", "--dtype", "float8"], "--dtype float8"),
-], ids=["interpreter-family-on-cpu", "another-gpu", "unknown-family", "unknown-shape-set", "unknown-dtype"])
+    (["--gpu", "cpu", "--kernel", FAMILY, "--shapes", "smoke", "--trial-timeout", "0"], "--trial-timeout"),
+], ids=["interpreter-family-on-cpu", "another-gpu", "unknown-family", "unknown-shape-set", "unknown-dtype",
+        "no-trial-time"])
 def test_sweep_refusals_are_one_line_and_write_nothing(family, tmp_path, capsys, argv, message):
     out = tmp_path / "sweep.json"
     assert cli.main(["sweep", *argv, "-o", str(out)]) == 1

@@ -15,9 +15,9 @@ runs one, except that a trial's time is looked up instead of measured:
   one place that follows tuning/tuner.py), and a trial counts towards the best only when the
   tuner's own test (`tuner._timed`) says it was timed.
 
-Every finished trial counts, failed ones too, as they count against `--trials`. A
-run lasts as many trials as the sweep has configs, or stops sooner once it is within 3% of the
-sweep's best and past the last checkpoint. Reported per sampler, median over seeds: trials to
+Every finished trial counts, failed ones too, as they count against `--trials`. A run lasts as
+many trials as the sweep has configs, or stops sooner once it is within 3% of the sweep's best
+and past the last checkpoint. Reported per sampler, median over seeds: trials to
 reach within 3% of the sweep's best, and the best reached (as a ratio to the sweep's best) after
 10%, 20% and 50% of the sweep's size in trials, and after a fixed budget (`kernelhub tune`'s
 default of 50 trials).
@@ -116,7 +116,7 @@ class Landscape:
         for item in entry["configs"]:
             key = config_key(item["config"], params)
             # A DEFAULT that the constraints reject is measured, but the tuner only runs it as the
-            # shape's own DEFAULT; any other time, the constraint prunes it.
+            # shape's own DEFAULT; any other time, the constraint rejects it.
             if "infeasible" in item and key != default_key:
                 continue
             if item["state"] == "complete":
