@@ -396,16 +396,25 @@ class ConfigStore:
             session.flush()
         return row.id
 
-    def save_best(self, entry: BestConfig) -> None:
-        """Save one best config, replacing the row with the same (gpu, family, bucket, dtype, kernel version)."""
-        self.save_many([entry])
+    def save_best(self, entry: BestConfig, *, unless_outdated: bool = False) -> None:
+        """Save one best config, replacing the row with the same (gpu, family, bucket, dtype, kernel version).
 
-    def save_many(self, entries: Iterable[BestConfig]) -> None:
+        unless_outdated: keep the stored row instead when it already covers more trials and is at
+        least as fast (several tuner processes share a study: one that read the study earlier must
+        not overwrite a later, fuller result).
+        """
+        self.save_many([entry], unless_outdated=unless_outdated)
+
+    def save_many(self, entries: Iterable[BestConfig], *, unless_outdated: bool = False) -> None:
         """Save best configs like `save_best`, all in one transaction: all are written or none."""
         with self._session("save best configs", write=True) as session:
             for entry in entries:
                 values = _row_values(entry)
                 key = {k: values.pop(k) for k in ("gpu_key", "family", "bucket", "dtype", "kernel_version")}
+                if unless_outdated:
+                    stored = session.scalars(select(BestConfigRow).filter_by(**key)).first()
+                    if stored is not None and stored.trials > entry.trials and stored.median_ms <= entry.median_ms:
+                        continue
                 values["device_id"] = None if entry.device is None else self._device_id(session, entry.device)
                 _upsert(session, BestConfigRow, key, values)
 

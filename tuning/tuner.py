@@ -277,7 +277,7 @@ class Tuner:
             trials=finished, kernel_version=spec.kernel_version,
             triton_version=identity["triton_version"], torch_version=identity["torch_version"],
             cuda_version=identity["cuda_version"], device=identity,
-        ))
+        ), unless_outdated=True)  # another worker of this study may have saved a fuller result
         return StudyResult(spec.name, bucket, dtype, config, best_timing, default_timing, finished)
 
 
