@@ -83,7 +83,10 @@ def _check_shared_results(url: str, families_module, outputs: list[str]) -> None
             assert (row.bucket, row.dtype) == (bucket, dtype)
         fastest = min(trials, key=lambda t: t.value)
         (best,) = [b for b in best_rows if (b.bucket, b.dtype) == (bucket, dtype)]
-        assert (best.config, best.median_ms, best.trials) == (fastest.params, fastest.value, len(trials))
+        assert (best.config, best.median_ms) == (fastest.params, fastest.value)
+        # The count is a snapshot taken when a worker last saved the best: a trial another worker
+        # finished later without beating it can be missing from it (seen: 4 of 5).
+        assert 1 <= best.trials <= len(trials)
         assert best.kernel_version == spec.kernel_version
         total += len(trials)
     assert len(rows) == total and len(best_rows) == len(studies)
