@@ -88,3 +88,135 @@ def test_bad_use_is_a_clear_error():
         cache.decode(torch.zeros(1, 3, 64), synth.new_k[0], synth.new_v[0])
     with pytest.raises(ValueError, match="k, v"):
         ShadowKVCache().prefill(synth.k, synth.v[:, :, :-1])
+
+
+# -- a refused or failed call changes nothing ----------------------------------------------------
+
+def _state(cache: ShadowKVCache) -> dict:
+    """Everything the cache holds, tensors cloned (so a later in-place change would show)."""
+    return {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in vars(cache).items()}
+
+
+def _assert_same_state(before: dict, cache: ShadowKVCache) -> None:
+    after = vars(cache)
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert isinstance(after[name], torch.Tensor) and after[name].dtype == value.dtype, name
+            assert torch.equal(after[name], value), name
+        else:
+            assert after[name] == value, name
+
+
+def _prefilled_pair(seed=7):
+    """Two caches built identically and advanced one decode step, and the synthetic sequence."""
+    synth = make_synthetic_cache(1, 2, 4, 160, 64, steps=3, seed=seed)
+    caches = []
+    for _ in range(2):
+        cache = ShadowKVCache(rank=32, budget=32, outliers=2, local=16)
+        cache.prefill(synth.k, synth.v)
+        cache.decode(synth.queries[0], synth.new_k[0], synth.new_v[0])
+        caches.append(cache)
+    return caches, synth
+
+
+def _bad_prefills(synth):
+    k, v = synth.k, synth.v
+    nan_k = k.clone()
+    nan_k[0, 1, 50, 3] = float("nan")
+    inf_k = k.clone()
+    inf_k[0, 0, 7, 0] = float("inf")
+    return {
+        "float64": (k.double(), v.double(), TypeError, "k: expected dtype"),
+        "int-keys": (k.to(torch.int32), v, TypeError, "k: expected dtype"),
+        "nan-keys": (nan_k, v, ValueError, "k: expected finite"),
+        "inf-keys": (inf_k, v, ValueError, "k: expected finite"),
+        "other-head-count": (k, v[:, :1], ValueError, "one shape"),
+        "dtype-mismatch": (k, v.half(), TypeError, "v: expected the dtype of k"),
+        "odd-head-dim": (k[..., :63], v[..., :63], ValueError, "D even"),
+        "3-D": (k[0], v[0], ValueError, "4-D"),
+        "not-a-tensor": (k.tolist(), v, TypeError, "k: expected a torch.Tensor"),
+        "empty-sequence": (k[:, :, :0], v[:, :, :0], ValueError, ">= 1"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_prefills(make_synthetic_cache(1, 2, 4, 160, 64, seed=7))))
+def test_a_refused_prefill_leaves_the_previous_cache_exactly_as_it_was(case):
+    (cache, twin), synth = _prefilled_pair()
+    k, v, error, message = _bad_prefills(synth)[case]
+    before = _state(cache)
+    with pytest.raises(error, match=message):
+        cache.prefill(k, v)
+    _assert_same_state(before, cache)
+    # and it decodes on exactly as its twin, which never saw the bad call
+    assert torch.equal(cache.decode(synth.queries[1], synth.new_k[1], synth.new_v[1]),
+                       twin.decode(synth.queries[1], synth.new_k[1], synth.new_v[1]))
+
+
+@pytest.mark.parametrize("failing_op", ["lowrank_keys", "outlier_chunks"])
+def test_a_prefill_failing_midway_installs_nothing(monkeypatch, failing_op):
+    """A failure after validation (here injected into one of the ops prefill composes) changes nothing."""
+    import kernelhub.ops as ops
+
+    (cache, _), synth = _prefilled_pair()
+    before = _state(cache)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(ops, failing_op, fail)
+    fresh = make_synthetic_cache(2, 4, 8, 300, 128, seed=9)  # another batch, head count and length
+    with pytest.raises(RuntimeError, match="injected"):
+        cache.prefill(fresh.k, fresh.v)
+    _assert_same_state(before, cache)
+
+
+def test_a_refused_or_failed_decode_does_not_advance_the_cache(monkeypatch):
+    import kernelhub.ops as ops
+
+    (cache, twin), synth = _prefilled_pair()
+    before = _state(cache)
+    q, k, v = synth.queries[1], synth.new_k[1], synth.new_v[1]
+    with pytest.raises(TypeError, match="q: expected dtype"):
+        cache.decode(q.to(torch.int64), k, v)  # an int query would truncate the output to integers
+    with pytest.raises(TypeError, match="v: expected dtype"):
+        cache.decode(q, k, v.double())
+    with pytest.raises(ValueError, match="k: expected"):
+        cache.decode(q, k[:, :1], v)
+    real_gather = ops.sparse_gather
+    monkeypatch.setattr(ops, "sparse_gather", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("injected")))
+    with pytest.raises(RuntimeError, match="injected"):
+        cache.decode(q, k, v)
+    _assert_same_state(before, cache)
+    monkeypatch.setattr(ops, "sparse_gather", real_gather)
+    assert torch.equal(cache.decode(q, k, v), twin.decode(q, k, v))
+
+
+def test_decode_returns_the_query_dtype():
+    synth = make_synthetic_cache(1, 2, 4, 160, 64, seed=3)
+    cache = ShadowKVCache(rank=32, budget=32, outliers=2, local=16)
+    cache.prefill(synth.k, synth.v)
+    out = cache.decode(synth.queries[0].half(), synth.new_k[0], synth.new_v[0])
+    assert out.dtype == torch.float16 and out.shape == synth.queries[0].shape
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rank=True), "rank: expected an int"),
+    (dict(rank=0), "rank: expected an int >= 1"),
+    (dict(rank=2.0), "rank: expected an int"),
+    (dict(chunk_size=False), "chunk_size"),
+    (dict(local=-1), "local"),
+    (dict(outliers=None), "outliers"),
+    (dict(rope_theta=0), "rope_theta"),
+    (dict(rope_theta=-10000.0), "rope_theta"),
+    (dict(rope_theta=float("nan")), "rope_theta"),
+    (dict(rope_theta=float("inf")), "rope_theta"),
+    (dict(rope_theta=True), "rope_theta"),
+    (dict(rope_theta="1e4"), "rope_theta"),
+    (dict(device="gpu0"), "device"),
+    (dict(offload_device=3.5), "offload_device"),
+], ids=lambda x: repr(x) if not isinstance(x, dict) else ",".join(f"{k}={v!r}" for k, v in x.items()))
+def test_constructor_arguments_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ShadowKVCache(**kwargs)

@@ -27,7 +27,9 @@ import math
 import torch
 
 import kernelhub.ops as ops
+from kernelhub.kernels.lowrank_keys.ops import MAX_HEAD_DIM
 from kernelhub.reference.rope import apply_rope, rope_rows, rope_tables
+from kernelhub.validation import dtype_name
 
 
 def _gather_tokens(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -45,84 +47,141 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_count(name: str, value, low: int) -> int:
+    """An int (not a bool) >= low."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_device(name: str, value) -> torch.device | None:
+    if value is None:
+        return None
+    try:
+        return torch.device(value)
+    except (TypeError, RuntimeError) as exc:
+        raise ValueError(f"{name}: expected a torch.device or a device string, got {value!r} ({exc})") from None
+
+
+def _check_float_tensor(name: str, value, ndim: int, meaning: str) -> torch.Tensor:
+    """A float16/bfloat16/float32 tensor of `ndim` dimensions (`meaning` spells its shape)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor {meaning}, got {type(value).__name__}")
+    if value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {dtype_name(value.dtype)}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor {meaning}, got shape {tuple(value.shape)}")
+    return value
+
+
+def _check_finite_keys(k: torch.Tensor) -> None:
+    """The keys are factorised together, so one NaN or Inf would corrupt every reconstructed key."""
+    finite = torch.isfinite(k)
+    if not bool(finite.all()):
+        raise ValueError(f"k: expected finite keys, found {int((~finite).sum())} NaN or Inf values")
+
+
 class ShadowKVCache:
     """A long-context KV cache with low-rank keys on the device and values offloaded.
 
     rank: rank of the pre-RoPE key factorisation (clamped to what the prefill allows).
     chunk_size: tokens per chunk. budget: tokens selected per KV head per decode step.
     outliers: exact chunks kept per KV head. local: exact trailing tokens kept.
-    device: compute device (default: the prefill tensors' device). offload_device: where the
-    candidate chunks' values live ("cpu"; pinned when the compute device is CUDA).
+    rope_theta: the RoPE base (finite, > 0). device: compute device (default: the prefill
+    tensors' device). offload_device: where the candidate chunks' values live ("cpu"; pinned
+    when the compute device is CUDA).
+
+    Every argument is checked before anything changes: a `prefill` or `decode` that raises
+    leaves the cache exactly as it was (the new state is built aside and installed whole).
     """
 
     def __init__(self, rank: int = 160, chunk_size: int = 8, budget: int = 2048, outliers: int = 48,
                  local: int = 32, rope_theta: float = 500000.0, device: torch.device | str | None = None,
                  offload_device: torch.device | str = "cpu"):
-        for name, value, low in (("rank", rank, 1), ("chunk_size", chunk_size, 1), ("budget", budget, 0),
-                                 ("outliers", outliers, 0), ("local", local, 0)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-        self.rank, self.chunk_size, self.budget = rank, chunk_size, budget
-        self.outliers, self.local, self.rope_theta = outliers, local, rope_theta
-        self.device = torch.device(device) if device is not None else None
-        self.offload_device = torch.device(offload_device)
+        self.rank = _check_count("rank", rank, 1)
+        self.chunk_size = _check_count("chunk_size", chunk_size, 1)
+        self.budget = _check_count("budget", budget, 0)
+        self.outliers = _check_count("outliers", outliers, 0)
+        self.local = _check_count("local", local, 0)
+        if (isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float))
+                or not (math.isfinite(rope_theta) and rope_theta > 0)):
+            raise ValueError(f"rope_theta: expected a finite number > 0, got {rope_theta!r}")
+        self.rope_theta = float(rope_theta)
+        self.compute_device = _check_device("device", device)  # None: each prefill's own device
+        self.offload_device = _check_device("offload_device", offload_device)
+        self.device = self.compute_device
         self._prefilled = False
 
     # -- prefill -----------------------------------------------------------------------------
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Build the cache from pre-RoPE keys `k` and values `v`, both [B, H_kv, S, D], positions 0..S-1."""
-        if k.dim() != 4 or v.shape != k.shape:
+        """Build the cache from pre-RoPE keys `k` and values `v`, both [B, H_kv, S, D] of one float
+        dtype (float16, bfloat16 or float32), positions 0..S-1; the keys finite. Replaces any earlier prefill."""
+        _check_float_tensor("k", k, 4, "[B, H_kv, S, D]")
+        _check_float_tensor("v", v, 4, "[B, H_kv, S, D]")
+        if v.dtype != k.dtype:
+            raise TypeError(f"v: expected the dtype of k ({dtype_name(k.dtype)}), got {dtype_name(v.dtype)}")
+        if v.shape != k.shape:
             raise ValueError(f"k, v: expected two [B, H_kv, S, D] tensors of one shape, got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
-        if not k.dtype.is_floating_point or v.dtype != k.dtype:
-            raise TypeError(f"k, v: expected one float dtype, got {k.dtype} and {v.dtype}")
-        device = self.device or k.device
+        if min(k.shape) < 1:
+            raise ValueError(f"k: every dimension of [B, H_kv, S, D] must be >= 1, got {tuple(k.shape)}")
+        head_dim = k.shape[3]
+        if head_dim % 2 or head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"k: head dimension D = {head_dim}; RoPE needs D even, and D must be in "
+                             f"[2, {MAX_HEAD_DIM}]")
+        if k.device != v.device:
+            raise ValueError(f"v is on {v.device} but k is on {k.device}: pass both on one device")
+        _check_finite_keys(k)
+        state = self._build(k, v, self.compute_device or k.device)
+        vars(self).update(state)  # installed whole, after every step above succeeded
+        self._prefilled = True
+
+    def _build(self, k: torch.Tensor, v: torch.Tensor, device: torch.device) -> dict:
+        """The whole per-prefill state, as attribute name -> value; nothing on `self` changes here."""
         k, v = k.to(device), v.to(device)
         batch, heads, seq, head_dim = k.shape
-        self.device, self.dtype = device, k.dtype
-        self.batch, self.heads, self.head_dim, self.seq_len = batch, heads, head_dim, seq
+        state = dict(device=device, dtype=k.dtype, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq,
+                     steps=0, _resident_idx=None, _resident_values=None)
 
         # Candidate chunks end where the local window (at least `local` tokens) begins.
-        self.n_chunks = max(0, seq - self.local) // self.chunk_size
-        candidate_end = self.n_chunks * self.chunk_size
+        n_chunks = max(0, seq - self.local) // self.chunk_size
+        candidate_end = n_chunks * self.chunk_size
         positions = torch.arange(seq, device=device).expand(batch, heads, seq)
         cos, sin = rope_tables(seq, head_dim, self.rope_theta, device=device)  # prefill only: not kept
         k_rope = apply_rope(k, positions, cos, sin).to(k.dtype)  # [B, H_kv, S, D]
         del cos, sin
 
-        self.local_k, self.local_v = k_rope[:, :, candidate_end:], v[:, :, candidate_end:]
-        self.gen_k = k.new_empty(batch, heads, 0, head_dim)
-        self.gen_v = v.new_empty(batch, heads, 0, head_dim)
-        self.steps = 0
-        self._resident_idx = self._resident_values = None
+        n_outliers = min(self.outliers, n_chunks)
+        state.update(n_chunks=n_chunks, n_select=min(self.budget // self.chunk_size, n_chunks - n_outliers),
+                     local_k=k_rope[:, :, candidate_end:], local_v=v[:, :, candidate_end:],
+                     gen_k=k.new_empty(batch, heads, 0, head_dim), gen_v=v.new_empty(batch, heads, 0, head_dim))
+        if n_chunks == 0:  # a short prefill: everything is in the local window
+            empty = k.new_empty(batch, heads, 0, head_dim)
+            state.update(effective_rank=0, a=None, basis=None, landmarks=None, exclude=None, values=None,
+                         outlier_idx=None, outlier_k=empty, outlier_v=empty)
+            return state
 
-        n_outliers = min(self.outliers, self.n_chunks)
-        self.n_select = min(self.budget // self.chunk_size, self.n_chunks - n_outliers)
-        if self.n_chunks == 0:  # a short prefill: everything is in the local window
-            self.a = self.basis = self.landmarks = self.exclude = self.values = self.outlier_idx = None
-            self.outlier_k = self.outlier_v = k.new_empty(batch, heads, 0, head_dim)
-            self._prefilled = True
-            return
-
-        candidate_k = k[:, :, :candidate_end]
-        self.effective_rank = min(self.rank, candidate_end, heads * head_dim)
-        self.a, self.basis = ops.lowrank_keys(candidate_k, self.effective_rank)
-        self.landmarks = ops.landmarks(k_rope[:, :, :candidate_end], self.chunk_size)
-        self.outlier_idx = outlier_idx = ops.outlier_chunks(k_rope[:, :, :candidate_end], self.landmarks,
-                                                            n_outliers, chunk_size=self.chunk_size)
+        effective_rank = min(self.rank, candidate_end, heads * head_dim)
+        a, basis = ops.lowrank_keys(k[:, :, :candidate_end], effective_rank)
+        landmarks = ops.landmarks(k_rope[:, :, :candidate_end], self.chunk_size)
+        outlier_idx = ops.outlier_chunks(k_rope[:, :, :candidate_end], landmarks, n_outliers,
+                                         chunk_size=self.chunk_size)
         outlier_tokens = _chunk_tokens(outlier_idx, self.chunk_size)
-        self.outlier_k = _gather_tokens(k_rope, outlier_tokens)
-        self.outlier_v = _gather_tokens(v, outlier_tokens)
-        self.exclude = torch.zeros(batch, heads, self.n_chunks, dtype=torch.bool, device=device)
-        self.exclude.scatter_(2, outlier_idx, True)
+        exclude = torch.zeros(batch, heads, n_chunks, dtype=torch.bool, device=device)
+        exclude.scatter_(2, outlier_idx, True)
 
-        values = v[:, :, :candidate_end].reshape(batch, heads, self.n_chunks, self.chunk_size, head_dim)
+        values = v[:, :, :candidate_end].reshape(batch, heads, n_chunks, self.chunk_size, head_dim)
         values = values.to(self.offload_device).contiguous()  # chunk-major: a selected chunk is one block
         if device.type == "cuda" and self.offload_device.type == "cpu":
             values = values.pin_memory()
-        self.values = values
-        self._prefilled = True
+        state.update(effective_rank=effective_rank, a=a, basis=basis, landmarks=landmarks, exclude=exclude,
+                     values=values, outlier_idx=outlier_idx, outlier_k=_gather_tokens(k_rope, outlier_tokens),
+                     outlier_v=_gather_tokens(v, outlier_tokens))
+        return state
 
     def _rope_at(self, x: torch.Tensor, position: int) -> torch.Tensor:
         """RoPE of `x [B, H, D]` at one position, float32."""
@@ -132,27 +191,30 @@ class ShadowKVCache:
     # -- decode ------------------------------------------------------------------------------
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention output `[B, H_q, D]` of the next token: pre-RoPE query `q [B, H_q, D]`, its
-        pre-RoPE key and value `k`, `v [B, H_kv, D]`, at position S + (decode calls so far)."""
+        """Attention output `[B, H_q, D]` in q's dtype of the next token: pre-RoPE query `q [B, H_q, D]`,
+        its pre-RoPE key and value `k`, `v [B, H_kv, D]` (float16, bfloat16 or float32), at position
+        S + (decode calls so far)."""
         if not self._prefilled:
             raise RuntimeError("ShadowKVCache.decode: call prefill(k, v) first")
         batch, heads, head_dim = self.batch, self.heads, self.head_dim
-        if q.dim() != 3 or q.shape[0] != batch or q.shape[2] != head_dim or q.shape[1] % heads:
+        _check_float_tensor("q", q, 3, "[B, H_q, D]")
+        if q.shape[0] != batch or q.shape[2] != head_dim or q.shape[1] < 1 or q.shape[1] % heads:
             raise ValueError(f"q: expected [B={batch}, H_q, D={head_dim}] with H_q a multiple of "
                              f"H_kv={heads}, got {tuple(q.shape)}")
         for name, t in (("k", k), ("v", v)):
+            _check_float_tensor(name, t, 3, "[B, H_kv, D]")
             if tuple(t.shape) != (batch, heads, head_dim):
                 raise ValueError(f"{name}: expected [B, H_kv, D] = {(batch, heads, head_dim)}, got {tuple(t.shape)}")
         q, k, v = q.to(self.device), k.to(self.device), v.to(self.device)
 
         position = self.seq_len + self.steps
         q_rope, k_rope = self._rope_at(q, position), self._rope_at(k, position)
-        self.gen_k = torch.cat([self.gen_k, k_rope.to(self.dtype)[:, :, None]], dim=2)
-        self.gen_v = torch.cat([self.gen_v, v.to(self.dtype)[:, :, None]], dim=2)
-        self.steps += 1
+        gen_k = torch.cat([self.gen_k, k_rope.to(self.dtype)[:, :, None]], dim=2)
+        gen_v = torch.cat([self.gen_v, v.to(self.dtype)[:, :, None]], dim=2)
 
         parts_k = [self.outlier_k, self.local_k]
         parts_v = [self.outlier_v, self.local_v]
+        resident_idx, resident_values = self._resident_idx, self._resident_values
         if self.n_select > 0:
             chunk_idx = ops.landmark_topk(q_rope.to(self.landmarks.dtype), self.landmarks, self.n_select,
                                           exclude=self.exclude)
@@ -162,20 +224,24 @@ class ShadowKVCache:
             cos, sin = rope_rows(tokens.flatten(), self.head_dim, self.rope_theta)
             rows = torch.arange(tokens.numel(), device=self.device).view(tokens.shape)
             parts_k.append(ops.reconstruct_keys(self.a, self.basis, tokens, cos, sin, rope_positions=rows))
-            selected_v = ops.sparse_gather(self.values, chunk_idx, resident_idx=self._resident_idx,
-                                           resident=self._resident_values, device=self.device)
-            self._resident_idx, self._resident_values = chunk_idx, selected_v
-            parts_v.append(selected_v)
-        parts_k.append(self.gen_k)
-        parts_v.append(self.gen_v)
+            resident_values = ops.sparse_gather(self.values, chunk_idx, resident_idx=resident_idx,
+                                                resident=resident_values, device=self.device)
+            resident_idx = chunk_idx
+            parts_v.append(resident_values)
+        parts_k.append(gen_k)
+        parts_v.append(gen_v)
         keys = torch.cat(parts_k, dim=2).to(torch.float32)  # [B, H_kv, T, D]
         values = torch.cat(parts_v, dim=2).to(torch.float32)
-        return gqa_attention(q_rope, keys, values).to(q.dtype)
+        out = gqa_attention(q_rope, keys, values).to(q.dtype)
+        # The step is complete: only now does the cache advance.
+        self.gen_k, self.gen_v, self.steps = gen_k, gen_v, self.steps + 1
+        self._resident_idx, self._resident_values = resident_idx, resident_values
+        return out
 
     @property
     def selected_chunks(self) -> torch.Tensor | None:
         """int64 [B, H_kv, budget // chunk_size]: the chunks the last decode step selected."""
-        return self._resident_idx
+        return self._resident_idx if self._prefilled else None
 
     # -- memory ------------------------------------------------------------------------------
 
