@@ -7,7 +7,8 @@ Per shape, on W local ranks (kernelhub.local_world), every figure is the slowest
 `--reps` calls, each started after a barrier (tuning.timing.time_collective):
 - T_gemm: the rank's whole GEMM alone (all_gather_gemm: [W*M_local, K] @ [K, N];
   gemm_reduce_scatter: [M, K_local] @ [K_local, N]);
-- T_comm: the collective alone (all_gather_into_tensor of a; reduce_scatter_tensor of the partial);
+- T_comm: the collective alone (all_gather_single of a; reduce_scatter_single of the partial; the
+  torch 2.11 names are all_gather_into_tensor and reduce_scatter_tensor);
 - T_p2p: the overlapped op's own transfers alone (its schedule with the GEMM left out, at the best
   CHUNKS): the communication that overlapping has to hide;
 - T_sequential: the reference (collective, then GEMM, or GEMM, then collective);
@@ -69,13 +70,13 @@ def measure_shape(op: str, rows: int, n: int, k: int, dtype: str, reps: int, chu
     if op == "all_gather_gemm":
         full = torch.empty(world * rows, k, dtype=a.dtype, device=device)
         t_gemm = time(lambda: gemm(full, b, out))
-        t_comm = time(lambda: dist.all_gather_into_tensor(full, a))
+        t_comm = time(lambda: ref.all_gather_single(full, a))
         t_seq = time(lambda: ref.all_gather_gemm(a, b))
         p2p = lambda chunks: overlap.all_gather_gemm(a, b, out, full, group=None, chunks=chunks, order=0, gemm=no_gemm)  # noqa: E731
     else:
         partial = a @ b
         t_gemm = time(lambda: gemm(a, b, partial))
-        t_comm = time(lambda: ref._reduce_scatter_tensor(out, partial))
+        t_comm = time(lambda: ref.reduce_scatter_single(out, partial))
         t_seq = time(lambda: ref.gemm_reduce_scatter(a, b))
         p2p = lambda chunks: overlap.gemm_reduce_scatter(a, b, out, group=None, chunks=chunks, gemm=no_gemm)  # noqa: E731
     default = spec.default_config(shape)

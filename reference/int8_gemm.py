@@ -2,8 +2,14 @@
 
     int8_gemm:         C[m, n] = sum_k A[m, k] * B[k, n]                 int8 x int8 -> int32, exact
     int8_scaled_gemm:  out = (float32(C) * scale_a[:, None]) * scale_b[None, :] (+ bias)  -> out_dtype
-    quantize_int8:     scale[m] = max_k |x[m, k]| / 127
-                       q[m, k]  = clamp(round_half_even(x[m, k] / scale[m]), -127, 127)   (0 where scale is 0)
+    quantize_int8:     scale[m] = max_k |x[m, k]| / 127                      (0 for an empty row, K = 0)
+                       q[m, k]  = clamp(round_half_even(x[m, k] / scale[m]), -127, 127)
+                                  or 0 where scale[m] is 0 or the quotient is NaN
+
+Rows that are not all finite are well defined too (a float -> int8 cast of NaN is not): the
+maximum propagates NaN, so a row holding a NaN gets scale NaN and every quotient is NaN; a row
+holding +-Inf (and no NaN) gets scale +Inf, its finite elements quotient +-0 and its infinities
+Inf / Inf = NaN. Either way q is 0 throughout such a row, and `q * scale` is NaN throughout it.
 
 Products are accumulated exactly: every partial sum is an integer below K * 128 * 128 < 2**53, so
 float64 matmul (fast on CPU and on CUDA, where integer matmul does not exist) is exact in any
@@ -42,9 +48,12 @@ def int8_scaled_gemm(
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric quantisation of float `x [M, K]` -> (int8 `q [M, K]`, float32 `scale [M]`)."""
-    absmax = x.abs().amax(dim=-1).to(torch.float32)
+    if x.shape[-1] == 0:  # amax has no identity to start from; the max of nothing is 0 here
+        absmax = torch.zeros(x.shape[:-1], dtype=torch.float32, device=x.device)
+    else:
+        absmax = x.abs().amax(dim=-1).to(torch.float32)  # NaN if the row holds one
     scale = absmax / 127.0
-    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x.to(torch.float32) / safe_scale[:, None])  # torch.round rounds half to even
-    q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q))
-    return q.clamp(-127, 127).to(torch.int8), scale
+    q = x.to(torch.float32) / scale[:, None]  # NaN where scale is, and where x = +-Inf meets scale = Inf
+    q.round_().clamp_(-127, 127)  # rounds half to even; NaN stays NaN
+    q.nan_to_num_(0.0).masked_fill_(~(scale[:, None] > 0), 0.0)
+    return q.to(torch.int8), scale

@@ -2,13 +2,22 @@
 
 These are the specification of `kernelhub.ops.all_gather_gemm` and `gemm_reduce_scatter`, which
 compute the same results while overlapping the communication with the GEMM. Both run on every
-rank of `group` (default: the world group) with any torch.distributed backend.
+rank of `group` (default: the world group) with any torch.distributed backend. The collectives are
+spelled as torch 2.13 names them (`all_gather_single`, `reduce_scatter_single`); on older torch
+they are `all_gather_into_tensor` and `reduce_scatter_tensor`.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+# The single-tensor collectives, under the names torch prefers: torch 2.13 renamed
+# all_gather_into_tensor and reduce_scatter_tensor to all_gather_single and reduce_scatter_single
+# (the old names warn FutureWarning); the GPU machines' torch 2.11 has only the old names. The
+# signature exchange of kernelhub.kernels.tp_overlap.ops and the benchmarks use these too.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def all_gather_gemm(a: torch.Tensor, b: torch.Tensor, *, group=None,
@@ -19,12 +28,12 @@ def all_gather_gemm(a: torch.Tensor, b: torch.Tensor, *, group=None,
     r * M_local), and the gathered `a` [W * M_local, K] too when `return_gathered`. Equivalent to::
 
         gathered = torch.empty(W * M_local, K, dtype=a.dtype, device=a.device)
-        dist.all_gather_into_tensor(gathered, a.contiguous(), group=group)
+        dist.all_gather_single(gathered, a.contiguous(), group=group)
         out = gathered @ b
     """
     world = dist.get_world_size(group)
     gathered = torch.empty(world * a.shape[0], a.shape[1], dtype=a.dtype, device=a.device)
-    dist.all_gather_into_tensor(gathered, a.contiguous(), group=group)
+    all_gather_single(gathered, a.contiguous(), group=group)
     out = gathered @ b
     return (out, gathered) if return_gathered else out
 
@@ -37,18 +46,13 @@ def gemm_reduce_scatter(a: torch.Tensor, b: torch.Tensor, *, group=None) -> torc
 
         partial = a @ b
         out = torch.empty(M // W, N, dtype=partial.dtype, device=partial.device)
-        dist.reduce_scatter_tensor(out, partial, group=group)
+        dist.reduce_scatter_single(out, partial, group=group)
     """
     world = dist.get_world_size(group)
     partial = a @ b
     out = torch.empty(a.shape[0] // world, b.shape[1], dtype=partial.dtype, device=partial.device)
-    _reduce_scatter_tensor(out, partial, group=group)
+    reduce_scatter_single(out, partial, group=group)
     return out
-
-
-# torch 2.13 renamed reduce_scatter_tensor to reduce_scatter_single (the old name warns); the
-# GPU machines' torch 2.11 has only the old name.
-_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,12 @@ def test_world_size_one_is_a_plain_gemm(worlds):
     assert worlds(1).run(cases.world_size_one) == [True]
 
 
+def test_no_deprecated_collective_is_called(worlds):
+    """torch 2.13 warns for all_gather_into_tensor / reduce_scatter_tensor: the ops and the
+    references use the names it prefers (reference.tp_overlap.all_gather_single, ...)."""
+    assert worlds(2).run(cases.future_warnings) == [[], []]
+
+
 def test_shapes_that_differ_across_ranks_are_an_error_on_every_rank(worlds):
     errors = worlds(2).run(cases.shapes_differ_by_rank)
     for error in errors:
@@ -221,6 +227,8 @@ def test_cli_tune_refuses_a_world_of_no_ranks(capsys, tmp_path):
     from kernelhub import cli
 
     url = f"sqlite:///{tmp_path / 'tune.sqlite'}"
-    assert cli.main(["tune", "--gpu", "cpu", "--kernel", "all_gather_gemm", "--world-size", "0", "--db", url]) == 1
-    assert "--world-size: expected at least 1 rank, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error, before anything starts
+        cli.main(["tune", "--gpu", "cpu", "--kernel", "all_gather_gemm", "--world-size", "0", "--db", url])
+    assert exit_.value.code == 2
+    assert "argument --world-size: expected an integer of at least 1, got '0'" in capsys.readouterr().err
     assert not (tmp_path / "tune.sqlite").exists()

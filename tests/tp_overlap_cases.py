@@ -5,8 +5,10 @@ Every case returns plain data (bools, strings, lists) that the test asserts on, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,21 @@ def _small_ints(rows: int, cols: int, dtype: str, seed: int) -> torch.Tensor:
     return torch.randint(-2, 3, (rows, cols), generator=gen).to(getattr(torch, dtype))
 
 
+@contextlib.contextmanager
+def backend_env(backend: str | None):
+    """KERNELHUB_BACKEND=backend for the block (unchanged if None), restored after."""
+    previous = os.environ.get("KERNELHUB_BACKEND")
+    if backend:
+        os.environ["KERNELHUB_BACKEND"] = backend
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("KERNELHUB_BACKEND", None)
+        else:
+            os.environ["KERNELHUB_BACKEND"] = previous
+
+
 def exact_cases(cases: list[tuple], backend: str | None = None) -> list[str]:
     """Run every (op, rows, N, K, dtype, config) through kernelhub and the reference; the mismatches.
 
@@ -32,11 +49,8 @@ def exact_cases(cases: list[tuple], backend: str | None = None) -> list[str]:
     """
     from kernelhub.registry import get_family
 
-    previous = os.environ.get("KERNELHUB_BACKEND")
-    if backend:
-        os.environ["KERNELHUB_BACKEND"] = backend
     failures = []
-    try:
+    with backend_env(backend):
         for seed, (op, rows, n, k, dtype, config) in enumerate(cases):
             a, b = _small_ints(rows, k, dtype, seed), _small_ints(k, n, dtype, seed + 500)
             world = dist.get_world_size()
@@ -62,12 +76,6 @@ def exact_cases(cases: list[tuple], backend: str | None = None) -> list[str]:
             if not ok:
                 diff = (got.float() - expected.float()).abs()
                 failures.append(f"{op} rows={rows} N={n} K={k} {dtype} {config}: max |diff| {diff.nan_to_num(1e9).max()}")
-    finally:
-        if backend:
-            if previous is None:
-                del os.environ["KERNELHUB_BACKEND"]
-            else:
-                os.environ["KERNELHUB_BACKEND"] = previous
     return failures
 
 
@@ -159,3 +167,60 @@ def world_size_one() -> bool:
     a, b = _small_ints(7, 9, "float32", 1), _small_ints(9, 5, "float32", 2)
     out, gathered = ops.all_gather_gemm(a, b, return_gathered=True)
     return torch.equal(out, a @ b) and torch.equal(gathered, a) and torch.equal(ops.gemm_reduce_scatter(a, b), a @ b)
+
+
+def layout_mismatches(backend: str, kinds: tuple[str, ...]) -> list[str]:
+    """Both ops with a and b (one at a time) in every layout of `strided_views.layouts`, and `out`
+    in every writable one (poisoned), against the result on contiguous operands; the mismatches.
+    Values are small integers built to admit the broadcast and overlapping views, so every
+    result is exact. They are the same on every rank, so that every rank makes the same views
+    and the ranks call the ops in step."""
+    from strided_views import layouts, structured
+
+    failures = []
+    with backend_env(backend):
+        world = dist.get_world_size()
+        for seed, kind in enumerate(kinds):
+            gen = torch.Generator().manual_seed(seed)
+            draw = lambda *size: torch.randint(-2, 3, size, generator=gen).to(torch.float32)  # noqa: E731
+            for op, rows, out_rows in ((ops.all_gather_gemm, 3, 3 * world),
+                                       (ops.gemm_reduce_scatter, 2 * world, 2)):
+                inputs = {"a": structured(draw, (rows, 5), kind), "b": structured(draw, (5, 4), kind)}
+                expected = op(**inputs)
+                runs = [(f"{name} {layout}", inputs | {name: view}, poison_(torch.empty(out_rows, 4)))
+                        for name, value in inputs.items() for layout, view in layouts(value)]
+                runs += [(f"out {layout}", inputs, out)
+                         for layout, out in layouts(poison_(torch.empty(out_rows, 4)), writable=True)]
+                for what, kwargs, out in runs:
+                    got = op(**kwargs, out=out)
+                    if got is not out or not torch.equal(out, expected):
+                        failures.append(f"{op.__name__} {kind}: {what}")
+    return failures
+
+
+def out_overlaps_a() -> str:
+    a = torch.zeros(2 * dist.get_world_size(), 4)
+    return error_of(ops.all_gather_gemm, a[:2], torch.ones(4, 4), out=a)
+
+
+def requires_grad_then_no_grad() -> bool:
+    """A weight that requires grad (an nn.Parameter): a named TypeError with grad mode on, on every
+    rank and for both ops, and the plain result under torch.no_grad()."""
+    a, b = _small_ints(4, 6, "float32", 3), torch.nn.Parameter(_small_ints(6, 5, "float32", 4))
+    refused = [error_of(ops.all_gather_gemm, a, b), error_of(ops.gemm_reduce_scatter, a, b)]
+    with torch.no_grad():
+        same = (torch.equal(ops.all_gather_gemm(a, b), ref.all_gather_gemm(a, b))
+                and torch.equal(ops.gemm_reduce_scatter(a, b), ref.gemm_reduce_scatter(a, b)))
+    return same and all(e.startswith("TypeError: b: requires grad, but kernelhub ops have no backward")
+                        for e in refused)
+
+
+def future_warnings() -> list[str]:
+    """The FutureWarnings both ops and both references raise (torch 2.13 deprecates the collective
+    names torch 2.11 has); none is expected."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for backend in ("auto", "reference"):
+            exact_cases([("all_gather_gemm", 3, 5, 8, "float32", None),
+                         ("gemm_reduce_scatter", 6, 5, 8, "float32", None)], backend)
+    return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]

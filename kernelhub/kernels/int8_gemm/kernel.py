@@ -43,13 +43,14 @@ import triton.language as tl
 
 @triton.jit
 def _dequantize(acc, offs_m, offs_n, mask_m, mask_n, scale_a_ptr, scale_b_ptr, bias_ptr,
-                HAS_BIAS: tl.constexpr):
+                stride_scale_a, stride_scale_b, stride_bias, HAS_BIAS: tl.constexpr):
     """`(float32(acc) * scale_a[:, None]) * scale_b[None, :] (+ bias)`, all in float32."""
-    scale_a = tl.load(scale_a_ptr + offs_m, mask=mask_m, other=0.0)  # [BLOCK_M]
-    scale_b = tl.load(scale_b_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
+    scale_a = tl.load(scale_a_ptr + offs_m.to(tl.int64) * stride_scale_a, mask=mask_m, other=0.0)  # [BLOCK_M]
+    scale_b = tl.load(scale_b_ptr + offs_n.to(tl.int64) * stride_scale_b, mask=mask_n, other=0.0)  # [BLOCK_N]
     y = (acc.to(tl.float32) * scale_a[:, None]) * scale_b[None, :]  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BLOCK_N]
+        bias = tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=mask_n, other=0.0)  # [BLOCK_N]
+        bias = bias.to(tl.float32)
         y = y + bias[None, :]
     return y
 
@@ -80,6 +81,7 @@ def int8_gemm_kernel(
     stride_am, stride_ak,
     stride_bk, stride_bn,
     stride_cm, stride_cn,
+    stride_scale_a, stride_scale_b, stride_bias,
     # Meta-parameters.
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -114,7 +116,8 @@ def int8_gemm_kernel(
     if SPLIT_K > 1:
         tl.atomic_add(c_ptrs, acc, mask=mask_c, sem="relaxed")
     elif HAS_SCALES:
-        y = _dequantize(acc, offs_m, offs_n, mask_m, mask_n, scale_a_ptr, scale_b_ptr, bias_ptr, HAS_BIAS)
+        y = _dequantize(acc, offs_m, offs_n, mask_m, mask_n, scale_a_ptr, scale_b_ptr, bias_ptr,
+                        stride_scale_a, stride_scale_b, stride_bias, HAS_BIAS)
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_c)
     else:
         tl.store(c_ptrs, acc, mask=mask_c)
@@ -129,6 +132,7 @@ def int8_dequantize_kernel(
     # Strides, in elements.
     stride_cm, stride_cn,
     stride_om, stride_on,
+    stride_scale_a, stride_scale_b, stride_bias,
     # Meta-parameters.
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -142,7 +146,8 @@ def int8_dequantize_kernel(
     rows = offs_m.to(tl.int64)[:, None]
     cols = offs_n.to(tl.int64)[None, :]
     acc = tl.load(c_ptr + (rows * stride_cm + cols * stride_cn), mask=mask_c, other=0)  # [BLOCK_M, BLOCK_N]
-    y = _dequantize(acc, offs_m, offs_n, mask_m, mask_n, scale_a_ptr, scale_b_ptr, bias_ptr, HAS_BIAS)
+    y = _dequantize(acc, offs_m, offs_n, mask_m, mask_n, scale_a_ptr, scale_b_ptr, bias_ptr,
+                    stride_scale_a, stride_scale_b, stride_bias, HAS_BIAS)
     tl.store(out_ptr + (rows * stride_om + cols * stride_on), y.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
@@ -190,6 +195,9 @@ def int8_gemm_triton(a: torch.Tensor, b: torch.Tensor, *, config: dict, out: tor
     scale_a_arg = scale_a if has_scales else c
     scale_b_arg = scale_b if has_scales else c
     bias_arg = bias if bias is not None else scale_a_arg
+    # The vectors are read through their strides too: a slice or an expand of a scale is fine.
+    vector_strides = (scale_a_arg.stride(0) if has_scales else 0, scale_b_arg.stride(0) if has_scales else 0,
+                      bias.stride(0) if bias is not None else 0)
     fused_epilogue = has_scales and split_k == 1
 
     int8_gemm_kernel[(num_tiles, split_k)](
@@ -198,6 +206,7 @@ def int8_gemm_triton(a: torch.Tensor, b: torch.Tensor, *, config: dict, out: tor
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
         c.stride(0), c.stride(1),
+        *vector_strides,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"], GROUP_M=group_m, SPLIT_K=split_k,
         HAS_SCALES=fused_epilogue, HAS_BIAS=fused_epilogue and bias is not None,
         **launch_options,
@@ -208,6 +217,7 @@ def int8_gemm_triton(a: torch.Tensor, b: torch.Tensor, *, config: dict, out: tor
             m, n,
             c.stride(0), c.stride(1),
             out.stride(0), out.stride(1),
+            *vector_strides,
             BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=group_m, HAS_BIAS=bias is not None,
             **launch_options,
         )

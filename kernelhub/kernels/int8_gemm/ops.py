@@ -64,33 +64,55 @@ def _(a, b):
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Exact int8 GEMM: `a [M, K] @ b [K, N] -> int32 [M, N]`.
 
-    a, b: int8, on one device, any strides (pass a weight `w [N, K]` as `w.t()`: no copy is made).
-    out: optional int32 `[M, N]` to write into. Equivalent to
+    a, b: int8, on one device, any strides (pass a weight `w [N, K]` as `w.t()`: no copy is made;
+    broadcast or overlapping views are read right too). out: optional int32 `[M, N]`, any strides
+    with one memory location per element, sharing no memory with a or b. Equivalent to
     `(a.to(torch.float64) @ b.to(torch.float64)).to(torch.int32)`.
     """
     m, n, _ = _check_int8_operands(a, b)
     device = validation.same_device(a=a, b=b)
-    validation.out_tensor(out, shape=(m, n), dtype=torch.int32, device=device)
+    validation.out_tensor(out, shape=(m, n), dtype=torch.int32, device=device, inputs={"a": a, "b": b})
     if torch.compiler.is_compiling():
         result = _int8_gemm_op(a, b)
         return result if out is None else out.copy_(result)
     return _int8_gemm(a, b, out)
 
 
-def _onednn_strides(t: torch.Tensor) -> torch.Tensor:
-    """`t`, or a copy with canonical strides if it has a size-1 dimension with an unusual stride.
+def _onednn_operand(t: torch.Tensor) -> torch.Tensor:
+    """int8 `t [R, C]` as an operand oneDNN reads right: `t` itself, `t` with the stride of a size-1
+    dimension set to its row-major value (same memory, no copy), or a contiguous copy.
 
-    oneDNN reads strides literally and computes wrong results for, e.g., `w.t()` of a `[N, 1]`
-    weight (strides (1, 1)); such operands are a single row or column, so the copy is cheap.
+    On the CPU `torch._int_mm` is oneDNN, which takes strides literally. Measured on torch 2.13
+    over every stride pair in {0, 1, 2, 3, R, C, R + 1, C + 1, 2R, 2C} at several shapes
+    (tests/test_layouts.py keeps the cases that matter): it computes right for a row-major-like
+    operand, `stride(1) == 1 and stride(0) >= max(1, C)`, and a column-major-like one,
+    `stride(0) == 1 and stride(1) >= max(1, R)`; torch copies an operand with no unit stride itself.
+    Any other operand with a unit stride (a zero stride from `expand`, rows that overlap) makes
+    oneDNN give up ("could not construct a memory descriptor") and torch's fallback leaves the
+    output unwritten, so it is copied here. The stride of a size-1 dimension addresses nothing, yet
+    oneDNN misreads some (`w.t()` of a `[N, 1]` weight has strides (1, 1)): it is normalised first.
     """
-    if 1 in t.shape and t.stride() != (t.shape[1], 1):
-        return t.clone(memory_format=torch.contiguous_format)
-    return t
+    rows, cols = t.shape
+    stride_r, stride_c = t.stride()
+    if rows == 1:
+        stride_r = max(1, cols)
+    if cols == 1:
+        stride_c = 1
+    if (stride_r, stride_c) != t.stride():
+        t = t.as_strided((rows, cols), (stride_r, stride_c))
+    row_major = stride_c == 1 and stride_r >= max(1, cols)
+    column_major = stride_r == 1 and stride_c >= max(1, rows)
+    return t if row_major or column_major else t.contiguous()
 
 
 def _int_mm_cpu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    a, b = _onednn_strides(a), _onednn_strides(b)
-    return torch._int_mm(a, b) if out is None else torch._int_mm(a, b, out=out)
+    """`torch._int_mm` on operands it reads right, into `out` (any strides) if given."""
+    a, b = _onednn_operand(a), _onednn_operand(b)
+    if out is None:
+        return torch._int_mm(a, b)
+    if out.is_contiguous():  # torch._int_mm(out=) refuses any other layout
+        return torch._int_mm(a, b, out=out)
+    return out.copy_(torch._int_mm(a, b))
 
 
 def _cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
@@ -153,7 +175,8 @@ def int8_scaled_gemm(
 
     a int8 [M, K], b int8 [K, N] (any strides), scale_a float32 [M] (per row of a), scale_b float32
     [N] (per column of b), bias [N] float32/float16/bfloat16 or None; out_dtype bfloat16, float16
-    or float32; out: optional `[M, N]` of out_dtype. Equivalent to
+    or float32; out: optional `[M, N]` of out_dtype (any strides, overlapping neither itself nor
+    an input). Equivalent to
 
         acc = (a.double() @ b.double()).float()
         out = ((acc * scale_a[:, None]) * scale_b[None, :] + bias).to(out_dtype)
@@ -171,7 +194,8 @@ def int8_scaled_gemm(
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {out_dtype}")
     device = validation.same_device(a=a, b=b, scale_a=scale_a, scale_b=scale_b, bias=bias)
-    validation.out_tensor(out, shape=(m, n), dtype=out_dtype, device=device)
+    validation.out_tensor(out, shape=(m, n), dtype=out_dtype, device=device,
+                          inputs={"a": a, "b": b, "scale_a": scale_a, "scale_b": scale_b, "bias": bias})
     if torch.compiler.is_compiling():
         result = _int8_scaled_gemm_op(a, b, scale_a, scale_b, bias, out_dtype)
         return result if out is None else out.copy_(result)
@@ -204,9 +228,12 @@ def _(x):
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8 quantisation: float `x [M, K]` -> (int8 `q [M, K]`, float32 `scale [M]`).
 
-    `scale = absmax(row) / 127`, `q = clamp(round_half_even(x / scale), -127, 127)`; an all-zero row
-    gets scale 0 and q 0. Bit-exact with `kernelhub.reference.int8_gemm.quantize_int8`, so
-    `x ~= q * scale[:, None]`.
+    x: any strides. `scale = absmax(row) / 127`, `q = clamp(round_half_even(x / scale), -127, 127)`,
+    so `x ~= q * scale[:, None]`; an all-zero row (and every row when K = 0) gets scale 0 and q 0.
+    Rows that are not all finite: q is 0 wherever the quotient is NaN, which makes it 0 throughout
+    a row holding a NaN (its scale is NaN) or +-Inf (its scale is +Inf), and `q * scale` NaN there.
+    Bit-exact with `kernelhub.reference.int8_gemm.quantize_int8` on every backend (a NaN scale is
+    NaN in both, its payload aside).
     """
     validation.tensor("x", x, dtypes=_FLOAT_DTYPES, ndim=2)
     if torch.compiler.is_compiling():

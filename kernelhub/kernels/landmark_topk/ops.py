@@ -149,6 +149,8 @@ def _check_topk_arguments(q, landmarks, k, exclude) -> tuple[int, int, int]:
     if lb != b or ld != d:
         raise ValueError(f"landmarks: expected shape [B, H_kv, C, D] with B = {b} and D = {d} from q "
                          f"[B, H_q, D]; got {tuple(landmarks.shape)}")
+    if d == 0:
+        raise ValueError("q: head dimension D = q.shape[2] = 0; the scores q . L / sqrt(D) need D >= 1")
     if h_kv == 0 or h_q % h_kv:
         raise ValueError(f"q: H_q = {h_q} query heads must be a multiple of H_kv = {h_kv} "
                          "(landmarks.shape[1]) KV heads")
@@ -226,8 +228,9 @@ def landmark_topk(q: torch.Tensor, landmarks: torch.Tensor, k: int, *, exclude: 
     belongs to KV head j // (H_q // H_kv). exclude: optional bool [B, H_kv, C], chunks already
     resident (outliers, the local window), removed before the softmax and never returned.
     1 <= k <= C, and with `exclude`, k <= the chunks left in every row: checking that reads the
-    per-row count back from the device, one synchronisation per call. out: optional int64
-    [B, H_kv, k]. Rows are sorted by descending score; ties may come in either order. Equivalent to
+    per-row count back from the device, one synchronisation per call. D >= 1. out: optional int64
+    [B, H_kv, k] (any strides; it may overlap neither itself nor an input). Rows are sorted by
+    descending score; ties may come in either order. Equivalent to
 
         g = H_q // H_kv
         s = torch.einsum("bhgd,bhcd->bhgc", q.view(B, H_kv, g, D).float(), landmarks.float()) / sqrt(D)
@@ -238,7 +241,8 @@ def landmark_topk(q: torch.Tensor, landmarks: torch.Tensor, k: int, *, exclude: 
     in float32. The Triton kernel never stores the [B, H_q, C] probabilities.
     """
     b, h_kv, _ = _check_topk_arguments(q, landmarks, k, exclude)
-    validation.out_tensor(out, shape=(b, h_kv, k), dtype=torch.int64, device=q.device)
+    validation.out_tensor(out, shape=(b, h_kv, k), dtype=torch.int64, device=q.device,
+                          inputs={"q": q, "landmarks": landmarks, "exclude": exclude})
     if torch.compiler.is_compiling():
         result = _landmark_topk_op(q, landmarks, k, exclude)
         return result if out is None else out.copy_(result)

@@ -10,6 +10,10 @@ float64 solver could not recover what that rounding lost (directions whose singu
 below about sqrt(u) = 2.4e-4 of the largest are unresolved either way: the Gram squares the
 condition number), float32 `eigh` is backward stable to the same order, and float64 runs at
 1/32 to 1/64 of the float32 rate on most GPUs other than the A100/H100 class.
+
+Keys beyond about 1e19 are finite but their float32 Gram matrix is not: then G is recomputed from
+the keys scaled by a power of two (exact), whose eigenvectors are the same; keys holding NaN or
+Inf are refused. Only G is checked on the common path, never the [B, H_kv, S, D] keys.
 """
 
 from __future__ import annotations
@@ -52,10 +56,40 @@ def _basis_from_gram(gram: torch.Tensor, rank: int, dtype: torch.dtype) -> torch
     return top.transpose(1, 2).to(dtype).contiguous()
 
 
+def _refuse_non_finite(k: torch.Tensor) -> None:
+    if not bool(torch.isfinite(k).all()):
+        raise ValueError("k: holds NaN or Inf; the low-rank factorisation of non-finite keys is undefined")
+
+
+def _unit_scaled(k: torch.Tensor) -> torch.Tensor:
+    """float32 `k` times a power of two per sequence, so that max |k[b]| < 1: exact (only the
+    exponents change), and the eigenvectors of the Gram matrix do not change with its scale."""
+    absmax = k.abs().amax(dim=(1, 2, 3), keepdim=True).to(torch.float32)  # [B, 1, 1, 1]
+    _, exponent = torch.frexp(absmax)  # absmax = mantissa * 2**exponent, mantissa in [0.5, 1)
+    return torch.ldexp(k.to(torch.float32), -exponent)
+
+
+def _finite_gram(k: torch.Tensor, gram: torch.Tensor, gram_of) -> torch.Tensor:
+    """`gram` (G of `k`, float32 [B, HD, HD]) when it is finite; otherwise G of `k` scaled to
+    |k| < 1 by `gram_of` (keys beyond about 1e19 are finite but their float32 Gram overflows), or
+    a ValueError when `k` itself holds NaN or Inf. The check reads only G, not k, on the common path.
+    """
+    if bool(torch.isfinite(gram).all()):
+        return gram
+    _refuse_non_finite(k)
+    return gram_of(_unit_scaled(k))
+
+
+def _merged_gram(keys: torch.Tensor) -> torch.Tensor:
+    """float32 merged keys `[B, S, HD]` -> their Gram matrix `[B, HD, HD]`."""
+    return keys.transpose(1, 2) @ keys
+
+
 def _lowrank_keys_cpu(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same method with torch's float32 GEMMs (the merged keys are copied once)."""
     keys = lowrank_ref.merge_heads(k).to(torch.float32)  # [B, S, HD]
-    basis = _basis_from_gram(keys.transpose(1, 2) @ keys, rank, k.dtype)
+    gram = _finite_gram(k, _merged_gram(keys), lambda scaled: _merged_gram(lowrank_ref.merge_heads(scaled)))
+    basis = _basis_from_gram(gram, rank, k.dtype)
     a = keys @ basis.to(torch.float32).transpose(1, 2)  # [B, S, rank]
     return a.to(k.dtype), basis
 
@@ -64,8 +98,13 @@ def _lowrank_keys_triton(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     batch, heads, seq, head_dim = k.shape
     hd = heads * head_dim
     gram = torch.empty((batch, hd, hd), dtype=torch.float32, device=k.device)
-    config = configs.best_config(GRAM_SPEC, tuple(k.shape), validation.dtype_name(k.dtype), device_for_tensor(k))
-    gram_triton(k, config=config, out=gram)
+
+    def gram_of(keys: torch.Tensor) -> torch.Tensor:
+        dtype = validation.dtype_name(keys.dtype)
+        config = configs.best_config(GRAM_SPEC, tuple(keys.shape), dtype, device_for_tensor(keys))
+        return gram_triton(keys, config=config, out=gram)
+
+    gram = _finite_gram(k, gram_of(k), gram_of)
     basis = _basis_from_gram(gram, rank, k.dtype)
     a = torch.empty((batch, seq, rank), dtype=k.dtype, device=k.device)
     project_triton(k, basis, config=space.PROJECT_CONFIG, out=a)
@@ -75,6 +114,7 @@ def _lowrank_keys_triton(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
 def _lowrank_keys(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     path = backend.choose(k.device)
     if path == "reference":
+        _refuse_non_finite(k)
         return lowrank_ref.lowrank_keys(k, rank)
     if path == "cpu":
         return _lowrank_keys_cpu(k, rank)
@@ -96,7 +136,8 @@ def lowrank_keys(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     """Rank-`rank` factorisation of pre-RoPE keys merged over KV heads (ShadowKV's key cache).
 
     k: `[B, H_kv, S, D]`, float16, bfloat16 or float32, any strides (a slice of a cache is read in
-    place). rank: int in `[1, min(S, H_kv * D)]`.
+    place), finite (NaN or Inf is a ValueError; finite keys of any magnitude work). rank: int in
+    `[1, min(S, H_kv * D)]`.
     Returns `a [B, S, rank]` and `basis [B, rank, H_kv * D]`, both in k.dtype, basis with
     orthonormal rows (the top right singular vectors), such that `a[b] @ basis[b]` is the best
     rank-`rank` approximation of the merged keys `K_b` in the least-squares sense. Equivalent to
@@ -222,7 +263,8 @@ def reconstruct_keys(a: torch.Tensor, basis: torch.Tensor, positions: torch.Tens
     token instead of its position, in [0, P): for tables holding only the chosen tokens' rows
     (`rope_rows(positions.flatten())` with `rope_positions = arange(n_total).view(positions.shape)`),
     which at long context are much smaller than whole tables; then P >= S is not required.
-    out: optional `[B, H_kv, n, D]` of a's dtype to write into.
+    out: optional `[B, H_kv, n, D]` of a's dtype to write into (any strides; it may overlap
+    neither itself nor an input).
     Returns `[B, H_kv, n, D]` in a's dtype, computed in float32. Equivalent to
 
         p, q = positions[b, h, i], rope_positions[b, h, i]  # q = p without rope_positions
@@ -234,7 +276,9 @@ def reconstruct_keys(a: torch.Tensor, basis: torch.Tensor, positions: torch.Tens
     always checked.
     """
     batch, _, heads, n, head_dim, _ = _check_reconstruct_args(a, basis, positions, cos, sin, rope_positions)
-    validation.out_tensor(out, shape=(batch, heads, n, head_dim), dtype=a.dtype, device=a.device)
+    validation.out_tensor(out, shape=(batch, heads, n, head_dim), dtype=a.dtype, device=a.device,
+                          inputs={"a": a, "basis": basis, "positions": positions, "cos": cos, "sin": sin,
+                                  "rope_positions": rope_positions})
     if torch.compiler.is_compiling():
         result = _reconstruct_keys_op(a, basis, positions, cos, sin, rope_positions)
         return result if out is None else out.copy_(result)

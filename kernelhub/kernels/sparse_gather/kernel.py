@@ -114,6 +114,7 @@ def resident_slots(chunk_idx: torch.Tensor, resident_idx: torch.Tensor, num_chun
         return torch.full((batch, heads, k), -1, dtype=torch.int32, device=chunk_idx.device)
     idx = chunk_idx.to(torch.int64).contiguous()
     sorted_resident, order = resident_idx.to(torch.int64).sort(dim=-1)  # [B, H_kv, k_prev]
+    sorted_resident = sorted_resident.contiguous()  # sort keeps a view's strides; searchsorted wants rows
     pos = torch.searchsorted(sorted_resident, idx).clamp_(max=k_prev - 1)  # [B, H_kv, k]
     hit = (sorted_resident.gather(-1, pos) == idx) & (idx >= 0) & (idx < num_chunks)
     return torch.where(hit, order.gather(-1, pos), -1).to(torch.int32)

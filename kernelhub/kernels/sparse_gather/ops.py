@@ -22,22 +22,10 @@ _CPU = torch.device("cpu")
 _HOST_POINTER_REFUSED = "cannot be accessed from Triton"
 
 
-def _canonical(device: torch.device) -> torch.device:
-    """`cuda` -> `cuda:<current>`, so devices compare equal to a tensor's `.device`."""
-    if device.type == "cuda" and device.index is None:
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {device} requested, but CUDA is not available")
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def _output_device(chunk_idx: torch.Tensor, out, device) -> torch.device:
     """`out`'s device if given, else `device` if given, else `chunk_idx`'s device."""
     if device is not None:
-        try:
-            device = _canonical(torch.device(device))
-        except (TypeError, RuntimeError) as exc:
-            raise TypeError(f"device: expected a torch.device or a device string, got {device!r} ({exc})") from None
+        device = validation.device("device", device)
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
@@ -70,6 +58,7 @@ def _check_inputs(values, chunk_idx, out, resident_idx, resident, device) -> tor
         validation.shape("resident_idx", resident_idx, (batch, heads, k_prev), "[B, H_kv, k_prev]")
         if not isinstance(resident, torch.Tensor):
             raise TypeError(f"resident: expected a torch.Tensor, got {type(resident).__name__}")
+        validation.refuse_autograd("resident", resident)
         if resident.dtype != values.dtype:
             raise TypeError(f"resident: expected dtype {validation.dtype_name(values.dtype)} (that of values), "
                             f"got {validation.dtype_name(resident.dtype)}")
@@ -80,7 +69,11 @@ def _check_inputs(values, chunk_idx, out, resident_idx, resident, device) -> tor
             if t.device != target:
                 raise ValueError(f"{name} is on {t.device} but the output is on {target}: the resident set "
                                  f"lives where the outputs do")
-    validation.out_tensor(out, shape=(batch, heads, k * chunk, d), dtype=values.dtype, device=target)
+    validation.out_tensor(out, shape=(batch, heads, k * chunk, d), dtype=values.dtype, device=target,
+                          inputs={"values": values, "chunk_idx": chunk_idx, "resident_idx": resident_idx,
+                                  "resident": resident},
+                          advice={"resident": "the previous step's output becomes this step's resident, so "
+                                              "alternate between two output buffers"})
     return target
 
 
@@ -94,27 +87,6 @@ def _check_index_range(chunk_idx: torch.Tensor, num_chunks: int) -> None:
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"chunk_idx: indices must lie in [0, C) = [0, {num_chunks}); "
                          f"chunk_idx{list(first)} = {int(chunk_idx[first])} ({int(bad.sum())} out of range)")
-
-
-def _byte_span(t: torch.Tensor) -> tuple[int, int]:
-    """[first byte, last byte + 1) of the memory `t` can touch."""
-    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
-
-
-def _check_out_does_not_overlap(out: torch.Tensor | None, **inputs: torch.Tensor | None) -> None:
-    """`out` shares no memory with an input (conservatively: their address spans are disjoint)."""
-    if out is None or out.numel() == 0:
-        return
-    out_start, out_end = _byte_span(out)
-    for name, t in inputs.items():
-        if t is None or t.numel() == 0 or t.device != out.device:
-            continue
-        start, end = _byte_span(t)
-        if start < out_end and out_start < end:
-            hint = (": the previous step's output becomes this step's resident, so alternate between two "
-                    "output buffers") if name == "resident" else ""
-            raise ValueError(f"out: overlaps {name} in memory{hint}")
 
 
 def _gather_cpu(values: torch.Tensor, chunk_idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -262,5 +234,4 @@ def sparse_gather(
     if torch.compiler.is_compiling():
         result = _sparse_gather_op(values, chunk_idx, resident_idx, resident, target)
         return result if out is None else out.copy_(result)
-    _check_out_does_not_overlap(out, values=values, resident=resident)
     return _sparse_gather(values, chunk_idx, resident_idx, resident, target, out)

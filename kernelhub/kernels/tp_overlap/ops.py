@@ -63,7 +63,7 @@ def _agree(op: str, group, signature: list[int], problem: Exception | None, devi
     world = dist.get_world_size(group)
     everyone = torch.empty(world * mine.numel(), dtype=torch.int64, device=mine.device)
     try:
-        dist.all_gather_into_tensor(everyone, mine, group=group)
+        ref.all_gather_single(everyone, mine, group=group)
     except Exception as exc:
         raise CollectiveError(f"{op}: exchanging call signatures with the other ranks failed: {exc}") from exc
     if problem is not None:
@@ -94,7 +94,8 @@ def _prepare(op: str, spec, a, b, group, rows_divisor_of, out_rows_of, out):
     problem, config = None, None
     try:
         _check_operands(a, b, group, rows_divisor_of(world), "M" if spec is RS_SPEC else "M_local")
-        validation.out_tensor(out, shape=(out_rows_of(world), b.shape[1]), dtype=a.dtype, device=a.device)
+        validation.out_tensor(out, shape=(out_rows_of(world), b.shape[1]), dtype=a.dtype, device=a.device,
+                              inputs={"a": a, "b": b})
         path = backend.choose(a.device)
         shape = (world, a.shape[0], b.shape[1], a.shape[1])
         config = configs.best_config(spec, shape, validation.dtype_name(a.dtype), device_for_tensor(a))
@@ -117,7 +118,7 @@ def all_gather_gemm(a: torch.Tensor, b: torch.Tensor, *, group=None, return_gath
     layer's backward needs it). out: optional [W * M_local, N] to write into. Equivalent to::
 
         gathered = torch.empty(W * M_local, K, dtype=a.dtype, device=a.device)
-        torch.distributed.all_gather_into_tensor(gathered, a, group=group)
+        torch.distributed.all_gather_single(gathered, a, group=group)  # all_gather_into_tensor before torch 2.13
         out = gathered @ b
     """
     world, config, path = _prepare("all_gather_gemm", AG_SPEC, a, b, group, lambda w: 1,
@@ -134,6 +135,7 @@ def all_gather_gemm(a: torch.Tensor, b: torch.Tensor, *, group=None, return_gath
         gemm(a, b, out)
         gathered.copy_(a)
     else:
+        a = a.contiguous()  # its row chunks are sent as they lie in memory: a view (w.t(), expand) is copied
         overlap.all_gather_gemm(a, b, out, gathered, group=group, chunks=config["CHUNKS"],
                                 order=config["ORDER"], gemm=gemm)
     return (out, gathered) if return_gathered else out
@@ -151,7 +153,7 @@ def gemm_reduce_scatter(a: torch.Tensor, b: torch.Tensor, *, group=None,
 
         partial = a @ b
         out = torch.empty(M // W, N, dtype=a.dtype, device=a.device)
-        torch.distributed.reduce_scatter_tensor(out, partial, group=group)
+        torch.distributed.reduce_scatter_single(out, partial, group=group)  # reduce_scatter_tensor before 2.13
     """
     world, config, path = _prepare("gemm_reduce_scatter", RS_SPEC, a, b, group, lambda w: w,
                                          lambda w: a.shape[0] // w, out)
