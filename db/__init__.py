@@ -4,8 +4,9 @@
 move configs between machines as JSON.
 """
 
-from kernelhub.db.exchange import export_configs, import_configs, load_export_file
+from kernelhub.db.exchange import (export_configs, import_configs, load_export_file, parse_export,
+                                   write_export_file)
 from kernelhub.db.store import SCHEMA_VERSION, BestConfig, ConfigStore, TrialRecord, default_url
 
 __all__ = ["SCHEMA_VERSION", "BestConfig", "ConfigStore", "TrialRecord", "default_url", "export_configs",
-           "import_configs", "load_export_file"]
+           "import_configs", "load_export_file", "parse_export", "write_export_file"]

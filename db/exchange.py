@@ -3,85 +3,162 @@
 An export carries its format version, and every entry the kernel version it was tuned with and
 the full identity of the device it was tuned on, which is what decides whether it is stale.
 
-An import is validated entry by entry before anything is written (family known, bucket and dtype
-legal for it, config inside its search space, device identity complete and of the entry's GPU
-key, no two entries for one database row), then written in one transaction: a bad file never
-leaves half of itself in the database.
+An import is validated entry by entry before anything is written, before the database is even
+opened (`parse_export`): family known, bucket and dtype legal for it, config inside its search
+space, every value inside its column's rule (`kernelhub.db.fields`: finite positive times, ints
+that fit, strings of printable text that fit), device identity complete and of the entry's GPU
+key, no two entries for one database row. Then it is written in one transaction: a bad file
+never leaves half of itself in the database. What is read is bounded (`MAX_EXPORT_BYTES`).
 
 Rows of any kernel version are accepted: an import from an older kernelhub brings stale rows,
-which are shown and pruned like local ones.
+which are shown and pruned like local ones. An export holds only what an import accepts: rows
+it would refuse (invalid ones, unknown families, configs outside the space) are skipped and counted.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import asdict
+import stat
+import tempfile
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import kernelhub
 from kernelhub import registry
+from kernelhub.db.fields import brief, normalize
+from kernelhub.db.models import BestConfigRow, Device
 from kernelhub.db.store import DEVICE_FIELDS, BestConfig, ConfigStore
-from kernelhub.errors import ConfigDBError, KernelhubError
+from kernelhub.errors import ConfigDBError, KernelhubError, UnknownFamilyError
 
 EXPORT_FORMAT = "kernelhub-configs"
 EXPORT_VERSION = 1
+# An export is about 1 KB per entry (pretty-printed): this holds some 250,000 entries. A file over
+# it is not an export kernelhub wrote, and reading it whole could exhaust the memory.
+MAX_EXPORT_BYTES = 256 * 2**20
 
-# Field -> accepted JSON types (None: the field may be null); fields missing here are not accepted.
-_REQUIRED = {
-    "gpu_key": (str,), "family": (str,), "bucket": (str,), "dtype": (str,), "config": (dict,),
-    "median_ms": (float, int), "p20_ms": (float, int), "p80_ms": (float, int), "trials": (int,),
-    "kernel_version": (str,), "torch_version": (str,), "triton_version": (str, None),
-}
-_OPTIONAL = {
-    "cuda_version": (str, None), "throughput": (float, int, None), "throughput_unit": (str, None),
-    "default_median_ms": (float, int, None), "device": (dict, None), "created_at": (str,),
-}
+# The fields of an entry; each must be present (REQUIRED) or may be (OPTIONAL), and nothing else.
+_REQUIRED = ("gpu_key", "family", "bucket", "dtype", "config", "median_ms", "p20_ms", "p80_ms", "trials",
+             "kernel_version", "torch_version", "triton_version")
+_OPTIONAL = ("cuda_version", "throughput", "throughput_unit", "default_median_ms", "device", "created_at")
+_ENTRY_FIELDS = frozenset(_REQUIRED + _OPTIONAL)
+_MAX_DIMENSION = 2**63 - 1  # a shape dimension (a torch size is int64)
 
 
-def export_configs(store: ConfigStore, *, gpu_key: str | None = None) -> dict:
-    """Every best config in `store` (or those of one GPU) as a JSON-able document."""
+def export_configs(store: ConfigStore, *, gpu_key: str | None = None, skipped: list[str] | None = None) -> dict:
+    """The best configs in `store` (or those of one GPU) that an import accepts, as a JSON-able document.
+
+    Rows an import would refuse are left out; `skipped`, when given, gets one line for each, saying why.
+    """
     entries = []
-    for entry in store.best_configs(gpu_key=gpu_key):
-        item = asdict(entry)
-        del item["id"]  # meaningless in another database
-        item["created_at"] = entry.created_at.isoformat()
-        entries.append(item)
+    for row in store.best_configs(gpu_key=gpu_key, include_invalid=True):
+        item = {name: getattr(row, name) for name in _ENTRY_FIELDS}
+        problem = row.invalid
+        if problem is None:
+            item["created_at"] = row.created_at.isoformat()
+            try:
+                _parse_entry(item)
+            except ValueError as exc:
+                problem = str(exc)
+        if problem is None:
+            entries.append(item)
+        elif skipped is not None:
+            where = " ".join(brief(getattr(row, k)).strip("'") for k in ("gpu_key", "family", "bucket", "dtype"))
+            skipped.append(f"{where}: {problem}")
     return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "kernelhub_version": kernelhub.__version__,
             "exported_at": datetime.now(timezone.utc).isoformat(), "entries": entries}
 
 
-def load_export_file(path: str | os.PathLike) -> dict:
-    """Read an export document from a JSON file; ConfigDBError if unreadable or not a JSON object."""
+def format_export(doc: dict) -> str:
+    """An export document as the text of an export file (stable, readable, diffable)."""
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+def write_export_file(doc: dict, path: str | os.PathLike, *, force: bool = False,
+                      protected: list[Path] = ()) -> None:
+    """Write `doc` to `path` whole or not at all: into a temporary file beside it, then renamed over it.
+
+    An existing file is replaced only with `force`; the files in `protected` (the database's own)
+    never, whatever their name or link. KernelhubError, with nothing written, when refused or failing.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise KernelhubError(f"{path} is a directory: give a file name inside it")
+    resolved = target.resolve()  # through symlinks: the file that would change
+    for own in protected:
+        if resolved == own.resolve() or (resolved.exists() and own.exists() and os.path.samefile(resolved, own)):
+            raise KernelhubError(f"{path} is a file of the config database itself ({own}); refused even with "
+                                 "--force: export to another file")
+    if resolved.exists() and not force:
+        raise KernelhubError(f"{path} exists; pass --force to replace it, or export to another file")
+    if not resolved.parent.is_dir():
+        raise KernelhubError(f"cannot write {path}: its directory {resolved.parent} does not exist")
+    text = format_export(doc)
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigDBError(f"cannot read config export {path}: {exc}") from exc
+        handle, temporary = tempfile.mkstemp(dir=resolved.parent, prefix=f".{resolved.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise KernelhubError(f"cannot write {path}: {exc.strerror or exc} (in {resolved.parent})") from None
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(file.fileno(), 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
+            file.write(text)
+        os.replace(temporary, resolved)
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
+        raise KernelhubError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+
+
+def load_export_file(path: str | os.PathLike) -> dict:
+    """Read an export document from a JSON file; ConfigDBError if unreadable, too large or not a JSON object."""
+    try:
+        with open(path, "rb") as file:
+            info = os.fstat(file.fileno())
+            if stat.S_ISREG(info.st_mode) and info.st_size > MAX_EXPORT_BYTES:
+                data = b""  # refused below without reading it
+                size = info.st_size
+            else:
+                data = file.read(MAX_EXPORT_BYTES + 1)  # a device or pipe may never end
+                size = len(data)
+    except OSError as exc:
+        raise ConfigDBError(f"cannot read config export {path}: {exc.strerror or exc}") from None
+    if size > MAX_EXPORT_BYTES:
+        raise ConfigDBError(f"config export {path} is larger than {MAX_EXPORT_BYTES // 2**20} MiB, more than any "
+                            "kernelhub export; nothing was read: is it the right file?")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigDBError(f"config export {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                            "re-export it") from None
+    except RecursionError:
+        raise ConfigDBError(f"config export {path} nests JSON too deeply for an export; re-export it") from None
     except json.JSONDecodeError as exc:
-        raise ConfigDBError(f"config export {path} is not valid JSON ({exc}); re-export it") from exc
+        raise ConfigDBError(f"config export {path} is not valid JSON ({exc}); re-export it") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise ConfigDBError(f"config export {path} holds an integer of thousands of digits, which no export "
+                            "has; re-export it") from None
     if not isinstance(doc, dict):
         raise ConfigDBError(f"config export {path} is not a {EXPORT_FORMAT} document (not a JSON object)")
     return doc
 
 
-def import_configs(store: ConfigStore, doc: dict) -> int:
-    """Validate every entry of an export document, then save them all in one transaction.
+def parse_export(doc: object, *, into: str) -> list[BestConfig]:
+    """Every entry of an export document, validated; no database is touched.
 
-    Returns the number of entries imported. Raises ConfigDBError naming the first bad entry and
-    field; nothing is written then.
+    Raises ConfigDBError naming the first bad entry and field and `into` (the database it was for).
     """
     def reject(problem: str):
-        return ConfigDBError(f"import into {store.where} refused, nothing written: {problem}")
+        return ConfigDBError(f"import into {into} refused, nothing written: {problem}")
 
     if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise reject(f"not a {EXPORT_FORMAT} document (format is {found!r})")
+        raise reject(f"not a {EXPORT_FORMAT} document (format is {brief(found)})")
     version = doc.get("version")
-    if version != EXPORT_VERSION:
-        newer = isinstance(version, int) and version > EXPORT_VERSION
-        raise reject(f"export format version {version!r}, this kernelhub reads {EXPORT_VERSION}"
+    if type(version) is not int or version != EXPORT_VERSION:  # type: True == 1 and 1.0 == 1
+        newer = type(version) is int and version > EXPORT_VERSION
+        raise reject(f"export format version {brief(version)}, this kernelhub reads {EXPORT_VERSION}"
                      + ("; upgrade kernelhub" if newer else ""))
     if not isinstance(doc.get("entries"), list):
         raise reject("'entries' is missing or not a list")
@@ -98,71 +175,78 @@ def import_configs(store: ConfigStore, doc: dict) -> int:
                          f"(kernel version {key[4]}); an export has one entry per config")
         first_with_key[key] = index
         entries.append(entry)
+    return entries
+
+
+def import_configs(store: ConfigStore, doc: dict) -> int:
+    """Validate every entry of an export document, then save them all in one transaction.
+
+    Returns the number of entries imported. Raises ConfigDBError naming the first bad entry and
+    field; nothing is written then.
+    """
+    entries = parse_export(doc, into=store.where)
     store.save_many(entries)
     return len(entries)
 
 
-def _type_ok(value, accepted: tuple) -> bool:
-    if value is None:
-        return None in accepted
-    if isinstance(value, bool):  # JSON true/false are not numbers here
-        return False
-    return isinstance(value, tuple(t for t in accepted if t is not None))
-
-
-def _parse_entry(item) -> BestConfig:
+def _parse_entry(item: object) -> BestConfig:
     """One export entry as a BestConfig; ValueError naming the field if anything is wrong."""
     if not isinstance(item, dict):
         raise ValueError(f"expected an object, got {type(item).__name__}")
-    missing = sorted(_REQUIRED.keys() - item.keys())
+    missing = [name for name in _REQUIRED if name not in item]
     if missing:
         raise ValueError(f"field {missing[0]!r} is missing")
-    unknown = sorted(item.keys() - _REQUIRED.keys() - _OPTIONAL.keys())
+    unknown = sorted(map(str, item.keys() - _ENTRY_FIELDS))
     if unknown:
-        raise ValueError(f"field {unknown[0]!r} is unknown")
+        raise ValueError(f"field {brief(unknown[0])} is unknown")
+    columns = BestConfigRow.__table__.c
+    values = {}
     for name, value in item.items():
-        accepted = _REQUIRED.get(name) or _OPTIONAL[name]
-        if not _type_ok(value, accepted):
-            expected = " or ".join("null" if t is None else t.__name__ for t in accepted)
-            raise ValueError(f"field {name!r} is {value!r}, expected {expected}")
-    for name in ("median_ms", "p20_ms", "p80_ms", "default_median_ms", "throughput", "trials"):
-        value = item.get(name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"field {name!r} is {value!r}, expected a finite number >= 0")
+        if name in ("config", "device"):
+            continue
+        try:
+            values[name] = normalize(columns[name], value)
+        except ValueError as exc:
+            raise ValueError(f"field {name!r} is {brief(value)}, {exc}") from None
 
     try:
-        spec = registry.get_family(item["family"])
-    except KernelhubError as exc:
+        spec = registry.get_family(values["family"])
+    except UnknownFamilyError as exc:
         raise ValueError(f"field 'family': {exc}") from None
     try:
-        shape = spec.parse_shape(item["bucket"])
+        shape = spec.parse_shape(values["bucket"])
     except ValueError as exc:
         raise ValueError(f"field 'bucket': {exc}") from None
-    if spec.format_shape(spec.bucket(shape)) != item["bucket"]:
-        raise ValueError(f"field 'bucket': {item['bucket']!r} is not a {spec.name} bucket "
+    if not all(1 <= dimension <= _MAX_DIMENSION for dimension in shape):
+        raise ValueError(f"field 'bucket': {values['bucket']!r} has a dimension outside 1 to {_MAX_DIMENSION}")
+    if spec.format_shape(spec.bucket(shape)) != values["bucket"]:
+        raise ValueError(f"field 'bucket': {values['bucket']!r} is not a {spec.name} bucket "
                          f"(that shape is stored as {spec.format_shape(spec.bucket(shape))!r})")
-    if item["dtype"] not in spec.dtypes:
-        raise ValueError(f"field 'dtype': {item['dtype']!r} is not one of {list(spec.dtypes)} for {spec.name}")
+    if values["dtype"] not in spec.dtypes:
+        raise ValueError(f"field 'dtype': {values['dtype']!r} is not one of {list(spec.dtypes)} for {spec.name}")
+    config = item["config"]
+    if not isinstance(config, dict):
+        raise ValueError(f"field 'config' is {brief(config)}, expected an object of tunables")
+    for name, value in config.items():  # keeps the space's messages short: no huge key or number in them
+        if len(name) > 64 or not name.isprintable() or type(value) is not int or abs(value) >= 2**31:
+            raise ValueError(f"field 'config': {brief(name)}={brief(value)} is not a tunable's integer value")
     try:
-        config = spec.space.validate(item["config"], source="field 'config'")
+        values["config"] = spec.space.validate(config, source="field 'config'")
     except KernelhubError as exc:
         raise ValueError(str(exc)) from None
 
     device = item.get("device")
     if device is not None:
-        if set(device) != set(DEVICE_FIELDS):
+        if not isinstance(device, dict) or set(device) != set(DEVICE_FIELDS):
             raise ValueError(f"field 'device' must have exactly the keys {list(DEVICE_FIELDS)}")
-        bad = [k for k, v in device.items() if not _type_ok(v, (str, int, None))]
-        if bad:
-            raise ValueError(f"field 'device': {bad[0]!r} is {device[bad[0]]!r}, expected a string, int or null")
-        if device["key"] != item["gpu_key"]:
+        values["device"] = {}
+        for name in DEVICE_FIELDS:
+            try:
+                values["device"][name] = normalize(Device.__table__.c[name], device[name])
+            except ValueError as exc:
+                raise ValueError(f"field 'device': {name!r} is {brief(device[name])}, {exc}") from None
+        if device["key"] != values["gpu_key"]:
             raise ValueError(f"field 'device': tuned on a {device['key']!r} device, but stored under gpu_key "
-                             f"{item['gpu_key']!r}")
-    values = dict(item, config=config)
-    if "created_at" in item:
-        try:
-            created = datetime.fromisoformat(item["created_at"])
-        except ValueError:
-            raise ValueError(f"field 'created_at' is {item['created_at']!r}, not an ISO 8601 time") from None
-        values["created_at"] = created if created.tzinfo else created.replace(tzinfo=timezone.utc)
-    return BestConfig(**values)
+                             f"{values['gpu_key']!r}")
+    return BestConfig(**{f.name: values[f.name] for f in fields(BestConfig) if f.name in values})
+

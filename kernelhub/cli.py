@@ -1,18 +1,24 @@
 """The `kernelhub` command line: gpus, check, tune, show, prune, export, import, report, sweep, replay.
 
-Errors are one line on stderr and a non-zero exit code, never a traceback.
+Errors are one line on stderr and a non-zero exit code, never a traceback: a bad argument is
+argparse's usage error (exit 2), checked by the argument's type; a problem kernelhub knows is its
+message (exit 1); anything else is named as a kernelhub bug (exit 1). Output into a closed pipe
+(`kernelhub show | head -1`) ends the command quietly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kernelhub.errors import DeviceMismatchError, KernelhubError
 
 CHECK_SAMPLES = 3  # sampled configs per shape, on top of every DEFAULT
+MAX_SEED = 2**32 - 1  # numpy's (and so Optuna's samplers') largest seed
 
 
 def _families(names: Sequence[str] | None):
@@ -21,14 +27,27 @@ def _families(names: Sequence[str] | None):
     return [get_family(n) for n in names] if names else families()
 
 
-def _open_store(url: str | None, *, create: bool = True):
-    from kernelhub.db import ConfigStore, default_url
+def _db_url(db: str | None) -> str:
+    """The database `--db` names (a URL or a SQLite file path), else KERNELHUB_DB's or the default."""
+    from kernelhub.db.store import database_url
 
-    return ConfigStore(url or default_url(), create=create)
+    return database_url(db or None)
+
+
+def _open_store(url: str | None, *, create: bool = True):
+    from kernelhub.db import ConfigStore
+
+    return ConfigStore(_db_url(url), create=create)
+
+
+def _printable(value: object) -> str:
+    """A table cell: None as `?`, text with control characters escaped (it came from a database)."""
+    text = "?" if value is None else str(value)
+    return text if text.isprintable() else ascii(text)[1:-1]
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    cells = [list(map(str, headers))] + [[_printable(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -132,15 +151,10 @@ def cmd_tune(args) -> int:
     import torch
 
     from kernelhub import configs
-    from kernelhub.db import default_url
     from kernelhub.device import current_device
     from kernelhub.tuning.collective import cannot_run_here
     from kernelhub.tuning.tuner import Tuner, study_storage
 
-    if not 0 < args.trial_timeout < float("inf"):
-        raise KernelhubError(f"--trial-timeout: expected a positive number of seconds, got {args.trial_timeout:g}")
-    if args.world_size is not None and args.world_size < 1:
-        raise KernelhubError(f"--world-size: expected at least 1 rank, got {args.world_size}")
     specs = _families(args.kernel)
     for spec in specs:
         spec.shapes(args.shapes)  # an unknown shape set is an error before anything starts
@@ -156,12 +170,12 @@ def cmd_tune(args) -> int:
     if not detected.is_gpu:
         specs = _cpu_tunable(specs, detected, named=bool(args.kernel))
     torch_device = torch.device("cuda" if detected.is_gpu else "cpu")
-    url = args.db or default_url()
+    url = _db_url(args.db)
     with _open_store(url) as store:
         runner = _trial_runner(torch_device, args.trial_timeout)
-        tuner = Tuner(store, study_storage(url), detected, seed=args.seed, runner=runner)
         results = []
         try:
+            tuner = Tuner(store, study_storage(url), detected, seed=args.seed, runner=runner)
             for spec in specs:
                 # --dtype applies to the families that have it; one that no selected family has is an error.
                 dtypes = [d for d in args.dtype if d in spec.dtypes] if args.dtype else spec.dtypes
@@ -178,7 +192,7 @@ def cmd_tune(args) -> int:
     rows = [(r.family, r.bucket, r.dtype, r.trials, f"{r.best.median_ms:.4g}" if r.best else "-",
              f"{r.speedup:.2f}x" if r.speedup else "-") for r in results]
     print(_table(("kernel", "bucket", "dtype", "trials", "best ms", "vs default"), rows))
-    print(f"stored in {url}")
+    print(f"stored in {store.where}")
     return 0
 
 
@@ -186,11 +200,9 @@ def cmd_tune(args) -> int:
 
 def _missing_database(url: str | None) -> str | None:
     """A message if `url` is a SQLite file that does not exist yet (reading never creates one)."""
-    from kernelhub.db import default_url
     from kernelhub.db.store import sqlite_path
 
-    url = url or default_url()
-    path = sqlite_path(url)
+    path = sqlite_path(_db_url(url))
     if path is not None and not path.exists():
         return f"no config database yet at {path} (`kernelhub tune` or `kernelhub import` creates it)"
     return None
@@ -206,17 +218,21 @@ def cmd_show(args) -> int:
         return 0
     current = current_device()
     with _open_store(args.db, create=False) as store:
-        rows = store.best_configs(gpu_key=args.gpu, family=args.kernel)
+        rows = store.best_configs(gpu_key=args.gpu, family=args.kernel, include_invalid=True)
     if not rows:
-        print("no tuned configs stored" + (f" for {args.gpu}" if args.gpu else "") + f" in {store.url}")
+        print("no tuned configs stored" + (f" for {args.gpu}" if args.gpu else "") + f" in {store.where}")
         return 0
     table = []
     for r in rows:
+        status = row_status(r, current)
+        if r.invalid:  # its values cannot be trusted: the reason is all there is to show
+            table.append((r.gpu_key, r.family, r.bucket, r.dtype, "-", "-", "-", "-", "-", status))
+            continue
         speedup = f"{r.default_median_ms / r.median_ms:.2f}x" if r.default_median_ms else "-"
         throughput = f"{r.throughput:.3g} {r.throughput_unit}" if r.throughput else "-"
         config = " ".join(f"{k}={v}" for k, v in r.config.items())
         table.append((r.gpu_key, r.family, r.bucket, r.dtype, config, f"{r.median_ms:.4g}", throughput,
-                      speedup, r.trials, row_status(r, current)))
+                      speedup, r.trials, status))
     print(_table(("gpu", "kernel", "shape bucket", "dtype", "config", "ms", "throughput", "vs default",
                   "trials", "status"), table))
     return 0
@@ -235,9 +251,13 @@ def _confirm(question: str) -> bool:
 
 
 def cmd_prune(args) -> int:
-    from kernelhub.configs import row_status
+    """Delete the rows the runtime never uses: stale ones, and invalid ones (no kernelhub can use a row
+    whose values break their columns' rules, whatever its family). Rows of families this install does
+    not know are kept: their module may only be missing from KERNELHUB_FAMILIES in this shell, and
+    what cannot be judged is never deleted."""
+    from kernelhub.configs import UNKNOWN_KERNEL, row_status
     from kernelhub.device import current_device
-    from kernelhub.registry import families, get_family
+    from kernelhub.registry import get_family
 
     if args.kernel:
         get_family(args.kernel)  # an unknown name is an error, not "nothing stale"
@@ -246,17 +266,15 @@ def cmd_prune(args) -> int:
         print(missing)
         return 0
     current = current_device()
-    # Rows of families this install does not know are kept: their module may only be missing
-    # from KERNELHUB_FAMILIES in this shell, and what cannot be judged is never deleted.
-    known = {spec.name for spec in families()}
     with _open_store(args.db, create=False) as store:
-        rows = store.best_configs(gpu_key=args.gpu, family=args.kernel)
-        stale = [(r, status) for r in rows if r.family in known and (status := row_status(r, current)) != "ok"]
-        unknown = sum(r.family not in known for r in rows)
+        rows = store.best_configs(gpu_key=args.gpu, family=args.kernel, include_invalid=True)
+        statuses = [(r, row_status(r, current)) for r in rows]
+        stale = [(r, status) for r, status in statuses if status not in ("ok", UNKNOWN_KERNEL)]
+        unknown = sum(status == UNKNOWN_KERNEL for _, status in statuses)
         if unknown:
             print(f"keeping {unknown} rows of kernels this install does not know (see KERNELHUB_FAMILIES)")
         if not stale:
-            print(f"no stale rows in {store.where}")
+            print(f"no stale or invalid rows in {store.where}")
             return 0
         print(_table(("gpu", "kernel", "shape bucket", "dtype", "status"),
                      [(r.gpu_key, r.family, r.bucket, r.dtype, status) for r, status in stale]))
@@ -265,38 +283,45 @@ def cmd_prune(args) -> int:
             return 0
         removed = store.delete_best(row for row, _ in stale)
     changed = len(stale) - removed
-    print(f"removed {removed} stale rows" + (f"; {changed} changed since listed and were kept" if changed else ""))
+    print(f"removed {removed} stale or invalid rows"
+          + (f"; {changed} changed since listed and were kept" if changed else ""))
     return 0
 
 
 # -- export / import ---------------------------------------------------------------------------
 
 def cmd_export(args) -> int:
-    from kernelhub.db import export_configs
+    from kernelhub.db import export_configs, write_export_file
+    from kernelhub.db.exchange import format_export
+    from kernelhub.db.store import database_files
 
-    with _open_store(args.db, create=False) as store:
-        doc = export_configs(store, gpu_key=args.gpu)
-    text = json.dumps(doc, indent=2, sort_keys=True)
+    url = _db_url(args.db)
+    skipped: list[str] = []
+    with _open_store(url, create=False) as store:
+        doc = export_configs(store, gpu_key=args.gpu, skipped=skipped)
     if args.output in (None, "-"):
-        print(text)
+        sys.stdout.write(format_export(doc))
     else:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+        write_export_file(doc, args.output, force=args.force, protected=database_files(url))
         print(f"exported {len(doc['entries'])} configs to {args.output}", file=sys.stderr)
+    if skipped:
+        print(f"kernelhub export: skipped {len(skipped)} rows that an import would refuse (`kernelhub show` marks "
+              f"them; first: {skipped[0]})", file=sys.stderr)
     return 0
 
 
 def cmd_import(args) -> int:
     from kernelhub import configs
-    from kernelhub.db import import_configs
-    from kernelhub.db.exchange import load_export_file
+    from kernelhub.db import load_export_file, parse_export
+    from kernelhub.db.store import database_where
 
-    doc = load_export_file(args.file)
-    with _open_store(args.db) as store:
-        count = import_configs(store, doc)
-        url = store.url
+    url = _db_url(args.db)
+    # The whole document is checked before the database is opened: a refused import creates nothing.
+    entries = parse_export(load_export_file(args.file), into=database_where(url))
+    with _open_store(url) as store:
+        store.save_many(entries)
     configs.clear_cache()
-    print(f"imported {count} configs into {url}")
+    print(f"imported {len(entries)} configs into {store.where}")
     return 0
 
 
@@ -330,8 +355,6 @@ def cmd_sweep(args) -> int:
     from kernelhub.registry import get_family
     from kernelhub.tuning.sweep import default_output, run_sweep
 
-    if not 0 < args.trial_timeout < float("inf"):
-        raise KernelhubError(f"--trial-timeout: expected a positive number of seconds, got {args.trial_timeout:g}")
     spec = get_family(args.kernel)
     spec.shapes(args.shapes)  # an unknown shape set is an error before anything starts
     dtype = args.dtype or spec.dtypes[0]
@@ -377,6 +400,46 @@ def cmd_replay(args) -> int:
 
 # -- entry point -------------------------------------------------------------------------------
 
+def _shown(text: str) -> str:
+    from kernelhub.db.fields import brief  # only on the error path: parsing arguments stays quick
+
+    return brief(text)
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from `minimum` (to `maximum`), else argparse's usage error."""
+    bounds = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {_shown(text)}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {_shown(text)}")
+    return value
+
+
+def _name(text: str) -> str:
+    """An argparse type: a non-empty name (a GPU key, a family, a shape set, a dtype)."""
+    if not text.strip() or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"expected a name, got {_shown(text)}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kernelhub", description="Triton kernels for LLM inference, tuned per GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -385,38 +448,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("gpus", help="print the device identity and its key").set_defaults(func=cmd_gpus)
 
     p = sub.add_parser("check", help="every family's Triton kernels against their references")
-    p.add_argument("--kernel", action="append", help="family name (repeatable; default: all)")
-    p.add_argument("--configs", type=int, default=CHECK_SAMPLES, help="sampled configs per shape besides the DEFAULTs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kernel", action="append", type=_name, help="family name (repeatable; default: all)")
+    p.add_argument("--configs", type=_integer(0), default=CHECK_SAMPLES,
+                   help="sampled configs per shape besides the DEFAULTs")
+    p.add_argument("--seed", type=_integer(0, MAX_SEED), default=0)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("tune", help="find the fastest correct config per shape and store it")
-    p.add_argument("--gpu", help="GPU key to tune for; must be this machine's (default: detected)")
-    p.add_argument("--kernel", action="append", help="family name (repeatable; default: all)")
-    p.add_argument("--shapes", default="tune", help="shape set: smoke, tune or bench (default: tune)")
-    p.add_argument("--dtype", action="append",
+    p.add_argument("--gpu", type=_name, help="GPU key to tune for; must be this machine's (default: detected)")
+    p.add_argument("--kernel", action="append", type=_name, help="family name (repeatable; default: all)")
+    p.add_argument("--shapes", type=_name, default="tune", help="shape set: smoke, tune or bench (default: tune)")
+    p.add_argument("--dtype", action="append", type=_name,
                    help="dtype (repeatable; each family tunes those it has; default: all of each family's)")
-    p.add_argument("--trials", type=int, default=50, help="trials per study, counting earlier runs (default 50)")
-    p.add_argument("--world-size", type=int, default=None,
+    p.add_argument("--trials", type=_integer(1), default=50,
+                   help="trials per study, counting earlier runs (default 50)")
+    p.add_argument("--world-size", type=_integer(1), default=None,
                    help="ranks for collective families (local processes; default: each shape's own W, 2 in "
                         "the shape sets)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per study")
-    p.add_argument("--trial-timeout", type=float, default=120.0,
+    p.add_argument("--timeout", type=_seconds, default=None, help="seconds per study")
+    p.add_argument("--trial-timeout", type=_seconds, default=120.0,
                    help="seconds one trial may take; then its worker process is killed and the trial recorded "
                         "as a timeout (default 120)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_integer(0, MAX_SEED), default=0)
     p.add_argument("--db", help=db_help)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("show", help="table of stored configs")
-    p.add_argument("--gpu", help="only this GPU key")
-    p.add_argument("--kernel", help="only this family")
+    p.add_argument("--gpu", type=_name, help="only this GPU key")
+    p.add_argument("--kernel", type=_name, help="only this family")
     p.add_argument("--db", help=db_help)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("export", help="write stored configs as versioned JSON")
-    p.add_argument("--gpu", help="only this GPU key")
-    p.add_argument("-o", "--output", help="file (default: stdout)")
+    p.add_argument("--gpu", type=_name, help="only this GPU key")
+    p.add_argument("-o", "--output", help="file (default: stdout); written whole or not at all")
+    p.add_argument("--force", action="store_true",
+                   help="replace the file if it exists (never one of the database's own files)")
     p.add_argument("--db", help=db_help)
     p.set_defaults(func=cmd_export)
 
@@ -426,55 +493,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("prune", help="delete stale rows (the ones `show` marks), after asking")
-    p.add_argument("--gpu", help="only this GPU key")
-    p.add_argument("--kernel", help="only this family")
+    p.add_argument("--gpu", type=_name, help="only this GPU key")
+    p.add_argument("--kernel", type=_name, help="only this family")
     p.add_argument("--yes", action="store_true", help="do not ask")
     p.add_argument("--db", help=db_help)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("report", help="PNG plots (tuning history, speedup, roofline) and a Markdown summary")
-    p.add_argument("--gpu", help="only this GPU key")
-    p.add_argument("--kernel", help="only this family")
+    p.add_argument("--gpu", type=_name, help="only this GPU key")
+    p.add_argument("--kernel", type=_name, help="only this family")
     p.add_argument("-o", "--output", default="kernelhub-report", help="folder to write into (default: kernelhub-report)")
     p.add_argument("--db", help=db_help)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sweep", help="measure every feasible config at each shape of a set into a JSON file")
-    p.add_argument("--gpu", required=True, help="this machine's device key (`kernelhub gpus`)")
-    p.add_argument("--kernel", required=True, help="family name")
-    p.add_argument("--shapes", required=True, help="shape set: smoke, tune or bench")
-    p.add_argument("--dtype", help="dtype (default: the family's first)")
+    p.add_argument("--gpu", required=True, type=_name, help="this machine's device key (`kernelhub gpus`)")
+    p.add_argument("--kernel", required=True, type=_name, help="family name")
+    p.add_argument("--shapes", required=True, type=_name, help="shape set: smoke, tune or bench")
+    p.add_argument("--dtype", type=_name, help="dtype (default: the family's first)")
     p.add_argument("-o", "--output", help="sweep file; an unfinished sweep in it is resumed "
                                           "(default: sweep-GPU-KERNEL-SHAPES-DTYPE.json)")
-    p.add_argument("--trial-timeout", type=float, default=120.0,
+    p.add_argument("--trial-timeout", type=_seconds, default=120.0,
                    help="seconds one config may take; then its worker process is killed and the config recorded "
                         "as a timeout (default 120)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_integer(0, MAX_SEED), default=0)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("replay", help="compare samplers on a recorded sweep, no GPU needed (Markdown table)")
     p.add_argument("sweep", help="a file written by `kernelhub sweep`")
-    p.add_argument("--seeds", type=int, default=5, help="seeds per sampler (default 5)")
+    p.add_argument("--seeds", type=_integer(1), default=5, help="seeds per sampler (default 5)")
     p.add_argument("--samplers", nargs="+", metavar="NAME",
                    help="tuner, tpe-independent, tpe-multivariate, random, grid, qmc, cmaes (default: all)")
-    p.add_argument("--budget", type=int, default=50,
+    p.add_argument("--budget", type=_integer(1), default=50,
                    help="also report the best after this many trials (default 50, `kernelhub tune`'s default)")
     p.set_defaults(func=cmd_replay)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _stdout_is_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (the BrokenPipeError was about it, not another pipe)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll, or a stdout without a file (tests)
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # output into a closed pipe fails here, in the handler below, not at exit
+        return code
     except KernelhubError as exc:
-        print(f"kernelhub {args.command}: error: {exc}", file=sys.stderr)
+        print(f"kernelhub {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         resumable = args.command in ("tune", "sweep")
         print(f"kernelhub {args.command}: interrupted" + ("; run it again to resume" if resumable else ""),
               file=sys.stderr)
         return 130
+    except BrokenPipeError as exc:
+        if not _stdout_is_closed():
+            return _unexpected(args.command, exc)
+        # The reader stopped reading (`| head`): end quietly. Python flushes stdout again at exit,
+        # so point it at devnull, or that flush fails too (docs.python.org/3/library/signal.html#note-on-sigpipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # noqa: BLE001  (the last resort: still one line, never a traceback)
+        return _unexpected(args.command, exc)
+
+
+def _unexpected(command: str, exc: Exception) -> int:
+    print(f"kernelhub {command}: error: {type(exc).__name__}: {_one_line(exc)} (unexpected: this is a kernelhub "
+          "bug, please report it with the command that caused it)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

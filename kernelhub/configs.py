@@ -20,7 +20,7 @@ import threading
 import warnings
 
 from kernelhub.device import DeviceIdentity
-from kernelhub.errors import ConfigDBError, KernelhubError
+from kernelhub.errors import ConfigDBError, KernelhubError, UnknownFamilyError
 from kernelhub.registry import FamilySpec, Shape
 from kernelhub.space import Config
 
@@ -68,15 +68,30 @@ def stale_reason(row, spec: FamilySpec, device: DeviceIdentity) -> str | None:
     return None
 
 
+UNKNOWN_KERNEL = "stale: unknown kernel"
+
+
 def row_status(row, device: DeviceIdentity) -> str:
-    """'ok', or 'stale: <why>' when the runtime would not use this row on `device`
-    (what `kernelhub show` and `kernelhub report` print)."""
+    """'ok'; 'stale: <why>' when the runtime would not use this row on `device`; 'invalid: <why>' when
+    no kernelhub could (a value breaks its column's rule, or a row of the current kernel has a bucket
+    or config outside the family's). What `kernelhub show`, `prune` and `report` print.
+
+    A family that fails to load raises (a broken KERNELHUB_FAMILIES must not make every row stale).
+    """
     from kernelhub.registry import get_family
 
+    if row.invalid:
+        return f"invalid: {row.invalid}"
     try:
         spec = get_family(row.family)
-    except KernelhubError:
-        return "stale: unknown kernel"
+    except UnknownFamilyError:
+        return UNKNOWN_KERNEL
+    if row.kernel_version == spec.kernel_version:  # another version may have had other buckets and tunables
+        try:
+            spec.parse_shape(row.bucket)
+            spec.space.validate(row.config, source="config")
+        except (KernelhubError, ValueError) as exc:
+            return f"invalid: {exc}"
     if row.gpu_key != device.key:  # another GPU's row: only the kernel version can be judged here
         return "stale: kernel changed" if row.kernel_version != spec.kernel_version else "ok"
     reason = stale_reason(row, spec, device)
@@ -88,11 +103,12 @@ def _read_rows(spec: FamilySpec, dtype: str, device: DeviceIdentity) -> dict[Sha
     from kernelhub.db import ConfigStore, default_url
     from kernelhub.db.store import sqlite_path
 
-    url = default_url()
-    path = sqlite_path(url)
-    if path is not None and not path.exists():
-        return {}  # nothing tuned yet; reading never creates a database
+    url = None  # for the message, should finding the database fail
     try:
+        url = default_url()
+        path = sqlite_path(url)
+        if path is not None and not path.exists():
+            return {}  # nothing tuned yet; reading never creates a database
         with ConfigStore(url, create=False) as store:
             rows = store.best_configs(gpu_key=device.key, family=spec.name, dtype=dtype,
                                       kernel_version=spec.kernel_version)
@@ -100,7 +116,7 @@ def _read_rows(spec: FamilySpec, dtype: str, device: DeviceIdentity) -> dict[Sha
         _warn_once(f"kernelhub: using DEFAULT configs: {exc}")
         return {}
     except Exception as exc:  # never let the database break a kernel call
-        _warn_once(f"kernelhub: using DEFAULT configs: config database {url} is unreadable "
+        _warn_once(f"kernelhub: using DEFAULT configs: config database {url or 'at KERNELHUB_DB'} is unreadable "
                    f"({type(exc).__name__}: {exc})")
         return {}
     valid: dict[Shape, Config] = {}

@@ -9,6 +9,10 @@ class InvalidConfigError(KernelhubError, ValueError):
     """A launch config that is not a member of its family's search space."""
 
 
+class UnknownFamilyError(KernelhubError):
+    """A kernel family name that is not registered (a loader failure is a plain KernelhubError)."""
+
+
 class ConfigDBError(KernelhubError):
     """The config database cannot be opened, read or written (message says which and why)."""
 

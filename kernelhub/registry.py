@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kernelhub.errors import KernelhubError
+from kernelhub.errors import KernelhubError, UnknownFamilyError
 from kernelhub.space import Config, SearchSpace
 
 Shape = tuple[int, ...]
@@ -127,8 +127,9 @@ def _load_builtin_families() -> None:
     for module in filter(None, (m.strip() for m in os.environ.get(EXTRA_FAMILIES_ENV, "").split(","))):
         try:
             importlib.import_module(module)
-        except ImportError as exc:
-            raise KernelhubError(f"{EXTRA_FAMILIES_ENV}: cannot import {module!r}: {exc}") from None
+        except Exception as exc:  # a module that fails to import in any way is one error naming it
+            raise KernelhubError(f"{EXTRA_FAMILIES_ENV}: cannot import {module!r}: {type(exc).__name__}: {exc}; "
+                                 f"fix or remove it from {EXTRA_FAMILIES_ENV}") from None
 
 
 def families() -> list[FamilySpec]:
@@ -138,8 +139,10 @@ def families() -> list[FamilySpec]:
 
 
 def get_family(name: str) -> FamilySpec:
+    """The spec registered as `name`: UnknownFamilyError if none is; a family module that fails to
+    load raises its own KernelhubError, so a broken KERNELHUB_FAMILIES is never "unknown kernel"."""
     _load_builtin_families()
     try:
         return _FAMILIES[name]
-    except KeyError:
-        raise KernelhubError(f"unknown kernel family {name!r}; known: {sorted(_FAMILIES)}") from None
+    except (KeyError, TypeError):  # TypeError: an unhashable name read from a corrupt row or file
+        raise UnknownFamilyError(f"unknown kernel family {name!r}; known: {sorted(_FAMILIES)}") from None

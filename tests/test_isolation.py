@@ -98,8 +98,10 @@ def test_healthy_workers_are_reused_and_a_crashed_one_replaced(faults):
 def test_trial_timeout_must_be_positive_seconds(timeout, capsys):
     with pytest.raises(KernelhubError, match="trial_timeout: expected a positive number of seconds"):
         IsolatedRunner("cpu", trial_timeout=timeout)
-    assert cli.main(["tune", "--trial-timeout", str(timeout)]) == 1
-    assert "--trial-timeout: expected a positive number of seconds" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # refused by the parser: argparse's usage error
+        cli.main(["tune", "--trial-timeout", str(timeout)])
+    assert exit_info.value.code == 2
+    assert "argument --trial-timeout: expected a positive number of seconds" in capsys.readouterr().err
 
 
 # -- failures teach the sampler -------------------------------------------------------------------

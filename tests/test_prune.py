@@ -85,7 +85,7 @@ def test_prune_asks_and_keeps_everything_unless_told_yes(seeded, capsys, monkeyp
 def test_prune_removes_the_stale_rows_on_yes(seeded, capsys, monkeypatch, answer):
     assert _prune(monkeypatch, answer) == 0
     out = capsys.readouterr().out
-    assert "removed 3 stale rows" in out
+    assert "removed 3 stale or invalid rows" in out
     assert "keeping 1 rows of kernels this install does not know" in out
     assert _stored() == set(ROWS) - STALE
 
@@ -93,16 +93,16 @@ def test_prune_removes_the_stale_rows_on_yes(seeded, capsys, monkeypatch, answer
 def test_prune_yes_does_not_ask(seeded, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO())  # an answer would be read as "no"
     assert cli.main(["prune", "--yes"]) == 0
-    assert "removed 3 stale rows" in capsys.readouterr().out
+    assert "removed 3 stale or invalid rows" in capsys.readouterr().out
     assert _stored() == set(ROWS) - STALE
     assert cli.main(["prune", "--yes"]) == 0  # nothing left to do
-    assert "no stale rows" in capsys.readouterr().out
+    assert "no stale or invalid rows" in capsys.readouterr().out
     assert _stored() == set(ROWS) - STALE
 
 
 def test_prune_filters_by_gpu(seeded, capsys, monkeypatch):
     assert _prune(monkeypatch, "", "--yes", "--gpu", "h100") == 0
-    assert "removed 1 stale rows" in capsys.readouterr().out
+    assert "removed 1 stale or invalid rows" in capsys.readouterr().out
     assert _stored() == set(ROWS) - {"kernel changed, another GPU"}
 
 
@@ -115,7 +115,7 @@ def test_prune_keeps_a_row_tuned_again_after_it_was_listed(seeded, capsys, monke
 
     monkeypatch.setattr("builtins.input", answer_yes_while_a_tuner_rewrites_the_row)
     assert cli.main(["prune"]) == 0
-    assert "removed 2 stale rows; 1 changed since listed and were kept" in capsys.readouterr().out
+    assert "removed 2 stale or invalid rows; 1 changed since listed and were kept" in capsys.readouterr().out
     assert _stored() == set(ROWS) - STALE | {"triton changed"}
 
 

@@ -21,7 +21,8 @@ import pytest
 from kernelhub import registry
 from kernelhub.db import ConfigStore
 from kernelhub.device import current_device
-from kernelhub.tuning.tuner import JOURNAL_NAME, Tuner, study_storage
+from kernelhub.db.store import study_journal_path
+from kernelhub.tuning.tuner import Tuner, study_storage
 
 WORKERS = 4
 TRIALS = 4  # each worker's budget per study; the study ends with at least this many trials
@@ -100,7 +101,8 @@ def _check_shared_results(url: str, families_module, outputs: list[str]) -> None
 def test_four_workers_share_one_sqlite_database(tmp_path, families_module):
     url = f"sqlite:///{tmp_path / 'configs.sqlite'}"
     outputs = _tune_in_parallel(url, tmp_path, families_module)
-    assert (tmp_path / JOURNAL_NAME).exists()  # the studies lived in the journal, not in Optuna's SQLite storage
+    # The studies lived in the database's own journal, not in Optuna's SQLite storage.
+    assert study_journal_path(tmp_path / 'configs.sqlite').exists()
     _check_shared_results(url, families_module, outputs)
 
 

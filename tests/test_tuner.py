@@ -152,3 +152,54 @@ def test_neighbour_buckets_best_configs_are_tried_first(private_config_db):
     with ConfigStore(private_config_db) as store:
         first, second = store.trials(gpu_key="test-cpu", bucket="M=8,N=33,K=40")
     assert first.config == INT8.default_config((7, 33, 40)) and second.config == neighbour
+
+
+# -- studies belong to their database ---------------------------------------------------------------
+
+
+def _journal(path: Path) -> Path:
+    from kernelhub.db.store import study_journal_path
+
+    return study_journal_path(path)
+
+
+def test_two_databases_in_one_directory_keep_their_own_studies(tmp_path):
+    spec = _doubling_family()
+    for name in ("a.sqlite", "b.sqlite"):  # b once took a's finished study as its own and measured nothing
+        assert _tuner(f"sqlite:///{tmp_path / name}", seed=1).tune(spec, (7,), "int32", n_trials=3).trials == 3
+    for name in ("a.sqlite", "b.sqlite"):
+        with ConfigStore(tmp_path / name) as store:
+            assert [t.number for t in store.trials()] == [0, 1, 2]
+        assert _journal(tmp_path / name).exists()
+
+
+def test_a_database_made_again_refuses_the_old_studies(tmp_path):
+    spec, path = _doubling_family(), tmp_path / "a.sqlite"
+    _tuner(f"sqlite:///{path}").tune(spec, (7,), "int32", n_trials=2)
+    path.unlink()
+    ConfigStore(path).close()  # a new, empty database under the old name, beside the old studies
+    before = _journal(path).read_bytes()
+    with pytest.raises(KernelhubError, match=rf"the tuning studies in the study journal {_journal(path)} belong to "
+                                             rf"another config database .* Nothing was tuned; move {_journal(path)} "
+                                             "away"):
+        _tuner(f"sqlite:///{path}").tune(spec, (7,), "int32", n_trials=2)
+    assert _journal(path).read_bytes() == before  # left as it was
+    _journal(path).rename(tmp_path / "old-journal")  # as the message says
+    assert _tuner(f"sqlite:///{path}").tune(spec, (7,), "int32", n_trials=2).trials == 2
+
+
+def test_a_study_started_afresh_keeps_the_earlier_trials_beside_it(tmp_path):
+    spec, path = _doubling_family(), tmp_path / "a.sqlite"
+    _tuner(f"sqlite:///{path}", seed=1).tune(spec, (7,), "int32", n_trials=3)
+    with ConfigStore(path) as store:
+        earlier = store.trials()
+    _journal(path).rename(tmp_path / "moved-away")
+    _tuner(f"sqlite:///{path}", seed=2).tune(spec, (7,), "int32", n_trials=2)
+    with ConfigStore(path) as store:
+        study = earlier[0].study
+        assert [t.number for t in store.trials(study=study)] == [0, 1]  # the new study's own trials
+        (archived,) = {t.study for t in store.trials()} - {study}
+        assert archived.startswith(f"{study}@")
+        kept = store.trials(study=archived)
+    assert [dataclasses.replace(t, id=None, study=study) for t in kept] == \
+        [dataclasses.replace(t, id=None) for t in earlier]

@@ -219,9 +219,9 @@ def replay_sweep(doc: dict, *, samplers: Sequence[str] | None = None, seeds: int
                  budget: int = DEFAULT_BUDGET, progress: Callable[[str], None] = lambda line: None) -> ReplayReport:
     """Replay every shape of a validated sweep document (`load_sweep`) with each sampler and seed."""
     if seeds < 1:
-        raise KernelhubError(f"--seeds must be at least 1, got {seeds}")
+        raise KernelhubError(f"seeds: expected at least 1, got {seeds}")
     if budget < 1:
-        raise KernelhubError(f"--budget must be at least 1, got {budget}")
+        raise KernelhubError(f"budget: expected at least 1, got {budget}")
     names = sampler_names(samplers)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     shapes = []

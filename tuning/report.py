@@ -11,7 +11,8 @@ Written into one folder (`kernelhub report -o DIR`):
 
 The plots show current rows only; stale rows (`kernelhub.configs.row_status`) are in the table,
 marked. Rows and studies of families this install does not know, or whose bucket it cannot parse,
-have no FLOP or byte count and no DEFAULT: the summary lists them as skipped.
+have no FLOP or byte count and no DEFAULT, and rows or trials the store reads back invalid (a value
+that breaks its column's rule) have nothing to plot: the summary lists them all as skipped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from kernelhub.db import BestConfig, ConfigStore, TrialRecord
 
 from kernelhub.configs import row_status
 from kernelhub.device import DeviceIdentity
-from kernelhub.errors import KernelhubError
+from kernelhub.errors import KernelhubError, UnknownFamilyError
 from kernelhub.registry import FamilySpec, Shape, get_family
 
 SUMMARY_NAME = "summary.md"
@@ -108,13 +109,18 @@ def write_report(store: ConfigStore, directory: str | Path, *, device: DeviceIde
     writing nothing, when the database holds no config and no trial matching the filters.
     """
     _require_matplotlib()
-    rows = store.best_configs(gpu_key=gpu_key, family=family)
-    trials = store.trials(gpu_key=gpu_key, family=family)
+    rows = store.best_configs(gpu_key=gpu_key, family=family, include_invalid=True)
+    trials = store.trials(gpu_key=gpu_key, family=family, include_invalid=True)
     if not rows and not trials:
         return None
     directory = _make_directory(Path(directory))
     names = _FileNames(directory)
     report = Report(directory, directory / SUMMARY_NAME, [], [])
+    report.skipped += [f"config {r.gpu_key} {r.family} {r.bucket} {r.dtype} (row {r.id}): invalid: {r.invalid}"
+                       for r in rows if r.invalid]
+    report.skipped += [f"trial {t.study} {t.number} (row {t.id}): invalid: {t.invalid}" for t in trials if t.invalid]
+    rows = [r for r in rows if not r.invalid]
+    trials = [t for t in trials if not t.invalid]
     lines = ["# kernelhub report", "",
              (f"Config database `{store.where}`: {len(rows)} tuned configs, {len(trials)} trials. "
               f"Status as judged on this machine, {device.describe()}; the plots show current rows only."), ""]
@@ -138,7 +144,7 @@ def _gpu_section(gpu: str, rows: Sequence[BestConfig], trials: Sequence[TrialRec
     for row in (r for r in rows if r.gpu_key == gpu):
         try:
             spec, bucket = _spec_and_bucket(row.family, row.bucket)
-        except (KernelhubError, ValueError) as exc:
+        except (UnknownFamilyError, ValueError) as exc:
             report.skipped.append(f"config {gpu} {row.family} {row.bucket} {row.dtype}: {exc}")
             continue
         tuned.append(TunedRow(row, spec, bucket, row_status(row, device)))
@@ -216,7 +222,7 @@ def _history_section(trials: Sequence[TrialRecord], names: _FileNames, report: R
         first = study_trials[0]
         try:
             spec, bucket = _spec_and_bucket(first.family, first.bucket)
-        except (KernelhubError, ValueError) as exc:
+        except (UnknownFamilyError, ValueError) as exc:
             report.skipped.append(f"study {study}: {exc}")
             continue
         path = names.new("history", study)
@@ -332,7 +338,7 @@ def _save(fig, path: Path) -> None:
 
 
 def _spec_and_bucket(family: str, bucket: str) -> tuple[FamilySpec, Shape]:
-    """Raises KernelhubError for an unknown family, ValueError for a bucket it cannot parse."""
+    """Raises UnknownFamilyError for an unknown family, ValueError for a bucket it cannot parse."""
     spec = get_family(family)
     return spec, spec.parse_shape(bucket)
 

@@ -24,6 +24,11 @@ the study name holds the kernel version, so re-running continues the same study,
 trials count against `--trials` and are not measured again, and a changed kernel starts afresh.
 A run killed at any moment (even `kill -9`) loses only the trial in flight: the database rows
 follow Optuna's record of finished trials, and a rerun writes any row the kill cut off.
+
+Studies belong to their config database: a SQLite database `NAME` keeps them in `NAME.optuna-journal`
+beside it, and every study carries the database's id (`ConfigStore.database_id`) as a user
+attribute. A tuner refuses studies of another id (the database was deleted and made again, or
+the journal copied from elsewhere), so it never stores another database's timings as its own.
 """
 
 from __future__ import annotations
@@ -33,21 +38,22 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import optuna
 import sqlalchemy.exc
 import torch
 
 from kernelhub.db import BestConfig, ConfigStore, TrialRecord
-from kernelhub.db.store import sqlite_path
+from kernelhub.db.store import database_where, sqlite_path, study_journal_path
 from kernelhub.device import DeviceIdentity
-from kernelhub.errors import KernelhubError
+from kernelhub.errors import ConfigDBError, KernelhubError
 from kernelhub.registry import FamilySpec, Shape
 from kernelhub.space import Config
 from kernelhub.tuning.timing import Timing
 from kernelhub.tuning.trial import InProcessRunner, TrialRunner
 
-JOURNAL_NAME = "optuna-journal.log"
+DATABASE_ID_ATTR = "kernelhub_database_id"  # study user attribute: the config database it belongs to
 STORAGE_ATTEMPTS = 5
 MIN_FLOPS_PER_BYTE = 16
 FAILED_TRIAL_VALUE = math.inf  # what Optuna is told for a failed trial: worse than any time
@@ -64,17 +70,22 @@ def DEFAULT_SAMPLER(seed: int) -> optuna.samplers.BaseSampler:
 def study_storage(config_db_url: str) -> optuna.storages.BaseStorage:
     """Where studies live, chosen to be safe for several tuner processes at once.
 
-    Next to a SQLite config database: Optuna's journal file (append-only, file-locked), because
-    Optuna's own SQLite storage is not meant for parallel workers ("database is locked"). With a
-    server database (PostgreSQL, MySQL): Optuna's RDB storage in that same database, so every
-    worker on every machine shares the studies.
+    Next to a SQLite config database: Optuna's journal file of that database (`study_journal_path`:
+    append-only, file-locked), because Optuna's own SQLite storage is not meant for parallel
+    workers ("database is locked"). With a server database (PostgreSQL, MySQL): Optuna's RDB
+    storage in that same database, so every worker on every machine shares the studies.
     """
     path = sqlite_path(config_db_url)
     if path is not None:
         from optuna.storages.journal import JournalFileBackend
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path.with_name(JOURNAL_NAME))))
+        journal = study_journal_path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+        except OSError as exc:
+            raise ConfigDBError(f"cannot open the study journal {journal.absolute()}: {exc.strerror or exc}; "
+                                "its directory must be writable") from None
     if config_db_url.startswith("sqlite"):
         return optuna.storages.InMemoryStorage()  # in-memory config database: nothing to resume
     # Workers that start together against an empty database all create Optuna's tables; all but
@@ -82,9 +93,11 @@ def study_storage(config_db_url: str) -> optuna.storages.BaseStorage:
     for attempt in range(STORAGE_ATTEMPTS):
         try:
             return optuna.storages.RDBStorage(config_db_url)
-        except sqlalchemy.exc.SQLAlchemyError:
+        except sqlalchemy.exc.SQLAlchemyError as exc:
             if attempt == STORAGE_ATTEMPTS - 1:
-                raise
+                reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ConfigDBError(f"cannot open Optuna's study tables in {database_where(config_db_url)}: "
+                                    f"{reason}") from None
             time.sleep(0.2 * (attempt + 1))
 
 
@@ -128,6 +141,31 @@ class Tuner:
         self.progress = progress
         self.runner = runner or InProcessRunner(self.torch_device)
         self.sampler = sampler
+        self._database_id: str | None = None  # known once the studies were checked (first `tune`)
+
+    @property
+    def database_id(self) -> str:
+        """The config database's id, once every study in the storage was checked to be of it."""
+        if self._database_id is None:
+            database_id = self.store.database_id()
+            for study in self.storage.get_all_studies():
+                self._check_owner(study.user_attrs, database_id)
+            self._database_id = database_id
+        return self._database_id
+
+    def _check_owner(self, user_attrs: dict, database_id: str) -> None:
+        """Refuse a study of another config database (see the module docstring); the studies are left as they are."""
+        owner = user_attrs.get(DATABASE_ID_ATTR)
+        if owner is None or owner == database_id:
+            return
+        path = self.store.path
+        where = (f"the study journal {study_journal_path(path).absolute()}" if path is not None
+                 else f"Optuna's tables in {database_where(self.store.url)}")
+        fix = (f"move {study_journal_path(path).absolute()} away (this database's studies then start afresh)"
+               if path is not None else "drop Optuna's tables from it, or use a fresh database")
+        raise KernelhubError(f"the tuning studies in {where} belong to another config database (id {owner}), not "
+                             f"to {self.store.where} (id {database_id}): it was made again or the studies "
+                             f"were copied, and their timings are not this database's. Nothing was tuned; {fix}")
 
     def check_tunable(self, spec: FamilySpec) -> None:
         """Raise unless `spec`'s timings on this device are worth recording."""
@@ -147,10 +185,18 @@ class Tuner:
         self.check_tunable(spec)
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         name = self.study_name(spec, shape, dtype)
+        database_id = self.database_id
+        opened_at = datetime.now(timezone.utc)
         study = optuna.create_study(study_name=name, storage=self.storage, direction="minimize",
                                     sampler=self.sampler(self.seed), load_if_exists=True)
+        self._check_owner(study.user_attrs, database_id)
+        if DATABASE_ID_ATTR not in study.user_attrs:
+            study.set_user_attr(DATABASE_ID_ATTR, database_id)
         default = spec.default_config(shape)
         if not study.trials:
+            # A fresh study: trials the database holds under its name are of an earlier study (whose
+            # journal was moved away); they stand aside instead of being replaced trial by trial.
+            self.store.archive_trials(name, before=opened_at)
             for config in [default, *self._neighbour_configs(spec, shape, dtype)]:
                 study.enqueue_trial(config, skip_if_exists=True)
 
