@@ -79,7 +79,7 @@ def measure_shape(op: str, rows: int, n: int, k: int, dtype: str, reps: int, chu
         t_comm = time(lambda: ref.reduce_scatter_single(out, partial))
         t_seq = time(lambda: ref.gemm_reduce_scatter(a, b))
         p2p = lambda chunks: overlap.gemm_reduce_scatter(a, b, out, group=None, chunks=chunks, gemm=no_gemm)  # noqa: E731
-    default = spec.default_config(shape)
+    default = spec.default_config(shape, dtype)
     by_chunks = {}
     for chunks in chunk_choices:
         config = dict(default, CHUNKS=chunks)

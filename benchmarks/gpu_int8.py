@@ -52,7 +52,7 @@ def measure_row(shape: Shape, device, timer: Timer) -> dict:
     a, b, scale_a, scale_b = inputs["a"], inputs["b"], inputs["scale_a"], inputs["scale_b"]
     out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
     tuned = configs.best_config(SPEC, shape, "bfloat16", device_for_tensor(a))
-    default = SPEC.default_config(shape)
+    default = SPEC.default_config(shape, "bfloat16")
 
     def run(config):
         return lambda: int8_gemm_triton(a, b, config=config, out=out, scale_a=scale_a, scale_b=scale_b)

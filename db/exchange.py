@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +30,7 @@ from kernelhub.db.fields import brief, normalize
 from kernelhub.db.models import BestConfigRow, Device
 from kernelhub.db.store import DEVICE_FIELDS, BestConfig, ConfigStore
 from kernelhub.errors import ConfigDBError, KernelhubError, UnknownFamilyError
+from kernelhub.files import write_text
 
 EXPORT_FORMAT = "kernelhub-configs"
 EXPORT_VERSION = 1
@@ -77,38 +77,9 @@ def format_export(doc: dict) -> str:
 
 def write_export_file(doc: dict, path: str | os.PathLike, *, force: bool = False,
                       protected: list[Path] = ()) -> None:
-    """Write `doc` to `path` whole or not at all: into a temporary file beside it, then renamed over it.
-
-    An existing file is replaced only with `force`; the files in `protected` (the database's own)
-    never, whatever their name or link. KernelhubError, with nothing written, when refused or failing.
-    """
-    target = Path(path)
-    if target.is_dir():
-        raise KernelhubError(f"{path} is a directory: give a file name inside it")
-    resolved = target.resolve()  # through symlinks: the file that would change
-    for own in protected:
-        if resolved == own.resolve() or (resolved.exists() and own.exists() and os.path.samefile(resolved, own)):
-            raise KernelhubError(f"{path} is a file of the config database itself ({own}); refused even with "
-                                 "--force: export to another file")
-    if resolved.exists() and not force:
-        raise KernelhubError(f"{path} exists; pass --force to replace it, or export to another file")
-    if not resolved.parent.is_dir():
-        raise KernelhubError(f"cannot write {path}: its directory {resolved.parent} does not exist")
-    text = format_export(doc)
-    try:
-        handle, temporary = tempfile.mkstemp(dir=resolved.parent, prefix=f".{resolved.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise KernelhubError(f"cannot write {path}: {exc.strerror or exc} (in {resolved.parent})") from None
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(file.fileno(), 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
-            file.write(text)
-        os.replace(temporary, resolved)
-    except OSError as exc:
-        Path(temporary).unlink(missing_ok=True)
-        raise KernelhubError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+    """Write `doc` to `path` whole or not at all (`kernelhub.files.write_text`): an existing file
+    only with `force`, the files in `protected` (the database's own) never."""
+    write_text(format_export(doc), path, force=force, protected=protected)
 
 
 def load_export_file(path: str | os.PathLike) -> dict:

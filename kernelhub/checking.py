@@ -17,6 +17,13 @@ from kernelhub.space import Config
 INT_POISON = -0x5A5A5A5A
 
 
+def generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """The seeded generator a family's `make_inputs` draws with on `device`. On the meta device
+    (`kernelhub compile` builds launches from shapes alone) a CPU one, which meta tensors accept."""
+    device = torch.device(device)
+    return torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(seed)
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill `t` in place with values no correct kernel leaves there; returns `t`."""
     if t.dtype.is_floating_point:

@@ -139,6 +139,22 @@ def _trial_runner(torch_device, trial_timeout: float):
                             trial_timeout_s=trial_timeout)
 
 
+def _compile_check(device, trial_timeout: float, wanted: bool):
+    """What `tune` prunes with before a launch: the compiler for this GPU's target (`kernelhub.compiler`,
+    in one compile process beside the trial worker), unless --no-compile-check; None without a target."""
+    from kernelhub.tuning.tuner import compile_check_for
+
+    if not wanted:
+        return None
+    check = compile_check_for(device, timeout=trial_timeout)
+    if check is not None:
+        print(f"compile check: every config is compiled for {check.target.arch} before it is launched; one that "
+              "does not compile, exceeds its limits or spills registers is pruned (--no-compile-check: off)")
+    elif device.is_gpu:
+        print(f"no compile check: kernelhub.compiler has no target for {device.describe()}")
+    return check
+
+
 def _tune_shapes(spec, shape_set: str, world_size: int | None):
     """The shape set, with W replaced by `world_size` for collective families (duplicates dropped)."""
     shapes = spec.shapes(shape_set)
@@ -173,9 +189,12 @@ def cmd_tune(args) -> int:
     url = _db_url(args.db)
     with _open_store(url) as store:
         runner = _trial_runner(torch_device, args.trial_timeout)
+        compile_check = None
         results = []
         try:
-            tuner = Tuner(store, study_storage(url), detected, seed=args.seed, runner=runner)
+            compile_check = _compile_check(detected, args.trial_timeout, not args.no_compile_check)
+            tuner = Tuner(store, study_storage(url), detected, seed=args.seed, runner=runner,
+                          compile_check=compile_check)
             for spec in specs:
                 # --dtype applies to the families that have it; one that no selected family has is an error.
                 dtypes = [d for d in args.dtype if d in spec.dtypes] if args.dtype else spec.dtypes
@@ -188,6 +207,8 @@ def cmd_tune(args) -> int:
                         results.append(tuner.tune(spec, shape, dtype, n_trials=args.trials, timeout=args.timeout))
         finally:
             runner.close()
+            if compile_check is not None:
+                compile_check.close()
     configs.clear_cache()
     rows = [(r.family, r.bucket, r.dtype, r.trials, f"{r.best.median_ms:.4g}" if r.best else "-",
              f"{r.speedup:.2f}x" if r.speedup else "-") for r in results]
@@ -346,6 +367,65 @@ def cmd_report(args) -> int:
     return 0
 
 
+# -- compile -----------------------------------------------------------------------------------
+
+def _compile_rows(records: list[dict]) -> list[tuple]:
+    """One table row per distinct (kernel, target, dtype, role, config, result): shapes that compile
+    alike share a row."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        figures = [r[k] for k in ("kernel", "function", "target", "dtype", "role", "ok", "error", "shared_bytes",
+                                  "registers", "spills", "mma", "occupancy", "occupancy_limiter")]
+        groups.setdefault(json.dumps([figures, r["config"]], sort_keys=True), []).append(r)
+    rows = []
+    for group in groups.values():
+        r = group[0]
+        config = " ".join(f"{k}={v}" for k, v in r["config"].items())
+        shapes = r["shape"] if len(group) == 1 else f"{len(group)} shapes"
+        result = "ok" if r["ok"] else f"FAIL: {r['error']}"
+        rows.append((r["kernel"], r["function"] or "-", r["target"], r["dtype"], r["role"], config, shapes,
+                     "-" if r["shared_bytes"] is None else f"{r['shared_bytes'] / 1024:.1f}",
+                     r["registers"] if r["registers"] is not None else "-",
+                     r["spills"] if r["spills"] is not None else "-", r["mma"] or "-",
+                     "-" if r["occupancy"] is None else f"{r['occupancy']} ({r['occupancy_limiter']})", result))
+    return rows
+
+
+def cmd_compile(args) -> int:
+    import time
+
+    from kernelhub.compiler import compile_jobs, plan, problems
+    from kernelhub.compiler.targets import DEFAULT_TARGETS
+    from kernelhub.files import write_text
+
+    config = None
+    if args.config is not None:
+        try:
+            config = json.loads(args.config)
+        except json.JSONDecodeError as exc:
+            raise KernelhubError(f"--config: not JSON ({exc})") from None
+    jobs = plan(args.kernel, args.target or DEFAULT_TARGETS, shape_set=args.shapes, samples=args.configs,
+                config=config, dtypes=args.dtype, seed=args.seed)
+    started = time.perf_counter()
+    records = compile_jobs(jobs, workers=args.jobs, use_cache=not args.no_cache,
+                           progress=lambda line: print(line, file=sys.stderr))
+    print(_table(("kernel", "function", "target", "dtype", "role", "config", "shapes", "smem KiB", "regs", "spills",
+                  "mma", "warps/SM", "result"), _compile_rows(records)))
+    if args.json:
+        import triton
+
+        doc = {"triton_version": triton.__version__, "records": records}
+        write_text(json.dumps(doc, indent=1) + "\n", args.json, force=True)
+    found = problems(records)
+    cached = sum(bool(r["cached"]) for r in records)
+    print(f"{len(records)} kernels compiled for {', '.join(dict.fromkeys(r['target'] for r in records))} in "
+          f"{time.perf_counter() - started:.1f} s ({cached} from the cache)" + (f"; wrote {args.json}" if args.json else ""))
+    for r, why in found:
+        print(f"kernelhub compile: {r['kernel']} {r['function'] or ''} {r['target']} {r['shape']} {r['dtype']}: {why}",
+              file=sys.stderr)
+    return 1 if found else 0
+
+
 # -- sweep / replay ----------------------------------------------------------------------------
 
 def cmd_sweep(args) -> int:
@@ -454,6 +534,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_integer(0, MAX_SEED), default=0)
     p.set_defaults(func=cmd_check)
 
+    p = sub.add_parser("compile", help="compile every Triton kernel for real GPU targets (no GPU needed) and "
+                                       "check it against the compiler: registers, spills, shared memory")
+    p.add_argument("--kernel", action="append", type=_name,
+                   help="a family or fixed kernel (repeatable; default: all)")
+    p.add_argument("--target", action="append", type=_name,
+                   help="sm_80, sm_86, sm_89, sm_90, sm_100, gfx942 or a GPU key such as h100 (repeatable; "
+                        "default: sm_80 and sm_90)")
+    p.add_argument("--shapes", default="tune", type=_name, help="shape set: smoke, tune or bench (default: tune)")
+    p.add_argument("--configs", type=_integer(0), default=2,
+                   help="sampled feasible configs per shape besides the DEFAULT (default 2)")
+    p.add_argument("--config", help="exactly this config (JSON; with one --kernel), instead of the DEFAULT and samples")
+    p.add_argument("--dtype", action="append", type=_name, help="only this dtype (repeatable)")
+    p.add_argument("--json", help="also write every record to this JSON file")
+    p.add_argument("--jobs", type=_integer(1), default=None, help="compiler processes (default: one per CPU core)")
+    p.add_argument("--no-cache", action="store_true", help="compile again instead of reading earlier results")
+    p.add_argument("--seed", type=_integer(0, MAX_SEED), default=0)
+    p.set_defaults(func=cmd_compile)
+
     p = sub.add_parser("tune", help="find the fastest correct config per shape and store it")
     p.add_argument("--gpu", type=_name, help="GPU key to tune for; must be this machine's (default: detected)")
     p.add_argument("--kernel", action="append", type=_name, help="family name (repeatable; default: all)")
@@ -461,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", action="append", type=_name,
                    help="dtype (repeatable; each family tunes those it has; default: all of each family's)")
     p.add_argument("--trials", type=_integer(1), default=50,
-                   help="trials per study, counting earlier runs (default 50)")
+                   help="distinct configs tried per study, counting earlier runs; a space with fewer is tried "
+                        "whole (default 50)")
     p.add_argument("--world-size", type=_integer(1), default=None,
                    help="ranks for collective families (local processes; default: each shape's own W, 2 in "
                         "the shape sets)")
@@ -469,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial-timeout", type=_seconds, default=120.0,
                    help="seconds one trial may take; then its worker process is killed and the trial recorded "
                         "as a timeout (default 120)")
+    p.add_argument("--no-compile-check", action="store_true",
+                   help="on a GPU, launch every config the constraints accept instead of first compiling it for "
+                        "this GPU and pruning those that do not compile, exceed its limits or spill registers")
     p.add_argument("--seed", type=_integer(0, MAX_SEED), default=0)
     p.add_argument("--db", help=db_help)
     p.set_defaults(func=cmd_tune)

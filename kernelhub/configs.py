@@ -138,14 +138,14 @@ def _read_rows(spec: FamilySpec, dtype: str, device: DeviceIdentity) -> dict[Sha
     return valid
 
 
-def _choose(spec: FamilySpec, shape: Shape, stored: dict[Shape, Config]) -> Config:
+def _choose(spec: FamilySpec, shape: Shape, dtype: str, stored: dict[Shape, Config]) -> Config:
     bucket = spec.bucket(shape)
     if bucket in stored:
         return stored[bucket]
     scored = [(d, b) for b in stored if (d := spec.bucket_distance(bucket, b)) is not None]
     if scored:
         return stored[min(scored)[1]]
-    return spec.default_config(shape)
+    return spec.default_config(shape, dtype)
 
 
 def best_config(spec: FamilySpec, shape: Shape, dtype: str, device: DeviceIdentity) -> Config:
@@ -158,7 +158,7 @@ def best_config(spec: FamilySpec, shape: Shape, dtype: str, device: DeviceIdenti
         table_key = (device.key, spec.name, dtype)
         if table_key not in _stored:
             _stored[table_key] = _read_rows(spec, dtype, device)
-        config = _choose(spec, shape, _stored[table_key])
+        config = _choose(spec, shape, dtype, _stored[table_key])
         if len(_resolved) >= _MAX_RESOLVED:
             _resolved.clear()
         _resolved[key] = config

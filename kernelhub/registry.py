@@ -32,15 +32,38 @@ Inputs = dict[str, Any]  # tensors, plus plain values such as an output dtype
 SHAPE_SETS = ("smoke", "tune", "bench")
 
 
+class _Shapes:
+    """Shape text and shape sets, for the kernel descriptions below (they have `name`,
+    `shape_names` and `shape_sets`)."""
+
+    def format_shape(self, shape: Sequence[int]) -> str:
+        """`(1, 4096, 4096)` -> `"M=1,N=4096,K=4096"` (also the database's bucket text)."""
+        return ",".join(f"{n}={v}" for n, v in zip(self.shape_names, shape, strict=True))
+
+    def parse_shape(self, text: str) -> Shape:
+        """Inverse of `format_shape`; raises ValueError on anything else."""
+        parts = [p.split("=", 1) for p in text.split(",")]
+        if [p[0] for p in parts] != list(self.shape_names) or any(len(p) != 2 for p in parts):
+            raise ValueError(f"{text!r} is not a {self.name} shape of the form "
+                             + ",".join(f"{n}=<int>" for n in self.shape_names))
+        return tuple(int(p[1]) for p in parts)
+
+    def shapes(self, shape_set: str) -> Sequence[Shape]:
+        if shape_set not in self.shape_sets:
+            raise KernelhubError(f"unknown shape set {shape_set!r} for {self.name}; "
+                                 f"expected one of {sorted(self.shape_sets)}")
+        return self.shape_sets[shape_set]
+
+
 @dataclass(frozen=True)
-class FamilySpec:
+class FamilySpec(_Shapes):
     name: str
     summary: str
     shape_names: tuple[str, ...]
     dtypes: tuple[str, ...]
     space: SearchSpace
-    # DEFAULT config for a shape: the fallback when nothing is tuned; must handle any shape.
-    default_config: Callable[[Shape], Config]
+    # default_config(shape, dtype): the fallback when nothing is tuned; must handle any shape.
+    default_config: Callable[[Shape, str], Config]
     # Every distinct DEFAULT (checked by `kernelhub check`, enqueued first by the tuner).
     defaults: tuple[Config, ...]
     # make_inputs(shape, dtype, device, seed) -> inputs; fresh random data for each seed.
@@ -71,24 +94,6 @@ class FamilySpec:
     # so `kernelhub tune --gpu cpu` times it for real and stores the winner under the `cpu` key.
     tunes_on_cpu: bool = False
 
-    def format_shape(self, shape: Sequence[int]) -> str:
-        """`(1, 4096, 4096)` -> `"M=1,N=4096,K=4096"` (also the database's bucket text)."""
-        return ",".join(f"{n}={v}" for n, v in zip(self.shape_names, shape, strict=True))
-
-    def parse_shape(self, text: str) -> Shape:
-        """Inverse of `format_shape`; raises ValueError on anything else."""
-        parts = [p.split("=", 1) for p in text.split(",")]
-        if [p[0] for p in parts] != list(self.shape_names) or any(len(p) != 2 for p in parts):
-            raise ValueError(f"{text!r} is not a {self.name} shape of the form "
-                             + ",".join(f"{n}=<int>" for n in self.shape_names))
-        return tuple(int(p[1]) for p in parts)
-
-    def shapes(self, shape_set: str) -> Sequence[Shape]:
-        if shape_set not in self.shape_sets:
-            raise KernelhubError(f"unknown shape set {shape_set!r} for {self.name}; "
-                                 f"expected one of {sorted(self.shape_sets)}")
-        return self.shape_sets[shape_set]
-
     @functools.cached_property
     def kernel_version(self) -> str:
         """Digest of the kernel sources and the search space: tuned rows of another version are stale."""
@@ -98,7 +103,27 @@ class FamilySpec:
         return digest.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class FixedKernel(_Shapes):
+    """A shipped Triton kernel that is not tuned: its launch config follows from the shape (the
+    quantize kernel, the projection of `lowrank_keys`). `kernelhub compile` builds it at its
+    shape sets like a family's kernels; its tests check it against the reference."""
+
+    name: str  # the op it implements, e.g. "quantize_int8"
+    summary: str
+    shape_names: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    shape_sets: Mapping[str, Sequence[Shape]]
+    # make_inputs(shape, dtype, device, seed) -> inputs, as a family's (meta tensors included).
+    make_inputs: Callable[[Shape, str, torch.device | str, int], Inputs]
+    # launch(inputs): the host wrapper with fresh outputs and its own config.
+    launch: Callable[[Inputs], object]
+    # The launch config a shape gets (what reports show).
+    config: Callable[[Shape], Config]
+
+
 _FAMILIES: dict[str, FamilySpec] = {}
+_FIXED: dict[str, FixedKernel] = {}
 
 
 def register(spec: FamilySpec) -> FamilySpec:
@@ -111,6 +136,13 @@ def register(spec: FamilySpec) -> FamilySpec:
         spec.space.validate(config, source=f"{spec.name} DEFAULT")
     _FAMILIES[spec.name] = spec
     return spec
+
+
+def register_fixed(kernel: FixedKernel) -> FixedKernel:
+    if kernel.name in _FIXED and _FIXED[kernel.name] is not kernel:
+        raise KernelhubError(f"fixed kernel {kernel.name!r} is registered twice")
+    _FIXED[kernel.name] = kernel
+    return kernel
 
 
 # Comma-separated modules to import after the built-in families: out-of-tree families (and the
@@ -136,6 +168,12 @@ def families() -> list[FamilySpec]:
     """All registered families, in registration order."""
     _load_builtin_families()
     return list(_FAMILIES.values())
+
+
+def fixed_kernels() -> list[FixedKernel]:
+    """All registered untuned kernels, in registration order."""
+    _load_builtin_families()
+    return list(_FIXED.values())
 
 
 def get_family(name: str) -> FamilySpec:

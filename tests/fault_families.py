@@ -9,12 +9,9 @@ Both compute out = 2 * x on a tiny int32 vector, on the CPU for real (`tunes_on_
 import ctypes
 import os
 import time
-from pathlib import Path
 
-import torch
-
-from kernelhub.checking import mismatch_exact
-from kernelhub.registry import FamilySpec, register
+from doubling import doubling_family
+from kernelhub.registry import register
 from kernelhub.space import SearchSpace
 
 NONE, WRONG, RAISE, SEGFAULT, ABORT, HANG = range(6)
@@ -41,24 +38,7 @@ def _napping_launch(inputs, config, out):
     return out
 
 
-def _doubling_family(name: str, space: SearchSpace, default: dict, launch) -> FamilySpec:
-    shapes = [(7,)]
-    return FamilySpec(
-        name=name, summary="test only", shape_names=("N",), dtypes=("int32",), space=space,
-        default_config=lambda shape: dict(default), defaults=(default,),
-        make_inputs=lambda shape, dtype, device, seed: {
-            "x": torch.randint(1, 100, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int32)},
-        reference=lambda inputs: inputs["x"] * 2, launch=launch,
-        new_output=lambda inputs: torch.empty_like(inputs["x"]),
-        compare=lambda actual, expected, inputs: mismatch_exact(actual, expected),
-        shape_sets={"smoke": shapes, "tune": shapes, "bench": shapes},
-        bucket=lambda shape: shape, bucket_distance=lambda a, b: None,
-        flops=lambda shape: 0, bytes_moved=lambda shape, dtype: 8 * shape[0],
-        source_files=(Path(__file__),), tunes_on_cpu=True,
-    )
-
-
-FAULTY = register(_doubling_family("test_faults", SearchSpace({"FAULT": tuple(FAULTS)}), {"FAULT": NONE},
+FAULTY = register(doubling_family("test_faults", SearchSpace({"FAULT": tuple(FAULTS)}), {"FAULT": NONE},
                                    _faulty_launch))
-NAPPING = register(_doubling_family("test_naps", SearchSpace({"NAP_MS": (0, 2, 5, 10, 20)}), {"NAP_MS": 10},
+NAPPING = register(doubling_family("test_naps", SearchSpace({"NAP_MS": (0, 2, 5, 10, 20)}), {"NAP_MS": 10},
                                     _napping_launch))

@@ -7,3 +7,8 @@ bash .ci/install.sh test
 # it stops when this script exits (an EXIT trap, so pytest is not exec'd).
 source .ci/postgres.sh
 "${PYTHON:-python3}" -m pytest "$@"
+# The whole run (no pytest arguments) also compiles the DEFAULTs under the older Triton the GPU
+# machines carry, in a throwaway directory.
+if [ $# -eq 0 ]; then
+    bash .ci/triton36.sh
+fi

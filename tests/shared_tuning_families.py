@@ -57,7 +57,7 @@ def _launch(inputs, config, out):
 SPEC = register(FamilySpec(
     name=NAME, summary="test only: doubles its input, slowly by config", shape_names=("N",), dtypes=("int32",),
     space=SearchSpace(params={"DELAY_US": (100, 200, 400, 800), "SLOW_EXTRA": (0, 1)}),
-    default_config=lambda shape: dict(DEFAULT), defaults=(DEFAULT,),
+    default_config=lambda shape, dtype: dict(DEFAULT), defaults=(DEFAULT,),
     make_inputs=lambda shape, dtype, device, seed: {
         "x": torch.randint(-50, 50, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int32)},
     reference=lambda inputs: inputs["x"] * 2, launch=_launch,

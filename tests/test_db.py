@@ -48,7 +48,7 @@ def fake_family(monkeypatch):
     default = {"BLOCK": 32, "num_warps": 4}
     return registry.register(registry.FamilySpec(
         name="toy", summary="test family", shape_names=("M", "N"), dtypes=("float16", "bfloat16"),
-        space=space, default_config=lambda shape: dict(default), defaults=(default,),
+        space=space, default_config=lambda shape, dtype: dict(default), defaults=(default,),
         make_inputs=None, reference=None, launch=None, new_output=None, compare=None,
         shape_sets={"smoke": [(1, 8)], "tune": [(1, 8)], "bench": [(1, 8)]},
         bucket=lambda shape: (1 << (shape[0] - 1).bit_length(), shape[1]),

@@ -43,7 +43,7 @@ def _seed(url):
         # DEFAULT first (as the tuner enqueues it), then sampled configs, one failed, two pruned.
         states = ["complete", "complete", "failed", "complete", "pruned", "complete", "pruned", "complete"]
         for number, state in enumerate(states):
-            config = space.default_config((128, 4096, 4096)) if number == 0 else dict(TUNED, GROUP_M=number % 4 + 1)
+            config = space.default_config((128, 4096, 4096), "bfloat16") if number == 0 else dict(TUNED, GROUP_M=number % 4 + 1)
             timed = state == "complete"
             store.add_trial(TrialRecord(
                 gpu_key="h100", family="int8_gemm", bucket="M=128,N=4096,K=4096", dtype="bfloat16",
@@ -141,7 +141,7 @@ def test_history_marks_default_and_untimed_trials(private_config_db):
     _seed(private_config_db)
     with ConfigStore(private_config_db) as store:
         trials = store.trials(study=STUDY)
-    strip, ax = report._history_figure(trials, space.default_config((128, 4096, 4096))).axes
+    strip, ax = report._history_figure(trials, space.default_config((128, 4096, 4096), "bfloat16")).axes
     lines = {line.get_label(): line for line in ax.lines}
     assert list(lines["DEFAULT"].get_xdata()) == [0]
     assert list(lines["best so far"].get_ydata()) == sorted(lines["best so far"].get_ydata(), reverse=True)

@@ -27,20 +27,19 @@ worker's overhead is noise there; a worker start is paid only after a crash or a
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import math
-import os
 import signal
 import subprocess
 import sys
-from multiprocessing.connection import Connection, Pipe
+from multiprocessing.connection import Connection
 
 import torch
 
 from kernelhub.errors import KernelhubError
 from kernelhub.registry import FamilySpec, Shape
 from kernelhub.space import Config
+from kernelhub.subprocesses import exit_description, start_worker, worker_connection
 from kernelhub.tuning.trial import TrialOutcome, measure
 
 DEFAULT_TRIAL_TIMEOUT_S = 120.0  # Triton compiles each new config on its first launch: seconds, not minutes
@@ -116,14 +115,8 @@ class IsolatedRunner:
     # -- the worker's life -----------------------------------------------------------------------
 
     def _start_worker(self) -> None:
-        ours, theirs = Pipe()  # a socket pair: both ends can send
         # The worker imports what the tuner can: the same sys.path (tests and plug-in families included).
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        command = [sys.executable, "-m", "kernelhub.tuning.isolation", str(theirs.fileno()), str(self.device),
-                   str(os.getpid())]
-        self._process = subprocess.Popen(command, env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
-        theirs.close()  # only the worker holds that end now, so its death reads as end-of-file here
-        self._conn = ours
+        self._process, self._conn = start_worker("kernelhub.tuning.isolation", str(self.device))
         reply = self._receive(WORKER_START_TIMEOUT_S)
         if reply is None or reply[0] != "ready":
             self._discard_worker()
@@ -140,7 +133,7 @@ class IsolatedRunner:
         try:
             return self._conn.recv()
         except (EOFError, OSError):  # its end of the socket closed: the worker is gone
-            return ("died", _exit_description(self._process.wait()))
+            return ("died", exit_description(self._process.wait()))
 
     def _discard_worker(self) -> None:
         if self._process.poll() is None:
@@ -150,20 +143,12 @@ class IsolatedRunner:
         self._process = self._conn = None
 
 
-def _exit_description(returncode: int) -> str:
-    if returncode < 0:
-        return f"killed by {signal.Signals(-returncode).name}"
-    return f"exited with code {returncode}"
-
-
 # -- inside the worker -------------------------------------------------------------------------------
 
-def _worker_main(fd: int, device_name: str, tuner_pid: int) -> None:
-    """Answer trial requests on the socket `fd` until told to stop or the tuner goes away."""
-    _die_with(tuner_pid)
+def _worker_main(conn: Connection, device_name: str) -> None:
+    """Answer trial requests on `conn` until told to stop or the tuner goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the tuner, which then stops this worker
     faulthandler.enable()  # a segfault prints where it happened on the tuner's terminal
-    conn = Connection(fd)
     device = torch.device(device_name)
     try:
         from kernelhub.registry import families
@@ -214,14 +199,5 @@ def _device_usable(device: torch.device) -> bool:
         return False
 
 
-def _die_with(tuner_pid: int) -> None:
-    """Have the kernel kill this process when the tuner dies (Linux); elsewhere the socket's EOF ends it."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != tuner_pid:  # the tuner died before the line above took effect
-        os._exit(0)
-
-
 if __name__ == "__main__":
-    _worker_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    _worker_main(worker_connection(sys.argv), sys.argv[3])

@@ -226,7 +226,7 @@ def _history_section(trials: Sequence[TrialRecord], names: _FileNames, report: R
             report.skipped.append(f"study {study}: {exc}")
             continue
         path = names.new("history", study)
-        _save(_history_figure(study_trials, spec.default_config(bucket)), path)
+        _save(_history_figure(study_trials, spec.default_config(bucket, first.dtype)), path)
         report.plots.append(path)
         links.append(f"- [{first.family} {first.bucket} {first.dtype}, kernel {first.kernel_version}]"
                      f"({path.name}): {len(study_trials)} trials")

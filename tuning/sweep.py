@@ -62,10 +62,10 @@ def check_sweepable(spec: FamilySpec, device: DeviceIdentity) -> None:
     Tuner(store=None, storage=None, device=device).check_tunable(spec)
 
 
-def configs_to_sweep(spec: FamilySpec, shape: Shape, smem_bytes: int) -> list[tuple[Config, str | None]]:
+def configs_to_sweep(spec: FamilySpec, shape: Shape, dtype: str, smem_bytes: int) -> list[tuple[Config, str | None]]:
     """Every feasible config in the space's order, then each DEFAULT not among them with the reason it is infeasible."""
     feasible = spec.space.feasible(shape, smem_bytes)
-    defaults = [spec.default_config(shape), *spec.defaults]
+    defaults = [spec.default_config(shape, dtype), *spec.defaults]
     extra = [dict(d) for i, d in enumerate(defaults) if d not in feasible and d not in defaults[:i]]
     return [(c, None) for c in feasible] + [(d, spec.space.infeasibility(d, shape, smem_bytes)) for d in extra]
 
@@ -74,7 +74,7 @@ def sweep_shape(spec: FamilySpec, shape: Shape, dtype: str, device: DeviceIdenti
                 seed: int = 0, progress: Callable[[str], None] = print) -> dict:
     """Measure every config of `configs_to_sweep` at `shape`; the file's entry for that shape."""
     shape_text = spec.format_shape(shape)
-    todo = configs_to_sweep(spec, shape, device.shared_memory_bytes)
+    todo = configs_to_sweep(spec, shape, dtype, device.shared_memory_bytes)
     entries, started = [], time.monotonic()
     for index, (config, infeasible) in enumerate(todo, 1):
         trial_seed = zlib.crc32(f"{seed}/{spec.name}/{shape_text}/{dtype}/{index}".encode())  # fresh inputs each
@@ -91,7 +91,7 @@ def sweep_shape(spec: FamilySpec, shape: Shape, dtype: str, device: DeviceIdenti
         if index % PROGRESS_EVERY == 0 or index == len(todo):
             progress(f"[{device.key} {spec.name} {shape_text} {dtype}] {index}/{len(todo)} configs "
                      f"[{time.monotonic() - started:.0f}s]")
-    return {"shape": shape_text, "default": spec.default_config(shape), "configs": entries}
+    return {"shape": shape_text, "default": spec.default_config(shape, dtype), "configs": entries}
 
 
 def run_sweep(spec: FamilySpec, shape_set: str, dtype: str, device: DeviceIdentity, output: str | os.PathLike, *,
