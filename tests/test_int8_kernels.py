@@ -15,13 +15,14 @@ import torch  # noqa: E402
 
 import kernelhub.kernels  # noqa: E402,F401  (chooses the interpreter when there is no GPU)
 from kernelhub.checking import INT_POISON, mismatch_close, mismatch_exact, poison_  # noqa: E402
+from kernelhub.compiler.targets import target  # noqa: E402
 from kernelhub.kernels.int8_gemm import space  # noqa: E402
 from kernelhub.kernels.int8_gemm.kernel import int8_gemm_triton  # noqa: E402
 from kernelhub.kernels.int8_gemm.quantize import quantize_int8_triton  # noqa: E402
 from kernelhub.reference import int8_gemm as ref  # noqa: E402
 
 DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" or not torch.cuda.is_available() else "cuda"
-H100_SMEM_BYTES = 101376  # smallest shared-memory limit the space is tuned for in CI
+SMALLEST_SMEM_BYTES = target("sm_86").shared_per_block  # the smallest limit the space is tuned for
 
 
 def config_id(config: dict) -> str:
@@ -101,7 +102,7 @@ def test_int32_edge_configs_match_reference(shape, config, layout):
 
 SAMPLED_SHAPES = [(33, 129, 130), (128, 63, 257)]
 SAMPLED_CASES = [(shape, config) for i, shape in enumerate(SAMPLED_SHAPES)
-                 for config in space.SPACE.sample(5, shape, smem_bytes=H100_SMEM_BYTES, seed=10 + i)]
+                 for config in space.SPACE.sample(5, shape, smem_bytes=SMALLEST_SMEM_BYTES, seed=10 + i)]
 
 
 def test_sampled_configs_cover_split_k_and_grouping():

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import kernelhub.kernels.landmark_topk as family  # noqa: E402  (registers the family)
 from kernelhub import configs  # noqa: E402
 from kernelhub.checking import INT_POISON, check_config, mismatch_close, poison_  # noqa: E402
+from kernelhub.compiler.targets import target  # noqa: E402
 from kernelhub.kernels.landmark_topk import ops, space  # noqa: E402
 from kernelhub.kernels.landmark_topk.kernel import landmark_topk_triton  # noqa: E402
 from kernelhub.reference import landmark_topk as ref  # noqa: E402
@@ -25,6 +26,7 @@ from kernelhub.registry import get_family  # noqa: E402
 
 DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" or not torch.cuda.is_available() else "cuda"
 SMALLEST_SMEM = space.DEFAULT_SMEM_BYTES
+H100_SMEM = target("h100").shared_per_block
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
@@ -275,9 +277,10 @@ def test_every_default_matches_reference(shape, config):
     assert_config_matches(shape, "bfloat16", config)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])  # float32 has DEFAULTs of its own
 @pytest.mark.parametrize("shape", family.SPEC.shapes("smoke"), ids=shape_id)
-def test_smoke_shapes_with_their_default(shape):
-    assert_config_matches(shape, "float16", space.default_config(shape), seed=1)
+def test_smoke_shapes_with_their_default(shape, dtype):
+    assert_config_matches(shape, dtype, space.default_config(shape, dtype), seed=1)
 
 
 SAMPLED_SHAPES = [(2, 8, 2, 333, 128, 40), (1, 4, 1, 200, 64, 17)]
@@ -338,7 +341,7 @@ def test_group_padding_beyond_sixteen_heads():
     q_storage[..., 40:] = float("nan")
     lmk_storage[..., 40:] = float("nan")
     q, landmarks = q_storage[..., :40], lmk_storage[..., :40]
-    out = run_launcher(q, landmarks, 8, space.default_config((1, 64, 2, 70, 40, 8)))
+    out = run_launcher(q, landmarks, 8, space.default_config((1, 64, 2, 70, 40, 8), "float32"))
     assert_valid_topk(out, topk_inputs(q, landmarks, 8))
 
 
@@ -492,16 +495,17 @@ def test_registered_and_complete():
 @pytest.mark.parametrize("shape_set", ["smoke", "tune", "bench"])
 def test_default_fits_the_smallest_gpu(shape_set):
     for shape in family.SPEC.shapes(shape_set):
-        config = space.default_config(shape)
-        assert config in space.DEFAULTS
-        assert space.shared_memory_bytes(config, shape) <= SMALLEST_SMEM
-        assert space.registers_per_thread(config, shape) <= space.MAX_REGS_PER_THREAD
+        for dtype in space.DTYPES:
+            config = space.default_config(shape, dtype)
+            assert config in space.DEFAULTS
+            assert space.shared_memory_bytes(config, shape) <= SMALLEST_SMEM
+            assert space.registers_per_thread(config, shape) <= space.MAX_REGS_PER_THREAD
 
 
 def test_default_narrows_for_large_groups_and_head_dims():
-    assert space.default_config((1, 32, 8, 4096, 128, 256))["BLOCK_C"] == 64
+    assert space.default_config((1, 32, 8, 4096, 128, 256), "float16")["BLOCK_C"] == 64
     for shape in [(1, 64, 1, 4096, 256, 256), (1, 128, 8, 100, 256, 10), (1, 256, 2, 100, 128, 10)]:
-        config = space.default_config(shape)
+        config = space.default_config(shape, "float16")
         assert config["BLOCK_C"] == 16
         assert space.shared_memory_bytes(config, shape) <= SMALLEST_SMEM
         assert space.registers_per_thread(config, shape) <= space.MAX_REGS_PER_THREAD
@@ -512,7 +516,7 @@ def test_constraints_reject_what_a_gpu_cannot_run():
     sp = space.SPACE
     base = dict(space.DEFAULT_LONG)
     assert "shared memory" in sp.infeasibility(dict(base, BLOCK_C=256, num_stages=4), shape, SMALLEST_SMEM)
-    assert "registers" in sp.infeasibility(dict(base, BLOCK_C=256, num_warps=2, num_stages=1), shape, 232448)
+    assert "registers" in sp.infeasibility(dict(base, BLOCK_C=256, num_warps=2, num_stages=1), shape, H100_SMEM)
     assert "exceeds the padded number of chunks 64" in sp.infeasibility(
         dict(base, BLOCK_C=128, num_stages=1), (1, 32, 8, 63, 128, 8), SMALLEST_SMEM)
     assert "SPLIT_C=32 exceeds the 16 blocks" in sp.infeasibility(dict(base, SPLIT_C=32), (1, 32, 8, 1024, 128, 8),

@@ -17,13 +17,15 @@ import torch  # noqa: E402
 import kernelhub.kernels.lowrank_keys as family  # noqa: E402  (registers lowrank_gram, reconstruct_keys)
 from kernelhub.checking import poison_  # noqa: E402
 from kernelhub.kernels.lowrank_keys import space  # noqa: E402
+from kernelhub.compiler.targets import target  # noqa: E402
 from kernelhub.kernels.lowrank_keys import ops  # noqa: E402
 from kernelhub.kernels.lowrank_keys.kernel import gram_triton, project_triton, reconstruct_keys_triton  # noqa: E402
 from kernelhub.reference import lowrank_keys as ref  # noqa: E402
 from kernelhub.reference.rope import apply_rope, rope_rows, rope_tables  # noqa: E402
 from kernelhub.registry import get_family  # noqa: E402
 
-SMEM_BYTES = 101376  # the smallest shared-memory limit the spaces are tuned for
+SMEM_BYTES = target("sm_86").shared_per_block  # the smallest shared-memory limit the spaces are tuned for
+H100_SMEM_BYTES = target("h100").shared_per_block
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -71,7 +73,7 @@ def gram_config_id(config):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("config", space.GRAM_DEFAULTS, ids=["default_short", "default_long"])
+@pytest.mark.parametrize("config", space.GRAM_DEFAULTS, ids=["default_short", "default_long", "default_long_fp32"])
 @pytest.mark.parametrize("shape", space.GRAM_SHAPE_SETS["smoke"], ids=gram_id)
 def test_gram_defaults_match_reference(shape, config, dtype):
     inputs = family.make_gram_inputs(shape, dtype_id(dtype), "cpu", seed=1)
@@ -176,7 +178,8 @@ def check_reconstruct(inputs, config):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("config", space.RECONSTRUCT_DEFAULTS, ids=["default_small", "default_large"])
+@pytest.mark.parametrize("config", space.RECONSTRUCT_DEFAULTS,
+                         ids=["default_small", "default_large", "default_large_fp32"])
 @pytest.mark.parametrize("shape", space.RECONSTRUCT_SHAPE_SETS["smoke"], ids=reconstruct_id)
 def test_reconstruct_defaults_match_reference(shape, config, dtype):
     check_reconstruct(family.make_reconstruct_inputs(shape, dtype_id(dtype), "cpu", seed=8), config)
@@ -519,38 +522,38 @@ def test_both_specs_are_registered():
 @pytest.mark.parametrize("spec", [family.GRAM_SPEC, family.RECONSTRUCT_SPEC], ids=lambda s: s.name)
 def test_defaults_fit_the_smallest_gpu_on_real_shapes(spec):
     for shape in list(spec.shapes("tune")) + list(spec.shapes("bench")):
-        config = spec.default_config(shape)
-        assert config in spec.defaults
-        assert spec.space.infeasibility(config, shape, SMEM_BYTES) is None, (shape, config)
+        for dtype in spec.dtypes:
+            config = spec.default_config(shape, dtype)
+            assert config in spec.defaults
+            assert spec.space.infeasibility(config, shape, SMEM_BYTES) is None, (shape, dtype, config)
 
 
 def test_project_config_fits_the_smallest_gpu():
-    c = space.PROJECT_CONFIG
-    assert c["num_stages"] * (c["BLOCK_S"] + c["BLOCK_R"]) * c["BLOCK_C"] * 4 <= SMEM_BYTES
+    assert space.project_shared_memory(space.PROJECT_CONFIG).bytes <= SMEM_BYTES
 
 
 def test_gram_constraints_reject_what_a_gpu_cannot_run():
     shape = (1, 8, 32768, 128)
     infeasible = space.GRAM_SPACE.infeasibility
     big = {"BLOCK_HD": 128, "BLOCK_S": 128, "SPLIT_S": 1, "num_warps": 8, "num_stages": 4}
-    assert "shared memory" in infeasible(big, shape, 232448)
+    assert "shared memory" in infeasible(big, shape, H100_SMEM_BYTES)
     spill = {"BLOCK_HD": 128, "BLOCK_S": 16, "SPLIT_S": 1, "num_warps": 2, "num_stages": 1}
-    assert "registers" in infeasible(spill, shape, 232448)
+    assert "registers" in infeasible(spill, shape, H100_SMEM_BYTES)
     wide = {"BLOCK_HD": 128, "BLOCK_S": 16, "SPLIT_S": 1, "num_warps": 8, "num_stages": 1}
-    assert "padded problem size" in infeasible(wide, (1, 1, 32768, 64), 232448)
+    assert "padded problem size" in infeasible(wide, (1, 1, 32768, 64), H100_SMEM_BYTES)
     split = {"BLOCK_HD": 32, "BLOCK_S": 64, "SPLIT_S": 32, "num_warps": 4, "num_stages": 2}
-    assert "S tiles" in infeasible(split, (1, 8, 1000, 128), 232448)
+    assert "S tiles" in infeasible(split, (1, 8, 1000, 128), H100_SMEM_BYTES)
 
 
 def test_reconstruct_constraints_reject_what_a_gpu_cannot_run():
     shape = (1, 32768, 8, 2048, 128, 160)
     infeasible = space.RECONSTRUCT_SPACE.infeasibility
     big = {"BLOCK_N": 128, "BLOCK_R": 128, "num_warps": 8, "num_stages": 4}
-    assert "shared memory" in infeasible(big, shape, 232448)
+    assert "shared memory" in infeasible(big, shape, H100_SMEM_BYTES)
     spill = {"BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 2, "num_stages": 1}
-    assert "registers" in infeasible(spill, shape, 232448)
+    assert "registers" in infeasible(spill, shape, H100_SMEM_BYTES)
     wide = {"BLOCK_N": 64, "BLOCK_R": 16, "num_warps": 4, "num_stages": 1}
-    assert "padded problem size" in infeasible(wide, (1, 100, 8, 20, 128, 160), 232448)
+    assert "padded problem size" in infeasible(wide, (1, 100, 8, 20, 128, 160), H100_SMEM_BYTES)
     for config in space.RECONSTRUCT_SPACE.sample(30, shape, SMEM_BYTES, seed=0):
         assert min(config["BLOCK_N"], config["BLOCK_R"]) >= 16  # tl.dot's minimum
 

@@ -1,5 +1,6 @@
 import pytest
 
+from kernelhub.compiler.targets import target
 from kernelhub.errors import InvalidConfigError
 from kernelhub.kernels.int8_gemm import space as int8_space
 from kernelhub.space import SearchSpace
@@ -50,7 +51,8 @@ def test_fingerprint_tracks_choices():
 
 # -- the int8 GEMM space ------------------------------------------------------------------------
 
-H100_SMEM = 232448
+H100_SMEM = target("h100").shared_per_block
+SMALLEST_SMEM = target("sm_86").shared_per_block  # the smallest limit kernelhub tunes for
 
 
 def test_int8_constraints_reject_what_a_gpu_cannot_run():
@@ -64,16 +66,17 @@ def test_int8_constraints_reject_what_a_gpu_cannot_run():
     split = dict(int8_space.DEFAULT_SMALL_M, SPLIT_K=16)
     assert "K tiles" in space.infeasibility(split, (1, 4096, 256), H100_SMEM)
     # Every sampled config is feasible and BLOCK_K is never below the int8 dot minimum.
-    for config in space.sample(50, (257, 65, 63), 101376, seed=0):
-        assert space.infeasibility(config, (257, 65, 63), 101376) is None
+    for config in space.sample(50, (257, 65, 63), SMALLEST_SMEM, seed=0):
+        assert space.infeasibility(config, (257, 65, 63), SMALLEST_SMEM) is None
         assert config["BLOCK_K"] >= 32
 
 
 @pytest.mark.parametrize("shape", int8_space.SHAPE_SETS["smoke"] + int8_space.SHAPE_SETS["tune"],
                          ids=lambda s: "M{}N{}K{}".format(*s))
-def test_int8_default_fits_every_gpu(shape):
-    config = int8_space.default_config(shape)
-    assert int8_space.shared_memory_bytes(config) <= 101376
+@pytest.mark.parametrize("dtype", int8_space.DTYPES)
+def test_int8_default_fits_every_gpu(shape, dtype):
+    config = int8_space.default_config(shape, dtype)
+    assert int8_space.shared_memory_bytes(config) <= SMALLEST_SMEM
     assert int8_space.SPACE.validate(config) == config
 
 

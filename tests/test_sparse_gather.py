@@ -16,6 +16,7 @@ import torch  # noqa: E402
 
 import kernelhub.kernels.sparse_gather  # noqa: E402  (registers the family)
 from kernelhub.checking import check_config, mismatch_exact, poison_  # noqa: E402
+from kernelhub.compiler.targets import target  # noqa: E402
 from kernelhub.kernels.sparse_gather import RESIDENT_OVERLAP, SPEC, make_inputs, space  # noqa: E402
 from kernelhub.kernels.sparse_gather import ops as sg_ops  # noqa: E402
 from kernelhub.kernels.sparse_gather.kernel import resident_slots, sparse_gather_triton  # noqa: E402
@@ -24,8 +25,8 @@ from kernelhub.reference import sparse_gather as ref  # noqa: E402
 from kernelhub.registry import get_family  # noqa: E402
 
 BACKENDS = ["cpu-auto", "triton", "reference"]
-H100_SMEM_BYTES = 232448
-SMALLEST_SMEM_BYTES = 101376
+H100_SMEM_BYTES = target("h100").shared_per_block
+SMALLEST_SMEM_BYTES = target("sm_86").shared_per_block
 
 
 def shape_id(shape) -> str:
@@ -225,7 +226,7 @@ LOOP_SHAPE = (1, 2, 6, 40, 300, 4)
 SAMPLED_SHAPES = [(2, 3, 37, 8, 72, 21), (1, 2, 19, 5, 64, 19)]
 SAMPLED_CASES = [(shape, config) for i, shape in enumerate(SAMPLED_SHAPES)
                  for config in space.SPACE.sample(4, shape, smem_bytes=H100_SMEM_BYTES, seed=20 + i)]
-SAMPLED_CASES += [(LOOP_SHAPE, space.default_config(LOOP_SHAPE)),
+SAMPLED_CASES += [(LOOP_SHAPE, space.default_config(LOOP_SHAPE, "float32")),
                   (LOOP_SHAPE, space.DEFAULT_ONE_CHUNK | {"num_warps": 8})]
 
 
@@ -391,8 +392,9 @@ EXTREME_SHAPES = [(1, 1, 1, 1, 1, 1), (1, 1, 3, 1024, 4096, 2), (4, 8, 100, 64, 
 
 
 @pytest.mark.parametrize("shape", list(SMOKE) + list(SPEC.shapes("tune")) + EXTREME_SHAPES, ids=shape_id)
-def test_default_is_feasible_for_any_shape(shape):
-    config = space.default_config(shape)
+@pytest.mark.parametrize("dtype", space.DTYPES)
+def test_default_is_feasible_for_any_shape(shape, dtype):
+    config = space.default_config(shape, dtype)
     assert space.SPACE.validate(config) == config and config in space.DEFAULTS
     assert space.SPACE.infeasibility(config, shape, SMALLEST_SMEM_BYTES) is None
 

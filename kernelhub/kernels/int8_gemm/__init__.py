@@ -8,9 +8,10 @@ import torch
 
 from kernelhub import checking
 from kernelhub.kernels.int8_gemm import space
+from kernelhub.kernels.int8_gemm import quantize
 from kernelhub.kernels.int8_gemm.kernel import int8_gemm_triton
 from kernelhub.reference import int8_gemm as ref
-from kernelhub.registry import FamilySpec, register
+from kernelhub.registry import FamilySpec, FixedKernel, register, register_fixed
 
 _HERE = Path(__file__).parent
 
@@ -20,7 +21,7 @@ def make_inputs(shape, dtype: str, device, seed: int) -> dict:
     nn.Linear layout, so no copy is made); for a float `dtype`, also positive float32 scales and
     a bias in that dtype. Generated on `device` itself (tune shapes are too large for the CPU)."""
     m, n, k = shape
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = checking.generator(device, seed)
     on = dict(device=device, generator=gen)
     inputs = {
         "a": torch.randint(-127, 128, (m, k), dtype=torch.int8, **on),
@@ -76,4 +77,34 @@ SPEC = register(FamilySpec(
     flops=space.flops,
     bytes_moved=space.bytes_moved,
     source_files=(_HERE / "kernel.py", _HERE / "space.py"),
+))
+
+
+# -- quantize_int8: untuned (its config follows from K) ------------------------------------------
+
+def _quantize_inputs(shape, dtype: str, device, seed: int) -> dict:
+    m, k = shape
+    return {"x": torch.randn(m, k, dtype=getattr(torch, dtype), device=device,
+                             generator=checking.generator(device, seed))}
+
+
+def _quantize(inputs: dict):
+    x = inputs["x"]
+    return quantize.quantize_int8_triton(x, q_out=torch.empty(x.shape, dtype=torch.int8, device=x.device),
+                                         scale_out=torch.empty(x.shape[0], dtype=torch.float32, device=x.device))
+
+
+# Activations [M, K] of the Llama-3-8B linear layers per call, and its weights [N, K] at load time.
+_ACTIVATIONS = [(m, k) for k in (4096, 14336) for m in (1, 16, 128, 1024, 8192)]
+_WEIGHTS = [(n, k) for n, k in space.LLAMA3_8B.values()]
+QUANTIZE = register_fixed(FixedKernel(
+    name="quantize_int8",
+    summary="per-row symmetric int8 quantisation (one program per row, two passes over K)",
+    shape_names=("M", "K"),
+    dtypes=("float32", "float16", "bfloat16"),
+    shape_sets={"smoke": [(1, 1), (7, 63), (33, 129), (5, 1500)], "tune": _ACTIVATIONS + _WEIGHTS,
+                "bench": _ACTIVATIONS + _WEIGHTS},
+    make_inputs=_quantize_inputs,
+    launch=_quantize,
+    config=lambda shape: quantize.launch_config(shape[1]),
 ))

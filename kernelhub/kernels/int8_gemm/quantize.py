@@ -89,6 +89,12 @@ def quantize_int8_kernel(
         tl.store(q_row_ptr + offs_k.to(tl.int64) * stride_qk, v.to(tl.int8), mask=mask_k)
 
 
+def launch_config(k: int) -> dict[str, int]:
+    """The (untuned) launch config for rows of K elements: the whole row in one block up to 1024."""
+    block_k = min(max(triton.next_power_of_2(k), 16), 1024)
+    return {"BLOCK_K": block_k, "num_warps": 4 if block_k >= 512 else 1 if block_k <= 64 else 2}
+
+
 def quantize_int8_triton(x: torch.Tensor, *, q_out: torch.Tensor,
                          scale_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise float `x [M, K]` (float32, float16 or bfloat16, any strides) per row into int8
@@ -107,15 +113,14 @@ def quantize_int8_triton(x: torch.Tensor, *, q_out: torch.Tensor,
     if k == 0:
         scale_out.zero_()
         return q_out, scale_out
-    block_k = min(max(triton.next_power_of_2(k), 16), 1024)
-    num_warps = 4 if block_k >= 512 else 1 if block_k <= 64 else 2
+    config = launch_config(k)
     quantize_int8_kernel[(m,)](
         x, q_out, scale_out,
         k,
         x.stride(0), x.stride(1),
         q_out.stride(0), q_out.stride(1),
         scale_out.stride(0),
-        BLOCK_K=block_k, ROUNDING_MAGIC=_ROUNDING_MAGIC,
-        num_warps=num_warps,
+        BLOCK_K=config["BLOCK_K"], ROUNDING_MAGIC=_ROUNDING_MAGIC,
+        num_warps=config["num_warps"],
     )
     return q_out, scale_out

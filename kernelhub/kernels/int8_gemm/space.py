@@ -8,6 +8,13 @@ Nearest-bucket rule (used when no config is stored for a call's own bucket): amo
 with the same N, K and dtype, take the one whose M bucket is fewest doublings away, at most
 `MAX_M_DOUBLINGS`; on a tie, the larger M. A large-M config on a smaller M wastes some compute in a
 memory-bound regime; a small-M config (tiny tiles, split-K) on a larger M can be many times slower.
+
+Shared memory: kernels/common/shared_memory.py's model via `shared_memory` (the larger of the
+pipeline's stages and the epilogue's layout conversion, + 1 KiB static). Margin, held against the
+compiler on sm_80 and sm_90 by tests/test_compile_agreement.py: never below its figure; at most one
+stage + 1 KiB above it where the stages decide, three quarters of the epilogue + 1 KiB where that
+does. The operands are int8 whatever the output dtype and the epilogue is counted at 4 bytes (the
+int32 accumulator), so one estimate holds for all four dtypes.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from kernelhub.kernels.common.shared_memory import SharedMemory, epilogue_bytes, fits
 from kernelhub.space import SearchSpace
 
 SHAPE_NAMES = ("M", "N", "K")
@@ -42,16 +50,27 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
+def shared_memory(config: Mapping[str, int]) -> SharedMemory:
+    """Shared memory per block of `int8_gemm_kernel` (kernels/common/shared_memory.py's model).
+
+    A stage holds the int8 tiles A [BLOCK_M, BLOCK_K] and B [BLOCK_K, BLOCK_N]; the epilogue
+    converts the [BLOCK_M, BLOCK_N] int32 accumulator (or its float32 dequantised form), whatever
+    the output dtype, so the estimate holds for all four. Measured (Triton 3.9, 128 x 128 x 64,
+    3 stages, 8 warps): 66560 B on sm_90 (three copies of A and B, 48 KiB, under the epilogue's
+    64 KiB, plus 1 KiB static) and 32768 B on sm_80 (two copies): the estimate, 66560 B, is exact
+    for sm_90. The split-K epilogue kernel needs at most 2 KiB.
+    """
+    stage = config["BLOCK_M"] * config["BLOCK_K"] + config["BLOCK_K"] * config["BLOCK_N"]
+    return SharedMemory(stage=stage, num_stages=config["num_stages"],
+                        epilogue=epilogue_bytes(config["BLOCK_M"], config["BLOCK_N"], config["num_warps"]))
+
+
 def shared_memory_bytes(config: Mapping[str, int]) -> int:
-    """Pipelined int8 A and B tiles resident in shared memory: stages * (BM*BK + BK*BN) bytes."""
-    return config["num_stages"] * (config["BLOCK_M"] * config["BLOCK_K"] + config["BLOCK_K"] * config["BLOCK_N"])
+    return shared_memory(config).bytes
 
 
 def _fits_shared_memory(config, shape, smem_bytes):
-    need = shared_memory_bytes(config)
-    if need > smem_bytes:
-        return f"needs {need} B of shared memory, device allows {smem_bytes} B"
-    return None
+    return fits(shared_memory(config), smem_bytes)
 
 
 def _accumulator_fits_registers(config, shape, smem_bytes):
@@ -90,7 +109,7 @@ DEFAULT_LARGE_M = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, 
 DEFAULTS = (DEFAULT_SMALL_M, DEFAULT_LARGE_M)
 
 
-def default_config(shape: tuple[int, ...]) -> dict[str, int]:
+def default_config(shape: tuple[int, ...], dtype: str) -> dict[str, int]:
     """The untuned fallback: correct for any shape, reasonable for decode (small M) and prefill."""
     return dict(DEFAULT_SMALL_M if shape[0] <= SMALL_M else DEFAULT_LARGE_M)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from kernelhub import validation
+from kernelhub import checking, validation
 from kernelhub.kernels.landmark_topk import space
 from kernelhub.kernels.landmark_topk.kernel import landmark_topk_triton
 from kernelhub.reference import landmark_topk as ref
@@ -31,7 +31,7 @@ def make_inputs(shape, dtype: str, device, seed: int) -> dict:
     """
     b, h_q, h_kv, c, d, k = shape
     g = h_q // h_kv
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = checking.generator(device, seed)
     on = dict(device=device, generator=gen)
     q = torch.randn(b, h_q, d, **on)
     landmarks = torch.randn(b, h_kv, c, d, **on) * 0.5

@@ -14,7 +14,13 @@ Tunables (see kernel.py for what they do): BLOCK_C chunks per loop step, SPLIT_C
 (batch, KV head) along C, num_warps, num_stages.
 
 Constraints see no dtype, so resources are estimated for float32 inputs, the largest element size:
-a config they accept fits the GPU for every dtype of the family.
+a config they accept fits the GPU for every dtype of the family. DEFAULTs do see it: float32
+takes more warps (FLOAT32_WARPS), as its FMA dots spill with four.
+
+Shared memory: kernels/common/shared_memory.py's model via `shared_memory`: the stages of the
+landmark tile, the query tile and the reductions' scratch, + 1 KiB static. Margin, held against
+the compiler on sm_80 and sm_90 by tests/test_compile_agreement.py: never below its figure, at
+most one stage + the scratch allowance + 1 KiB above it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from kernelhub import device
+from kernelhub.kernels.common.shared_memory import SharedMemory, fits
 from kernelhub.space import SearchSpace
 
 SHAPE_NAMES = ("B", "H_q", "H_kv", "C", "D", "k")
@@ -41,7 +49,7 @@ ELEMENT_BYTES = 4  # float32, the largest input dtype (constraints see no dtype)
 # [BLOCK_C, D_PAD] landmark tile, above which the kernel spills.
 MAX_REGS_PER_THREAD = 160
 # Shared memory every DEFAULT fits: the smallest of the GPUs kernelhub tunes for (sm_86 / sm_89).
-DEFAULT_SMEM_BYTES = 101376
+DEFAULT_SMEM_BYTES = device.DEFAULT_SMEM_BYTES
 
 
 def next_pow2(x: int) -> int:
@@ -59,17 +67,29 @@ def padded_head_dim(shape: tuple[int, ...]) -> int:
     return max(16, next_pow2(shape[4]))
 
 
-def shared_memory_bytes(config: Mapping[str, int], shape: tuple[int, ...]) -> int:
-    """Pipelined landmark tiles plus the group's query tile, both tl.dot operands in shared memory."""
+def shared_memory(config: Mapping[str, int], shape: tuple[int, ...]) -> SharedMemory:
+    """Shared memory per block of either kernel (kernels/common/shared_memory.py's model): a stage
+    holds one landmark tile [BLOCK_C, D_PAD]; the group's query tile [G_PAD, D_PAD] (the other
+    tl.dot operand) stays for the whole loop, and so does the scratch of the loop's reductions
+    over the logits (the group max across warps, the row statistics): taken as
+    max(BLOCK_C, G_PAD) * num_warps float32, the most measured (2 KiB at BLOCK_C 64 with 8 warps
+    and at BLOCK_C 128 with 4; 512 B at G_PAD 64, BLOCK_C 16, 8 warps). Measured (Triton
+    3.9, Llama-3-8B: G_PAD 16, D 128, BLOCK_C 64, 2 stages, 4 warps, bfloat16): 20736 B on sm_80,
+    21760 B on sm_90 (one landmark copy, as mma.sync keeps num_stages - 1, the query tile, 256 B
+    of reduction scratch, 1 KiB static on sm_90)."""
     d_pad = padded_head_dim(shape)
-    return ELEMENT_BYTES * (config["num_stages"] * config["BLOCK_C"] * d_pad + padded_group(shape) * d_pad)
+    g_pad = padded_group(shape)
+    reductions = max(config["BLOCK_C"], g_pad) * config["num_warps"] * ELEMENT_BYTES
+    return SharedMemory(stage=config["BLOCK_C"] * d_pad * ELEMENT_BYTES, num_stages=config["num_stages"],
+                        resident=g_pad * d_pad * ELEMENT_BYTES + reductions, scratch_allowance=reductions)
+
+
+def shared_memory_bytes(config: Mapping[str, int], shape: tuple[int, ...]) -> int:
+    return shared_memory(config, shape).bytes
 
 
 def _fits_shared_memory(config, shape, smem_bytes):
-    need = shared_memory_bytes(config, shape)
-    if need > smem_bytes:
-        return f"needs {need} B of shared memory, device allows {smem_bytes} B"
-    return None
+    return fits(shared_memory(config, shape), smem_bytes)
 
 
 def registers_per_thread(config: Mapping[str, int], shape: tuple[int, ...]) -> int:
@@ -114,20 +134,28 @@ DEFAULT_LONG = dict(DEFAULT_SHORT, SPLIT_C=DEFAULT_SPLIT_LONG)
 # For large groups or head dims, where a 64-chunk tile would not fit the smallest GPU.
 DEFAULT_SHORT_NARROW = dict(DEFAULT_SHORT, BLOCK_C=16)
 DEFAULT_LONG_NARROW = dict(DEFAULT_LONG, BLOCK_C=16)
-DEFAULTS = (DEFAULT_SHORT, DEFAULT_LONG, DEFAULT_SHORT_NARROW, DEFAULT_LONG_NARROW)
+# float32 inputs multiply on FMA units: with 4 warps the statistics pass needs 255 registers and
+# spills 152-240 B per thread on sm_90 (Triton 3.9), the SPLIT_C == 1 scores pass 184 B; with 8
+# warps no pass spills on sm_80 or sm_90 (40 to 150 registers), in the same shared memory.
+FLOAT32_WARPS = 8
+DEFAULTS_16BIT = (DEFAULT_SHORT, DEFAULT_LONG, DEFAULT_SHORT_NARROW, DEFAULT_LONG_NARROW)
+DEFAULTS = DEFAULTS_16BIT + tuple(dict(c, num_warps=FLOAT32_WARPS) for c in DEFAULTS_16BIT)
 
 
-def default_config(shape: tuple[int, ...]) -> dict[str, int]:
-    """The untuned fallback: correct for any shape.
+def default_config(shape: tuple[int, ...], dtype: str) -> dict[str, int]:
+    """The untuned fallback: correct for any shape, no spills on sm_80 or sm_90 (`kernelhub compile`).
 
     BLOCK_C is 64 unless that does not fit the smallest GPU's shared memory or registers (group size
     times head dimension beyond 16 x 128), then 16; with 16 every group of up to 64 query heads
-    per KV head fits for D <= 256. SPLIT_C is 8 from C > LONG_C on, else 1.
+    per KV head fits for D <= 256. SPLIT_C is 8 from C > LONG_C on, else 1. float32 takes
+    FLOAT32_WARPS warps (the 16-bit choice of BLOCK_C, which more warps only make fit better).
     """
     long = shape[3] > LONG_C
     config = DEFAULT_LONG if long else DEFAULT_SHORT
     if _fits_shared_memory(config, shape, DEFAULT_SMEM_BYTES) or _fits_registers(config, shape, DEFAULT_SMEM_BYTES):
         config = DEFAULT_LONG_NARROW if long else DEFAULT_SHORT_NARROW
+    if dtype == "float32":
+        config = dict(config, num_warps=FLOAT32_WARPS)
     return dict(config)
 
 

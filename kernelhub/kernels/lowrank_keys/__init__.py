@@ -28,10 +28,10 @@ import torch
 
 from kernelhub import checking
 from kernelhub.kernels.lowrank_keys import space
-from kernelhub.kernels.lowrank_keys.kernel import gram_triton, reconstruct_keys_triton
+from kernelhub.kernels.lowrank_keys.kernel import gram_triton, project_triton, reconstruct_keys_triton
 from kernelhub.reference import lowrank_keys as ref
 from kernelhub.reference.rope import rope_tables
-from kernelhub.registry import FamilySpec, register
+from kernelhub.registry import FamilySpec, FixedKernel, register, register_fixed
 
 _HERE = Path(__file__).parent
 _UNIT_ROUNDOFF = 2.0**-24
@@ -45,7 +45,7 @@ def make_gram_inputs(shape, dtype: str, device, seed: int) -> dict:
     """Keys `k [B, H_kv, S, D]` of `dtype`: unit Gaussians around a per-channel mean (real keys
     carry large channel offsets, so the Gram's entries are long sums of same-sign products)."""
     batch, heads, seq, head_dim = shape
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = checking.generator(device, seed)
     mean = 2.0 * torch.randn(1, heads, 1, head_dim, generator=gen, device=device)
     k = torch.randn(batch, heads, seq, head_dim, generator=gen, device=device) + mean
     return {"k": k.to(getattr(torch, dtype))}
@@ -107,7 +107,7 @@ def make_reconstruct_inputs(shape, dtype: str, device, seed: int) -> dict:
     repeats from [0, S); float32 RoPE tables for S positions."""
     batch, seq, heads, n, head_dim, rank = shape
     torch_dtype = getattr(torch, dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = checking.generator(device, seed)
     on = dict(generator=gen, device=device)
     hd = heads * head_dim
     if rank <= hd:
@@ -180,4 +180,39 @@ RECONSTRUCT_SPEC = register(FamilySpec(
     source_files=(_HERE / "kernel.py", _HERE / "space.py"),
 ))
 
-__all__ = ["GRAM_SPEC", "RECONSTRUCT_SPEC"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the projection a = K @ basis^T of lowrank_keys: untuned (PROJECT_CONFIG)
+# ------------------------------------------------------------------------------------------------
+
+def _project_inputs(shape, dtype: str, device, seed: int) -> dict:
+    """Keys `k [B, H_kv, S, D]` and a `basis [B, rank, H_kv * D]` with orthonormal-scale rows."""
+    batch, heads, seq, head_dim, rank = shape
+    gen = checking.generator(device, seed)
+    dt = getattr(torch, dtype)
+    return {"k": torch.randn(batch, heads, seq, head_dim, generator=gen, device=device).to(dt),
+            "basis": (torch.randn(batch, rank, heads * head_dim, generator=gen, device=device)
+                      / (heads * head_dim) ** 0.5).to(dt)}
+
+
+def _project(inputs: dict) -> torch.Tensor:
+    k, basis = inputs["k"], inputs["basis"]
+    out = torch.empty(k.shape[0], k.shape[2], basis.shape[1], dtype=k.dtype, device=k.device)
+    return project_triton(k, basis, config=space.PROJECT_CONFIG, out=out)
+
+
+PROJECT = register_fixed(FixedKernel(
+    name="lowrank_project",
+    summary="the projection a = K @ basis^T of lowrank_keys (float32 accumulation), one fixed tiling",
+    shape_names=("B", "H_kv", "S", "D", "rank"),
+    dtypes=space.DTYPES,
+    shape_sets={"smoke": [(1, 1, 7, 64, 5), (2, 2, 63, 64, 24), (1, 4, 129, 32, 40)],
+                "tune": [(*shape, space.SHADOWKV_RANK) for shape in space.GRAM_SHAPE_SETS["tune"]],
+                "bench": [(*shape, space.SHADOWKV_RANK) for shape in space.GRAM_SHAPE_SETS["bench"]]},
+    make_inputs=_project_inputs,
+    launch=_project,
+    config=lambda shape: dict(space.PROJECT_CONFIG),
+))
+
+__all__ = ["GRAM_SPEC", "PROJECT", "RECONSTRUCT_SPEC"]

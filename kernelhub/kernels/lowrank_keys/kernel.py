@@ -107,9 +107,13 @@ def gram_kernel(
 
     offs_m = pid_m * BLOCK_HD + tl.arange(0, BLOCK_HD)  # [BLOCK_HD]
     offs_n = pid_n * BLOCK_HD + tl.arange(0, BLOCK_HD)  # [BLOCK_HD]
-    # Columns past HD wrap around to valid ones: their results land in rows and columns never stored.
-    cols_m = _key_column_offsets(offs_m % HD, stride_kh, stride_kd, HEAD_DIM)  # [BLOCK_HD]
-    cols_n = _key_column_offsets(offs_n % HD, stride_kh, stride_kd, HEAD_DIM)  # [BLOCK_HD]
+    # Columns past HD are masked, not wrapped around with `% HD`: a runtime modulus hides from the
+    # compiler that a tile's columns are contiguous in k, and its loads were then neither vectorised
+    # nor software-pipelined (one shared-memory copy of each tile, scalar loads).
+    mask_m = offs_m < HD
+    mask_n = offs_n < HD
+    cols_m = _key_column_offsets(offs_m, stride_kh, stride_kd, HEAD_DIM)  # [BLOCK_HD]
+    cols_n = _key_column_offsets(offs_n, stride_kh, stride_kd, HEAD_DIM)  # [BLOCK_HD]
     k_base = k_ptr + pid_b.to(tl.int64) * stride_kb
 
     acc = tl.zeros((BLOCK_HD, BLOCK_HD), dtype=tl.float32)  # [BLOCK_HD, BLOCK_HD]
@@ -118,14 +122,16 @@ def gram_kernel(
         mask_s = offs_s < S
         rows = offs_s.to(tl.int64) * stride_ks  # [BLOCK_S]
         # [BLOCK_HD, BLOCK_S] = K[tile_s, cols_m]^T and [BLOCK_S, BLOCK_HD] = K[tile_s, cols_n]
-        k_mt = tl.load(k_base + (cols_m[:, None] + rows[None, :]), mask=mask_s[None, :], other=0.0)
-        k_sn = tl.load(k_base + (rows[:, None] + cols_n[None, :]), mask=mask_s[:, None], other=0.0)
+        k_mt = tl.load(k_base + (cols_m[:, None] + rows[None, :]), mask=mask_m[:, None] & mask_s[None, :],
+                       other=0.0)
+        k_sn = tl.load(k_base + (rows[:, None] + cols_n[None, :]), mask=mask_s[:, None] & mask_n[None, :],
+                       other=0.0)
         acc = _dot(k_mt, k_sn, acc, IEEE_FP32, UPCAST_BF16)
 
     g_base = g_ptr + pid_b.to(tl.int64) * stride_gb + pid_split.to(tl.int64) * stride_gsplit
     row_m = offs_m.to(tl.int64)[:, None]  # [BLOCK_HD, 1]
     col_n = offs_n.to(tl.int64)[None, :]  # [1, BLOCK_HD]
-    in_bounds = (row_m < HD) & (col_n < HD)
+    in_bounds = mask_m[:, None] & mask_n[None, :]  # [BLOCK_HD, BLOCK_HD]
     tl.store(g_base + (row_m * stride_gm + col_n * stride_gn), acc, mask=in_bounds & (row_m <= col_n))
     tl.store(g_base + (col_n * stride_gm + row_m * stride_gn), acc, mask=in_bounds & (row_m < col_n))
 

@@ -16,8 +16,14 @@ amount of parallel work (B and S for the Gram, B and n for the reconstruction), 
 work, which wastes less on a smaller problem than the reverse). For the reconstruction a doubling
 of S counts `S_WEIGHT` only: it moves no work, it only spreads the gathered rows.
 
-Shared-memory estimates assume 4-byte (float32) operands, the widest dtype of both kernels, so a
-config the constraints accept runs in every dtype: the space has no dtype axis.
+Shared-memory estimates follow kernels/common/shared_memory.py's model (pipeline stages or the
+epilogue's layout conversion, whichever is larger, + 1 KiB static) with 4-byte (float32)
+operands, the widest dtype of both kernels, so a config the constraints accept runs in every
+dtype: the space has no dtype axis. Margin, held against the compiler on sm_80 and sm_90 by
+tests/test_compile_agreement.py: never below its figure; at most one stage + 1 KiB above it where
+the stages decide, three quarters of the epilogue + 1 KiB where that does.
+
+DEFAULTs depend on the dtype where float32's FMA dots would spill with the 16-bit tiling.
 
 The projection `a_b = K_b @ V_r` of `lowrank_keys` is not tuned (not a registered spec): it uses
 `PROJECT_CONFIG`, a plain GEMM tiling that fits every GPU.
@@ -28,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from kernelhub.kernels.common.shared_memory import SharedMemory, epilogue_bytes, fits
 from kernelhub.space import SearchSpace
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -66,18 +73,23 @@ GRAM_PARAMS = {
 LONG_S = 4096  # above this many tokens the split-S DEFAULT applies
 
 
+def gram_shared_memory(config: Mapping[str, int]) -> SharedMemory:
+    """Shared memory per block of `gram_kernel` (kernels/common/shared_memory.py's model): a stage
+    holds the tiles K[s, cols_m]^T and K[s, cols_n], [BLOCK_HD, BLOCK_S] each; the epilogue converts
+    the float32 [BLOCK_HD, BLOCK_HD] accumulator for its two (mirrored) stores. Measured (Triton
+    3.9, BLOCK_HD 128, BLOCK_S 32, 3 stages, 8 warps, bfloat16): 66560 B on sm_90, 65536 B on sm_80,
+    both the epilogue's 64 KiB (+ 1 KiB static on sm_90)."""
+    stage = 2 * config["BLOCK_S"] * config["BLOCK_HD"] * OPERAND_BYTES
+    return SharedMemory(stage=stage, num_stages=config["num_stages"],
+                        epilogue=epilogue_bytes(config["BLOCK_HD"], config["BLOCK_HD"], config["num_warps"]))
+
+
 def gram_shared_memory_bytes(config: Mapping[str, int]) -> int:
-    """Pipelined tiles of K[s, cols_m] and K[s, cols_n], or the [BLOCK_HD, BLOCK_HD] float32
-    accumulator when the epilogue converts its layout for the (mirrored) stores, whichever is larger."""
-    tiles = config["num_stages"] * 2 * config["BLOCK_S"] * config["BLOCK_HD"] * OPERAND_BYTES
-    return max(tiles, config["BLOCK_HD"] ** 2 * 4)
+    return gram_shared_memory(config).bytes
 
 
 def _gram_fits_shared_memory(config, shape, smem_bytes):
-    need = gram_shared_memory_bytes(config)
-    if need > smem_bytes:
-        return f"needs {need} B of shared memory, device allows {smem_bytes} B"
-    return None
+    return fits(gram_shared_memory(config), smem_bytes)
 
 
 def _gram_accumulator_fits_registers(config, shape, smem_bytes):
@@ -113,12 +125,18 @@ GRAM_SPACE = SearchSpace(
 GRAM_DEFAULT_SHORT = {"BLOCK_HD": 64, "BLOCK_S": 32, "SPLIT_S": 1, "num_warps": 4, "num_stages": 2}
 # 36 upper tiles of a 1024-wide G per sequence are too few programs for a GPU: split S eight ways.
 GRAM_DEFAULT_LONG = {"BLOCK_HD": 128, "BLOCK_S": 32, "SPLIT_S": 8, "num_warps": 8, "num_stages": 3}
-GRAM_DEFAULTS = (GRAM_DEFAULT_SHORT, GRAM_DEFAULT_LONG)
+# float32 keys multiply on FMA units, whose dot holds operand fragments in registers: with
+# BLOCK_S 32 that is 255 registers and 312 B of spills per thread on sm_80; 16 keeps it at 192.
+GRAM_DEFAULT_LONG_FP32 = dict(GRAM_DEFAULT_LONG, BLOCK_S=16)
+GRAM_DEFAULTS = (GRAM_DEFAULT_SHORT, GRAM_DEFAULT_LONG, GRAM_DEFAULT_LONG_FP32)
 
 
-def gram_default_config(shape: tuple[int, ...]) -> dict[str, int]:
-    """The untuned fallback: correct for any shape (extra splits just add zero partials)."""
-    return dict(GRAM_DEFAULT_SHORT if shape[2] <= LONG_S else GRAM_DEFAULT_LONG)
+def gram_default_config(shape: tuple[int, ...], dtype: str) -> dict[str, int]:
+    """The untuned fallback: correct for any shape (extra splits just add zero partials); no
+    spills on sm_80 or sm_90 in any dtype (`kernelhub compile`)."""
+    if shape[2] <= LONG_S:
+        return dict(GRAM_DEFAULT_SHORT)
+    return dict(GRAM_DEFAULT_LONG_FP32 if dtype == "float32" else GRAM_DEFAULT_LONG)
 
 
 def gram_bucket(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -171,18 +189,23 @@ def half_block(head_dim: int) -> int:
     return max(MIN_DOT, _next_pow2(head_dim // 2))
 
 
-def reconstruct_shared_memory_bytes(config: Mapping[str, int], head_dim: int) -> int:
-    """Pipelined gathered rows of a [BLOCK_N, BLOCK_R] and the two basis halves [BLOCK_R, D/2], or
-    one float32 accumulator [BLOCK_N, D/2] when the epilogue converts its layout, whichever is larger."""
+def reconstruct_shared_memory(config: Mapping[str, int], head_dim: int) -> SharedMemory:
+    """Shared memory per block of `reconstruct_keys_kernel` (kernels/common/shared_memory.py's
+    model): a stage holds the gathered rows of a [BLOCK_N, BLOCK_R] and the two basis halves
+    [BLOCK_R, D/2]; the epilogue converts the two float32 accumulators [BLOCK_N, D/2] for RoPE and
+    the store. Measured (Triton 3.9, BLOCK_N 64, BLOCK_R 32, 3 stages, 4 warps, bfloat16, D 128):
+    37888 B on sm_90 (three copies + 1 KiB static), 24576 B on sm_80 (two)."""
     per_stage = config["BLOCK_N"] * config["BLOCK_R"] + 2 * config["BLOCK_R"] * half_block(head_dim)
-    return max(config["num_stages"] * per_stage * OPERAND_BYTES, config["BLOCK_N"] * half_block(head_dim) * 4)
+    return SharedMemory(stage=per_stage * OPERAND_BYTES, num_stages=config["num_stages"],
+                        epilogue=epilogue_bytes(config["BLOCK_N"], half_block(head_dim), config["num_warps"]))
+
+
+def reconstruct_shared_memory_bytes(config: Mapping[str, int], head_dim: int) -> int:
+    return reconstruct_shared_memory(config, head_dim).bytes
 
 
 def _reconstruct_fits_shared_memory(config, shape, smem_bytes):
-    need = reconstruct_shared_memory_bytes(config, shape[4])
-    if need > smem_bytes:
-        return f"needs {need} B of shared memory, device allows {smem_bytes} B"
-    return None
+    return fits(reconstruct_shared_memory(config, shape[4]), smem_bytes)
 
 
 def _reconstruct_accumulators_fit_registers(config, shape, smem_bytes):
@@ -210,14 +233,19 @@ RECONSTRUCT_SPACE = SearchSpace(
 
 RECONSTRUCT_DEFAULT_SMALL = {"BLOCK_N": 16, "BLOCK_R": 32, "num_warps": 4, "num_stages": 2}
 RECONSTRUCT_DEFAULT_LARGE = {"BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 4, "num_stages": 3}
-RECONSTRUCT_DEFAULTS = (RECONSTRUCT_DEFAULT_SMALL, RECONSTRUCT_DEFAULT_LARGE)
+# float32 (FMA dots, operand fragments in registers): the 16-bit tile spills 392 B per thread on
+# sm_80; a shorter rank step over twice the warps needs 116 registers on both targets.
+RECONSTRUCT_DEFAULT_LARGE_FP32 = {"BLOCK_N": 64, "BLOCK_R": 16, "num_warps": 8, "num_stages": 3}
+RECONSTRUCT_DEFAULTS = (RECONSTRUCT_DEFAULT_SMALL, RECONSTRUCT_DEFAULT_LARGE, RECONSTRUCT_DEFAULT_LARGE_FP32)
 
 
-def reconstruct_default_config(shape: tuple[int, ...]) -> dict[str, int]:
-    """The untuned fallback: correct for any shape, within every GPU's limits for D <= 256."""
+def reconstruct_default_config(shape: tuple[int, ...], dtype: str) -> dict[str, int]:
+    """The untuned fallback: correct for any shape, within every GPU's limits for D <= 256, no
+    spills on sm_80 or sm_90 in any dtype (`kernelhub compile`)."""
     n, head_dim = shape[3], shape[4]
-    small = n <= SMALL_N or head_dim > WIDE_HEAD
-    return dict(RECONSTRUCT_DEFAULT_SMALL if small else RECONSTRUCT_DEFAULT_LARGE)
+    if n <= SMALL_N or head_dim > WIDE_HEAD:
+        return dict(RECONSTRUCT_DEFAULT_SMALL)
+    return dict(RECONSTRUCT_DEFAULT_LARGE_FP32 if dtype == "float32" else RECONSTRUCT_DEFAULT_LARGE)
 
 
 def reconstruct_bucket(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -256,8 +284,19 @@ def reconstruct_bytes_moved(shape: tuple[int, ...], dtype: str) -> int:
 # The projection a_b = K_b @ V_r (untuned)
 # ================================================================================================
 
-# 3 * (64 * 64 + 64 * 64) * 4 B = 96 KiB of float32 tiles: within the smallest GPU limit we target.
-PROJECT_CONFIG = {"BLOCK_S": 64, "BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3}
+# One tiling for every dtype: 3 stages of (64 x 32 + 32 x 64) float32 tiles, 48 KiB, within the
+# smallest GPU; tensor cores for 16-bit keys (mma.sync, wgmma). BLOCK_C 64 spilled 512 B per thread
+# in float32 on sm_80 (FMA dot); 32 needs 210 registers there, 162 on sm_90.
+PROJECT_CONFIG = {"BLOCK_S": 64, "BLOCK_R": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 3}
+
+
+def project_shared_memory(config: Mapping[str, int]) -> SharedMemory:
+    """Shared memory per block of `project_kernel`: a stage holds K [BLOCK_S, BLOCK_C] and the
+    basis [BLOCK_C, BLOCK_R] (float32 at most); the epilogue converts the float32 [BLOCK_S, BLOCK_R]
+    accumulator. PROJECT_CONFIG: 25600 B on sm_90 in 16-bit dtypes, 33792 B in float32."""
+    stage = (config["BLOCK_S"] + config["BLOCK_R"]) * config["BLOCK_C"] * OPERAND_BYTES
+    return SharedMemory(stage=stage, num_stages=config["num_stages"],
+                        epilogue=epilogue_bytes(config["BLOCK_S"], config["BLOCK_R"], config["num_warps"]))
 
 
 # ================================================================================================

@@ -28,7 +28,7 @@ def make_inputs(shape, dtype: str, device, seed: int) -> dict:
     once those run out), shuffled; `resident` holds those chunks (zeros for empty slots).
     """
     batch, heads, num_chunks, chunk, d, k = shape
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = checking.generator(device, seed)
     on = dict(device=device, generator=gen)
     values = torch.randn(batch, heads, num_chunks, chunk, d, dtype=getattr(torch, dtype), **on)
     if k <= num_chunks:

@@ -87,7 +87,7 @@ DEFAULT_ONE_CHUNK = {"BLOCK_CHUNKS": 1, "num_warps": 4}
 DEFAULTS = (DEFAULT, DEFAULT_ONE_CHUNK)
 
 
-def default_config(shape: tuple[int, ...]) -> dict[str, int]:
+def default_config(shape: tuple[int, ...], dtype: str) -> dict[str, int]:
     """The untuned fallback: correct for any shape; feasible under SPACE's constraints for any shape
     (one chunk per program is at most MAX_BLOCK_T * MAX_BLOCK_D = 8192 elements, 64 per thread)."""
     if SPACE.infeasibility(DEFAULT, shape, smem_bytes=0) is None:  # the kernel uses no shared memory

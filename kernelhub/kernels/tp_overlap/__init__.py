@@ -29,7 +29,7 @@ _SOURCES = (_HERE / "kernel.py", _HERE / "space.py", _HERE / "overlap.py")
 def _gemm_inputs(shape, dtype: str, device, seed: int) -> dict:
     """Random normal `a [M, K]`, and `b [K, N]` as the transposed view of a weight [N, K]."""
     m, n, k = shape
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = checking.generator(device, seed)
     dt = getattr(torch, dtype)
     return {"a": torch.randn(m, k, dtype=dt, device=device, generator=gen),
             "b": torch.randn(n, k, dtype=dt, device=device, generator=gen).t()}

@@ -10,6 +10,13 @@
 
 Buckets keep W, N and K exact and round the row count up to a power of two; a call reuses a
 bucket of the same W, N and K at most two doublings of M away (the larger M on a tie).
+
+Shared memory: kernels/common/shared_memory.py's model via `gemm_shared_memory` (the larger of
+the pipeline's stages and the epilogue's layout conversion, + 1 KiB static). Margin, held against
+the compiler on sm_80 and sm_90 by tests/test_compile_agreement.py: never below its figure; at most
+one stage + 1 KiB above it where the stages decide, three quarters of the epilogue + 1 KiB where
+that does. Operands are counted as float32, the widest dtype, so a config the space accepts fits in every
+dtype; DEFAULTs depend on the dtype where float32's FMA dots need a smaller K step.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from kernelhub.kernels.common.shared_memory import SharedMemory, epilogue_bytes, fits
 from kernelhub.space import SearchSpace
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -35,27 +43,34 @@ GEMM_PARAMS = {
 }
 # float32 accumulator registers per thread above which the tile spills.
 MAX_ACC_REGS_PER_THREAD = 128
-# Bytes per operand element assumed by the shared-memory constraint: 16-bit operands, the dtypes
-# worth tuning. A float32 config that does not fit fails to compile and is rejected in tuning;
-# the DEFAULTs fit float32 too.
-OPERAND_BYTES = 2
+# Bytes per operand element the shared-memory constraint assumes: float32, the widest dtype, so a
+# config the space accepts fits the device in every dtype (the constraints see no dtype). With 2
+# bytes, as before, float32 configs the space accepted needed up to twice the device's limit
+# (sm_90: 295936 B of 232448; `kernelhub compile` refused them).
+OPERAND_BYTES = 4
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
+def gemm_shared_memory(config: Mapping[str, int], operand_bytes: int = OPERAND_BYTES) -> SharedMemory:
+    """Shared memory per block of `gemm_kernel` (kernels/common/shared_memory.py's model): a stage
+    holds A [BLOCK_M, BLOCK_K] and B [BLOCK_K, BLOCK_N]; the epilogue converts the [BLOCK_M, BLOCK_N]
+    tile after its cast to the output dtype, 2 bytes where tensor cores computed it. Measured
+    (Triton 3.9, 128 x 128 x 32, 3 stages, 8 warps, bfloat16): 50176 B on sm_90 (three copies,
+    48 KiB, + 1 KiB static), 32768 B on sm_80 (two)."""
+    stage = (config["BLOCK_M"] * config["BLOCK_K"] + config["BLOCK_K"] * config["BLOCK_N"]) * operand_bytes
+    epilogue = epilogue_bytes(config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], element_bytes=2)
+    return SharedMemory(stage=stage, num_stages=config["num_stages"], epilogue=epilogue)
+
+
 def gemm_shared_memory_bytes(config: Mapping[str, int], operand_bytes: int = OPERAND_BYTES) -> int:
-    """Pipelined A and B tiles in shared memory: stages * (BM*BK + BK*BN) elements."""
-    tiles = config["BLOCK_M"] * config["BLOCK_K"] + config["BLOCK_K"] * config["BLOCK_N"]
-    return config["num_stages"] * tiles * operand_bytes
+    return gemm_shared_memory(config, operand_bytes).bytes
 
 
 def _fits_shared_memory(config, shape, smem_bytes):
-    need = gemm_shared_memory_bytes(config)
-    if need > smem_bytes:
-        return f"needs {need} B of shared memory, device allows {smem_bytes} B"
-    return None
+    return fits(gemm_shared_memory(config), smem_bytes)
 
 
 def _accumulator_fits_registers(config, shape, smem_bytes):
@@ -81,12 +96,18 @@ GEMM_SPACE = SearchSpace(params=GEMM_PARAMS,
 SMALL_M = 64  # up to this many rows per chunk the small-M DEFAULT applies
 GEMM_DEFAULT_SMALL_M = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
 GEMM_DEFAULT_LARGE_M = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-GEMM_DEFAULTS = (GEMM_DEFAULT_SMALL_M, GEMM_DEFAULT_LARGE_M)
+# float32 operands multiply on FMA units, whose dot keeps operand fragments in registers: the
+# 16-bit tile takes all 255 registers on sm_80 (Triton 3.9); a K step of 16 leaves 228.
+GEMM_DEFAULT_LARGE_M_FP32 = dict(GEMM_DEFAULT_LARGE_M, BLOCK_K=16)
+GEMM_DEFAULTS = (GEMM_DEFAULT_SMALL_M, GEMM_DEFAULT_LARGE_M, GEMM_DEFAULT_LARGE_M_FP32)
 
 
-def gemm_default_config(shape: tuple[int, ...]) -> dict[str, int]:
-    """Correct for any shape; fits any GPU's shared memory even with float32 operands."""
-    return dict(GEMM_DEFAULT_SMALL_M if shape[0] <= SMALL_M else GEMM_DEFAULT_LARGE_M)
+def gemm_default_config(shape: tuple[int, ...], dtype: str) -> dict[str, int]:
+    """Correct for any shape; within every GPU's shared memory (the estimate is float32's); no
+    spills on sm_80 or sm_90 in any dtype (`kernelhub compile`)."""
+    if shape[0] <= SMALL_M:
+        return dict(GEMM_DEFAULT_SMALL_M)
+    return dict(GEMM_DEFAULT_LARGE_M_FP32 if dtype == "float32" else GEMM_DEFAULT_LARGE_M)
 
 
 def gemm_bucket(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -174,12 +195,12 @@ AG_DEFAULTS = (AG_DEFAULT, dict(AG_DEFAULT, CHUNKS=1))
 RS_DEFAULTS = (RS_DEFAULT, dict(RS_DEFAULT, CHUNKS=1))
 
 
-def ag_default_config(shape: tuple[int, ...]) -> dict[str, int]:
+def ag_default_config(shape: tuple[int, ...], dtype: str) -> dict[str, int]:
     """Two chunks per rank, ring order: overlaps on every shape, and fits any M_local."""
     return dict(AG_DEFAULT, CHUNKS=min(AG_DEFAULT["CHUNKS"], shape[1]))
 
 
-def rs_default_config(shape: tuple[int, ...]) -> dict[str, int]:
+def rs_default_config(shape: tuple[int, ...], dtype: str) -> dict[str, int]:
     return dict(RS_DEFAULT, CHUNKS=min(RS_DEFAULT["CHUNKS"], shape[1] // shape[0]))
 
 

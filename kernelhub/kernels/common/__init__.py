@@ -1,0 +1,1 @@
+"""What the kernel families share (families never import each other; they import this)."""
