@@ -106,15 +106,17 @@ def test_trial_timeout_must_be_positive_seconds(timeout, capsys):
 
 # -- failures teach the sampler -------------------------------------------------------------------
 
-HALF_FAILING_SPACE = SearchSpace({"X": tuple(range(8)), "Y": tuple(range(4))})
+# 128 configs: more than the budget, so the tuner samples instead of trying them all (tuning/tuner.py).
+HALF_FAILING_SPACE = SearchSpace({"X": tuple(range(16)), "Y": tuple(range(8))})
+FAILING_X = 8
 N_TRIALS = 40
 
 
 class ScriptedRunner:
-    """Outcomes without running anything: every config with X >= 4 crashes, the others take 1 + X + Y/4 ms."""
+    """Outcomes without running anything: every config with X >= 8 crashes, the others take 1 + X + Y/4 ms."""
 
     def run(self, spec, shape, dtype, config, seed) -> TrialOutcome:
-        if config["X"] >= 4:
+        if config["X"] >= FAILING_X:
             return TrialOutcome("crash", "scripted crash")
         ms = 1 + config["X"] + config["Y"] / 4
         return TrialOutcome("complete", timing=Timing(ms, ms, ms))
@@ -128,14 +130,14 @@ def _proposals_in_failing_half_by_the_tuner(spec, seed: int) -> int:
     Tuner(store, study_storage("sqlite://"), TEST_DEVICE, seed=seed, runner=ScriptedRunner(),
           progress=lambda line: None).tune(spec, (7,), "int32", n_trials=N_TRIALS)
     trials = store.trials()
-    assert len(trials) == N_TRIALS
-    return sum(t.config["X"] >= 4 for t in trials)
+    assert len(trials) == N_TRIALS  # distinct configs: the tuner never tries one twice
+    return sum(t.config["X"] >= FAILING_X for t in trials)
 
 
 def _proposals_in_failing_half_with_plain_failed_trials(spec, seed: int) -> int:
     """The same study as the tuner's (same sampler, seed, DEFAULT first), but failures are Optuna FAILED."""
     study = optuna.create_study(sampler=DEFAULT_SAMPLER(seed))
-    study.enqueue_trial(spec.default_config((7,)))
+    study.enqueue_trial(spec.default_config((7,), spec.dtypes[0]))
 
     def objective(trial):
         outcome = ScriptedRunner().run(spec, (7,), "int32", HALF_FAILING_SPACE.suggest(trial), seed)
@@ -144,13 +146,13 @@ def _proposals_in_failing_half_with_plain_failed_trials(spec, seed: int) -> int:
         return outcome.timing.median_ms
 
     study.optimize(objective, n_trials=N_TRIALS, catch=(RuntimeError,))
-    return sum(t.params["X"] >= 4 for t in study.trials)
+    return sum(t.params["X"] >= FAILING_X for t in study.trials)
 
 
 def test_failed_trials_steer_tpe_away_from_the_failing_half(faults):
     default = {"X": 0, "Y": 0}
     spec = dataclasses.replace(faults.NAPPING, name="test_half_failing", space=HALF_FAILING_SPACE,
-                               default_config=lambda shape: dict(default), defaults=(default,))
+                               default_config=lambda shape, dtype: dict(default), defaults=(default,))
     seeds = range(3)
     taught = sum(_proposals_in_failing_half_by_the_tuner(spec, seed) for seed in seeds)
     plain = sum(_proposals_in_failing_half_with_plain_failed_trials(spec, seed) for seed in seeds)

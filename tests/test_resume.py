@@ -1,6 +1,7 @@
 """`kill -9` of `kernelhub tune` in the middle of a study, then a rerun: the study goes on where it
 stopped. Finished trials are kept, not measured again and counted against --trials; the stored
-best is the best of both runs. And a database from before trial states said how a trial failed
+best is the best of both runs. The study is enumerated (test_naps has 5 configs, fewer than
+--trials), so the rerun also shows that a config whose trial the kill cut off is queued again. And a database from before trial states said how a trial failed
 (schema version 1) is migrated on open with its rows kept.
 """
 
@@ -23,6 +24,7 @@ from kernelhub.errors import ConfigDBError
 from kernelhub.tuning.tuner import study_storage
 
 N_TRIALS = 8
+CONFIGS = 5  # test_naps's space: the study tries each once and ends there
 KILL_AFTER = 3  # finished trials when the first run is killed
 
 
@@ -64,7 +66,7 @@ def _run_until_trials_then_kill(url: str) -> list[int]:
     try:
         for line in first.stdout:
             output.append(line)
-            if f"trial {KILL_AFTER}/{N_TRIALS}" in line:
+            if f"trial {KILL_AFTER}/{CONFIGS}" in line:
                 break
         children = _children(first.pid)
         first.send_signal(signal.SIGKILL)
@@ -72,7 +74,7 @@ def _run_until_trials_then_kill(url: str) -> list[int]:
     finally:
         watchdog.cancel()
         first.stdout.close()
-    assert f"trial {KILL_AFTER}/{N_TRIALS}" in output[-1], "".join(output)
+    assert f"trial {KILL_AFTER}/{CONFIGS}" in output[-1], "".join(output)
     return children
 
 
@@ -93,14 +95,17 @@ def test_kill_9_mid_study_loses_only_the_trial_in_flight(tmp_path):
 
     rerun = subprocess.run(_tune_command(url), env=_env(), capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert re.search(rf"test_naps\s+N=7\s+int32\s+{N_TRIALS}\s", rerun.stdout), rerun.stdout
+    assert re.search(rf"test_naps\s+N=7\s+int32\s+{CONFIGS}\s", rerun.stdout), rerun.stdout
 
     storage = study_storage(url)
     (summary,) = optuna.get_all_study_summaries(storage)
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
     finished = {t.number for t in trials if t.state.is_finished()}
-    assert len(finished) == N_TRIALS  # the budget counts the first run's trials
+    assert len(finished) == CONFIGS  # the budget counts the first run's trials
     assert len(trials) - len(finished) <= 1  # the one in flight at the kill, left unfinished
+    for cut_off in (t for t in trials if not t.state.is_finished()):  # its config was queued again, and measured
+        config = cut_off.system_attrs.get("fixed_params", cut_off.params)
+        assert any(t.params == config for t in trials if t.state.is_finished())
 
     with ConfigStore(url, create=False) as store:
         after = {t.number: t for t in store.trials()}
@@ -109,9 +114,10 @@ def test_kill_9_mid_study_loses_only_the_trial_in_flight(tmp_path):
     for number, trial in before.items():  # kept as measured: same row, same time, same created_at
         assert after[number] == trial
     assert set(after) - set(before)  # the rerun measured the rest
+    assert sorted(t.config["NAP_MS"] for t in after.values()) == [0, 2, 5, 10, 20]  # each config once
     timed = [t for t in after.values() if t.state == "complete"]
     fastest = min(timed, key=lambda t: t.median_ms)
-    assert (best.config, best.median_ms, best.trials) == (fastest.config, fastest.median_ms, N_TRIALS)
+    assert (best.config, best.median_ms, best.trials) == (fastest.config, fastest.median_ms, CONFIGS)
 
 
 def test_a_schema_1_database_is_migrated_and_keeps_its_trials(tmp_path):

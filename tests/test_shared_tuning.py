@@ -1,8 +1,10 @@
 """Four tuner processes tune the same studies at the same moment, sharing one config database:
 SQLite (studies in Optuna's journal file beside it) and PostgreSQL (studies in the same database).
 
-Afterwards every finished Optuna trial is in kernelhub's trials table exactly once and agrees with
-it, and each study has one best config: its fastest trial. The workers are fresh interpreters
+Afterwards every finished Optuna trial with an outcome of its own is in kernelhub's trials table
+exactly once and agrees with it, every other one repeats an earlier trial's config and value (a
+config proposed again is not run again, nor recorded), and each study has one best config: its
+fastest trial. The workers are fresh interpreters
 running `shared_tuning_families.tune_worker`, which start tuning together (a start barrier) so
 they really contend for the studies and the database.
 """
@@ -22,7 +24,7 @@ from kernelhub import registry
 from kernelhub.db import ConfigStore
 from kernelhub.device import current_device
 from kernelhub.db.store import study_journal_path
-from kernelhub.tuning.tuner import Tuner, study_storage
+from kernelhub.tuning.tuner import REPEAT_ATTR, Tuner, study_storage, tried_trials
 
 WORKERS = 4
 TRIALS = 4  # each worker's budget per study; the study ends with at least this many trials
@@ -72,9 +74,16 @@ def _check_shared_results(url: str, families_module, outputs: list[str]) -> None
 
     total = 0
     for name, (bucket, dtype) in studies.items():
-        trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+        study = optuna.load_study(study_name=name, storage=storage)
+        every = study.get_trials()
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in every), "a trial was left unfinished"
+        trials = tried_trials(study)
         assert len(trials) >= TRIALS
-        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), "a trial was left unfinished"
+        by_number = {t.number: t for t in every}
+        for repeat in (t for t in every if REPEAT_ATTR in t.user_attrs):
+            earlier = by_number[repeat.user_attrs[REPEAT_ATTR]]
+            assert (repeat.params, repeat.value) == (earlier.params, earlier.value) and earlier in trials
+        # (Two workers that draw one untried config at the same moment both measure it: not checked here.)
         recorded = {row.number: row for row in rows if row.study == name}
         numbers = [row.number for row in rows if row.study == name]
         assert sorted(numbers) == sorted(t.number for t in trials)  # every trial exactly once

@@ -1,5 +1,6 @@
 """`kernelhub sweep` (every feasible config, measured, into a file) and `kernelhub replay` (samplers on it)."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -38,7 +39,7 @@ def _family() -> FamilySpec:
     return FamilySpec(
         name=FAMILY, summary="test only", shape_names=("N",), dtypes=("int32", "int64"),
         space=SearchSpace(params={"BLOCK": (16, 32, 64), "WIDE": (0, 1), "BROKEN": (0, 1)}, constraints=(_no_wide_64,)),
-        default_config=lambda shape: dict(DEFAULT), defaults=(DEFAULT, WIDE_DEFAULT),
+        default_config=lambda shape, dtype: dict(DEFAULT), defaults=(DEFAULT, WIDE_DEFAULT),
         make_inputs=lambda shape, dtype, device, seed: {"x": torch.randint(
             1, 100, shape, generator=torch.Generator().manual_seed(seed), dtype=getattr(torch, dtype))},
         reference=lambda inputs: inputs["x"] * 2, launch=launch,
@@ -173,9 +174,9 @@ def test_grid_finds_a_ten_times_faster_config_within_the_sweep():
     size = shape.landscape.size
     assert size == 24 and shape.landscape.checkpoints() == [3, 5, 12]
     grid, random = shape.results
-    # The grid covers every combination; the enqueued DEFAULT is one trial besides them.
-    assert all(t <= size + 1 for t in grid.trials_to_within())
-    assert grid.best_after(size + 1) == [1.0, 1.0, 1.0]
+    # The grid covers every combination; its proposal of the enqueued DEFAULT is a repeat, not a trial.
+    assert all(t <= size for t in grid.trials_to_within())
+    assert grid.best_after(size) == [1.0, 1.0, 1.0]
     for result in (grid, random):
         for trace in result.traces:
             assert trace[0] == 10.0  # the DEFAULT runs first, 10x slower than the best
@@ -293,3 +294,58 @@ def test_replay_argument_errors(tmp_path, capsys, argv, message):
     write_sweep(path, _sweep_doc({key: 1.0 for key in _all_configs()}))
     assert cli.main(["replay", str(path), *argv]) == 1
     assert message in capsys.readouterr().err
+
+
+# -- the replay is the tuner ---------------------------------------------------------------------------
+
+class _SweepRunner:
+    """A trial runner that answers from a sweep's landscape, as a replay looks a trial up."""
+
+    def __init__(self, landscape):
+        self.landscape = landscape
+
+    def run(self, spec, shape, dtype, config, seed):
+        from kernelhub.tuning.timing import Timing
+        from kernelhub.tuning.trial import TrialOutcome
+
+        key = tuple(config[name] for name in PARAMS)
+        if key in self.landscape.failures:
+            return TrialOutcome(*self.landscape.failures[key])
+        ms = self.landscape.times[key]
+        return TrialOutcome("complete", timing=Timing(ms, ms, ms))
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("budget", [6, 30], ids=["sampled", "enumerated"])
+def test_the_tuner_row_replays_what_the_tuner_does(budget):
+    """The Tuner, with trials answered from a sweep, tries the same configs in the same order as the
+    replay's "tuner" row: same sampler, DEFAULT first, repeats not counted, enumeration when the sweep fits."""
+    from kernelhub.db import ConfigStore
+
+    keys = _all_configs()
+    failed = [k for k in keys if k[0] == 3]
+    times = {k: 1.0 + k[1] / 10 + k[2] / 100 + k[0] / 1000 for k in keys if k[0] != 4 and k not in failed}
+    doc = _sweep_doc(times, failures=failed)  # A=4 is infeasible: not in the sweep
+    land = replay.Landscape.from_sweep(doc["space"], doc["shapes"][0])
+    assert (land.size <= budget) == (budget == 30)
+
+    def in_sweep(config, shape, smem):
+        key = tuple(config[name] for name in PARAMS)
+        return None if key in land.times or key in land.failures else "not in the sweep"
+
+    spec = dataclasses.replace(_family(), name="test_replayed", space=SearchSpace(PARAMS, constraints=(in_sweep,)),
+                               default_config=lambda shape, dtype: dict(land.default))
+    store = ConfigStore("sqlite://")
+    device = dataclasses.replace(current_device(), key="test-cpu")
+    tuner.Tuner(store, tuner.study_storage("sqlite://"), device, seed=2, runner=_SweepRunner(land),
+                progress=lambda line: None).tune(spec, (5,), "int32", n_trials=budget)
+    best, tuned = math.inf, []
+    for row in store.trials():
+        if row.state == "complete":
+            best = min(best, row.median_ms / land.best_ms)
+        tuned.append(best)
+    replayed = replay.replay_run(land, replay.SAMPLERS["tuner"].make, 2, max_trials=budget, stop_after=budget,
+                                 enumerate_all=land.size <= budget)
+    assert tuned == replayed and len(tuned) == min(budget, land.size)

@@ -7,7 +7,9 @@ runs one, except that a trial's time is looked up instead of measured:
 - the sampler comes from a `sampler(seed)` factory, the tuner's own (`DEFAULT_SAMPLER`) for the
   row named "tuner", so the replayed default is exactly what `kernelhub tune` runs;
 - the shape's DEFAULT is enqueued first, as the Tuner does (it also enqueues the best configs of
-  neighbouring buckets, which a replay has no database for);
+  neighbouring buckets, which a replay has no database for); a shape whose sweep holds at most
+  `budget` configs is enumerated, as the Tuner enumerates a space that fits `--trials` (the
+  DEFAULT, then the space's order), so there every sampler's row is the same;
 - configs are suggested by the space (`SearchSpace.suggest`), so the samplers see the same
   categorical parameters;
 - a config the sweep does not hold is one the constraints rejected, and a config recorded as
@@ -15,12 +17,17 @@ runs one, except that a trial's time is looked up instead of measured:
   one place that follows tuning/tuner.py), and a trial counts towards the best only when the
   tuner's own test (`tuner._timed`) says it was timed.
 
-Every finished trial counts, failed ones too, as they count against `--trials`. A run lasts as
-many trials as the sweep has configs, or stops sooner once it is within 3% of the sweep's best
-and past the last checkpoint. Reported per sampler, median over seeds: trials to
-reach within 3% of the sweep's best, and the best reached (as a ratio to the sweep's best) after
-10%, 20% and 50% of the sweep's size in trials, and after a fixed budget (`kernelhub tune`'s
-default of 50 trials).
+Not modelled: the Tuner's compile check (a sweep times every config the constraints accept, so a
+config the compiler would prune is replayed as timed).
+
+A trial is a config tried, failed or infeasible ones too, as they count against `--trials`; a
+proposal of a config already tried is answered from the record and does not count, and a sampler
+that only proposes tried configs ends the run: the Tuner's own `Budget`, `earlier_outcome` and
+`answer_repeat`. A run lasts as many trials as the sweep has configs, or stops sooner once it is
+within 3% of the sweep's best and past the last checkpoint, or when the Tuner would stop.
+Reported per sampler, median over seeds: trials to reach within 3% of the sweep's best, and the
+best reached (as a ratio to the sweep's best) after 10%, 20% and 50% of the sweep's size in
+trials, and after a fixed budget (`kernelhub tune`'s default of 50 trials).
 """
 
 from __future__ import annotations
@@ -132,6 +139,14 @@ class Landscape:
         """Configs the tuner can pick here (feasible ones and the DEFAULT): an exhaustive sweep's cost in trials."""
         return len(self.times) + len(self.failures)
 
+    def every_config(self) -> list[Config]:
+        """The configs the Tuner would queue to enumerate this shape: the DEFAULT, then the sweep's in
+        the space's order (a sweep holds the feasible configs, which is what the Tuner enumerates)."""
+        held = self.times.keys() | self.failures.keys()
+        rest = [c for c in SearchSpace(params=self.params).configs()
+                if config_key(c, self.params) in held and c != self.default]
+        return [dict(self.default), *rest]
+
     @property
     def best_ms(self) -> float:
         return min(self.times.values())
@@ -150,18 +165,25 @@ def _failed(trial: optuna.Trial, state: str, reason: str) -> float:
 
 
 def replay_run(landscape: Landscape, make_sampler: SamplerFactory, seed: int, *, max_trials: int,
-               stop_after: int) -> list[float]:
-    """One study; the best time reached after each trial, as a ratio to the sweep's best (inf before any).
+               stop_after: int, enumerate_all: bool = False) -> list[float]:
+    """One study; the best time reached after each config tried, as a ratio to the sweep's best (inf before any).
 
-    Stops after `max_trials` trials, or after `stop_after` once within WITHIN of the best (or
-    when the sampler stops the study itself, as the grid does once exhausted).
+    Stops after `max_trials` configs, or after `stop_after` once within WITHIN of the best, or
+    when the Tuner's budget would stop it, or when the sampler stops the study itself (as the grid
+    does once exhausted). `enumerate_all`: queue every config, as the Tuner does for a space that
+    fits its budget.
     """
     space = SearchSpace(params=landscape.params)
     best_ms = landscape.best_ms
+    budget = tuner.Budget(max_trials, landscape.every_config() if enumerate_all else None)
     trace: list[float] = []
 
     def objective(trial: optuna.Trial) -> float:
-        key = config_key(space.suggest(trial), landscape.params)
+        config = space.suggest(trial)
+        earlier = tuner.earlier_outcome(trial.study, config)
+        if earlier is not None:
+            return tuner.answer_repeat(trial, earlier)
+        key = config_key(config, landscape.params)
         if key in landscape.times:
             trial.set_user_attr("state", "complete")
             return landscape.times[key]
@@ -170,16 +192,20 @@ def replay_run(landscape: Landscape, make_sampler: SamplerFactory, seed: int, *,
         return _failed(trial, "constraint", "not in the sweep: the constraints reject it")
 
     def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        best = trace[-1] if trace else math.inf
-        if tuner._timed(trial):
-            best = min(best, trial.value / best_ms)
-        trace.append(best)
-        if len(trace) >= stop_after and best <= WITHIN:
-            study.stop()
+        if not tuner.is_repeat(trial):
+            best = trace[-1] if trace else math.inf
+            if tuner._timed(trial):
+                best = min(best, trial.value / best_ms)
+            trace.append(best)
+            if len(trace) >= stop_after and best <= WITHIN:
+                study.stop()
+        budget.after_trial(study, trial)
 
     study = optuna.create_study(direction="minimize", sampler=make_sampler(landscape.params, seed))
     study.enqueue_trial(landscape.default)
-    study.optimize(objective, n_trials=max_trials, callbacks=[after])
+    if budget.every_config is not None:
+        tuner.enqueue_untried(study, budget.every_config)
+    study.optimize(objective, n_trials=budget.trial_bound(study), callbacks=[after])
     return trace
 
 
@@ -238,7 +264,8 @@ def replay_sweep(doc: dict, *, samplers: Sequence[str] | None = None, seeds: int
             with warnings.catch_warnings():
                 # QMC is "experimental"; the grid warns when it revisits a point after its last one.
                 warnings.simplefilter("ignore")
-                traces = [replay_run(landscape, choice.make, seed, max_trials=max_trials, stop_after=stop_after)
+                traces = [replay_run(landscape, choice.make, seed, max_trials=max_trials, stop_after=stop_after,
+                                     enumerate_all=landscape.size <= budget)
                           for seed in range(seeds)]
             results.append(SamplerResult(name, traces))
             progress(f"replayed {landscape.shape} with {name} ({seeds} seeds)")
@@ -277,7 +304,10 @@ def format_report(report: ReplayReport) -> str:
         default_ratio = land.times.get(config_key(land.default, land.params), math.nan) / land.best_ms
         lines += ["", f"### {land.shape}", "",
                   f"{land.size} configs ({len(land.failures)} failed), best {land.best_ms:.4g} ms, "
-                  f"DEFAULT {_ratio(default_ratio)}x the best; runs of at most {shape.max_trials} trials.", "",
+                  f"DEFAULT {_ratio(default_ratio)}x the best; runs of at most {shape.max_trials} trials"
+                  + (f" (enumerated, as the tuner enumerates a space that fits {report.budget} trials: every "
+                     "sampler tries the same configs in the same order)" if land.size <= report.budget else "")
+                  + ".", "",
                   "| sampler | trials to 3% | reached | "
                   + " | ".join(f"best @{f} ({n})" for f, n in zip(fractions, checkpoints))
                   + f" | best @{report.budget} |",
