@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_compile_pruning.py                  # M=128 and M=1 (N=K=4096), bfloat16, 40 trials, 3 seeds
     python benchmarks/cpu_compile_pruning.py --markdown benchmarks/results/cpu_compile_pruning.md
+    python benchmarks/cpu_compile_pruning.py --quick          # M=1, 8 trials, 1 seed
 
 For each shape and seed the tuner runs the same study twice, same budget: without a compile check,
 and with the real one for sm_90 (`kernelhub.tuning.tuner.compile_check_for` of an H100's identity:
@@ -20,11 +21,9 @@ refuses, i.e. what that run spent on configs a GPU should never time.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import importlib.util
 import math
-import platform
 import random
 import sys
 import time
@@ -33,17 +32,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
-import triton
 
 from kernelhub.db import ConfigStore
-from kernelhub.kernels.int8_gemm import SPEC
+from kernelhub.kernels.loader import get_family
 from kernelhub.tuning.timing import Timing
 from kernelhub.tuning.trial import TrialOutcome
 from kernelhub.tuning.tuner import REPEAT_ATTR, Tuner, compile_check_for, study_storage
 
-from report import markdown_table, publish  # noqa: E402  (benchmarks/report.py)
+from harness import BenchmarkParser, fixed, markdown_table, publish
 
 ROOT = Path(__file__).resolve().parent.parent
+SPEC = get_family("int8_gemm")
 DTYPE = "bfloat16"
 NOISE = 0.015
 
@@ -164,27 +163,22 @@ COLUMNS = ("M", "N", "K", "seed", "check", "tried", "launched", "by constraints"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BenchmarkParser(__file__, __doc__, quick={"ms": [1], "trials": 8, "seeds": 1})
     parser.add_argument("--ms", type=int, nargs="+", default=[128, 1], help="M values (N = K = 4096)")
     parser.add_argument("--trials", type=int, default=40, help="tuner budget per study (default 40)")
     parser.add_argument("--seeds", type=int, default=3, help="studies per shape and setting, seeds 0..N-1")
-    parser.add_argument("--markdown", help="also write the results page here")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     rows, notes = measure([(m, 4096, 4096) for m in args.ms], args.trials, range(args.seeds))
     header = (f"int8_gemm ({DTYPE} out) tuned on the H100 model ({MODEL.DEVICE.key}: times from "
-              f"docs/sweeps/synthetic_int8_gemm.py, nothing launched), compile check for sm_90 with Triton "
-              f"{triton.__version__} on {platform.machine()}, {args.trials} trials per study, "
-              f"optuna {optuna.__version__}.\n\n"
+              f"docs/sweeps/synthetic_int8_gemm.py, nothing launched), compile check for sm_90, {args.trials} "
+              f"trials per study, optuna {optuna.__version__}.\n\n"
               "tried: configs with an outcome (the budget); launched: timed by the runner; by constraints / by "
               "compiler: pruned before launch; repeats: proposals of configs already tried, not run; refused "
               "launches: launches of configs the compiler refuses (checked afterwards); check s: seconds in the "
               "compile check (builds come from the compile cache once built); best ms: the model's.")
-    text = header + "\n\n" + markdown_table(rows, COLUMNS, {"best ms": lambda v: f"{v:.4g}",
-                                                           "check s": lambda v: f"{v:.1f}",
-                                                           "wall s": lambda v: f"{v:.1f}"})
-    text += "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
-    publish(text, "cpu_compile_pruning.py", argv if argv is not None else sys.argv[1:], args.markdown)
+    text = header + "\n\n" + markdown_table(rows, COLUMNS, {"check s": fixed(1), "wall s": fixed(1)})
+    publish(text + "\n\n" + "\n".join(f"- {note}" for note in notes), args)
     return 0
 
 

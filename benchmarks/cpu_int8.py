@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_int8.py                     # Llama-3-8B layers, M in 1, 16, 128, 512
     python benchmarks/cpu_int8.py --ms 1 128 --reps 20 --markdown benchmarks/results/cpu_int8.md
+    python benchmarks/cpu_int8.py --quick             # M = 16, 3 reps: checks the script works
 
 Each figure is the median over `--reps` runs after warm-up, all contenders measured in the same
 process, interleaved per shape. `epilogue` is int8_scaled_gemm's time over bare `_int_mm` (the
@@ -12,8 +13,6 @@ torch.library registration on a tiny shape, where the GEMM itself costs almost n
 
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
 from collections.abc import Callable, Sequence
 
@@ -21,13 +20,12 @@ import torch
 
 import kernelhub.ops as ops
 from kernelhub.kernels.int8_gemm.space import LLAMA3_8B
-from kernelhub.tuning.timing import time_wall_clock
 
-from report import markdown_table, publish  # noqa: E402  (benchmarks/report.py)
+from harness import BenchmarkParser, fixed, markdown_table, percent_change, publish, ratio, time_cpu, times
 
 
-def median_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
-    return time_wall_clock(fn, warmup=warmup, reps=reps).median_ms
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    return time_cpu(fn, reps=reps).median_ms
 
 
 def gemm_rows(ms: Sequence[int], reps: int) -> list[dict]:
@@ -45,7 +43,7 @@ def gemm_rows(ms: Sequence[int], reps: int) -> list[dict]:
             int_mm = median_ms(lambda: torch._int_mm(q_x, b), reps)
             scaled = median_ms(lambda: ops.int8_scaled_gemm(q_x, b, x_scale, w_scale, bias), reps)
             rows.append({"layer": layer, "M": m, "N": n, "K": k, "fp32 ms": fp32, "_int_mm ms": int_mm,
-                         "int8_scaled_gemm ms": scaled, "epilogue": scaled / int_mm - 1, "vs fp32": fp32 / scaled})
+                         "int8_scaled_gemm ms": scaled, "epilogue": scaled / int_mm - 1, "vs fp32": ratio(fp32, scaled)})
     return rows
 
 
@@ -73,22 +71,18 @@ def overhead_rows(reps: int) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchmarkParser(__file__, __doc__, reps=15, quick={"ms": [16], "reps": 3})
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 16, 128, 512])
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--markdown", help="also write the tables to this file")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    header = (f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-              f"torch {torch.__version__}; python {platform.python_version()}")
+    ms = fixed(3)
     gemm = markdown_table(gemm_rows(args.ms, args.reps),
                           ["layer", "M", "N", "K", "fp32 ms", "_int_mm ms", "int8_scaled_gemm ms", "epilogue", "vs fp32"],
-                          {"epilogue": lambda v: f"{v * 100:+.1f}%", "vs fp32": lambda v: f"{v:.2f}x",
-                           **{c: "{:.3f}".format for c in ("fp32 ms", "_int_mm ms", "int8_scaled_gemm ms")}})
+                          {"epilogue": percent_change, "vs fp32": times, "fp32 ms": ms, "_int_mm ms": ms,
+                           "int8_scaled_gemm ms": ms})
     overhead = markdown_table(overhead_rows(args.reps), ["path", "us per call", "added us"],
-                              {"us per call": "{:.3f}".format, "added us": "{:.3f}".format})
-    text = f"{header}\n\n{gemm}\n\n{overhead}\n"
-    publish(text, "cpu_int8.py", argv if argv is not None else sys.argv[1:], args.markdown)
+                              {"us per call": ms, "added us": ms})
+    publish(f"{gemm}\n\n{overhead}", args)
     return 0
 
 

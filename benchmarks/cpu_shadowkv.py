@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_shadowkv.py                                  # S = 32K and 128K
     python benchmarks/cpu_shadowkv.py --seqs 32768 --markdown benchmarks/results/cpu_shadowkv.md
+    python benchmarks/cpu_shadowkv.py --quick                          # S = 4096, 3 reps
 
 Shapes: B = 1, H_q = 32, H_kv = 8, D = 128, float32, ShadowKV's defaults (rank 160, chunks of 8,
 budget 2048, 48 outlier chunks, 32 local tokens), caches from `kernelhub.shadowkv.synthetic`.
@@ -15,8 +16,6 @@ budget 2048, 48 outlier chunks, 32 local tokens), caches from `kernelhub.shadowk
 
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -29,9 +28,8 @@ from kernelhub.reference.rope import apply_rope, rope_tables
 from kernelhub.shadowkv import ShadowKVCache
 from kernelhub.shadowkv.fidelity import decode_fidelity
 from kernelhub.shadowkv.synthetic import make_synthetic_cache
-from kernelhub.tuning.timing import time_wall_clock
 
-from report import markdown_table, publish  # noqa: E402  (benchmarks/report.py)
+from harness import BenchmarkParser, markdown_table, publish, ratio, time_cpu
 
 B, H_Q, H_KV, D = 1, 32, 8, 128
 
@@ -49,47 +47,42 @@ def run(seq: int, reps: int, svd: bool) -> dict:
         t = next(step)
         cache.decode(synth.queries[t], synth.new_k[t], synth.new_v[t])
 
-    decode_ms = time_wall_clock(decode, warmup=2, reps=reps).median_ms
+    decode_ms = time_cpu(decode, warmup=2, reps=reps).median_ms
 
     cos, sin = rope_tables(seq + 1, D)
     k_rope = apply_rope(synth.k, torch.arange(seq).expand(B, H_KV, seq), cos, sin)
     q_rope = apply_rope(synth.queries[0], torch.full((B, H_Q), seq), cos, sin)[:, :, None]  # [B, H_q, 1, D]
-    dense_ms = time_wall_clock(lambda: F.scaled_dot_product_attention(q_rope, k_rope, synth.v, enable_gqa=True),
-                               warmup=2, reps=reps).median_ms
+    dense_ms = time_cpu(lambda: F.scaled_dot_product_attention(q_rope, k_rope, synth.v, enable_gqa=True),
+                        warmup=2, reps=reps).median_ms
 
     merged = synth.k.transpose(1, 2).reshape(B, seq, H_KV * D)
-    lowrank_s = time_wall_clock(lambda: ops.lowrank_keys(synth.k, 160), warmup=0, reps=1).median_ms / 1e3
-    svd_s = (time_wall_clock(lambda: torch.linalg.svd(merged[0], full_matrices=False), warmup=0, reps=1).median_ms
-             / 1e3 if svd else None)
+    lowrank_s = time_cpu(lambda: ops.lowrank_keys(synth.k, 160), warmup=0, reps=1).median_ms / 1e3
+    svd_s = (time_cpu(lambda: torch.linalg.svd(merged[0], full_matrices=False), warmup=0, reps=1).median_ms / 1e3
+             if svd else None)
 
     fidelity = decode_fidelity(ShadowKVCache(), synth.k, synth.v, synth.queries[:1], synth.new_k[:1],
                                synth.new_v[:1], needles=synth.needles)
     full_kv = 2 * synth.k.numel() * synth.k.element_size()
     return {"S": seq, "prefill s": prefill_s, "decode ms": decode_ms, "dense SDPA ms": dense_ms,
-            "speedup": dense_ms / decode_ms, "resident MB": cache.resident_bytes() / 2**20,
-            "full KV MB": full_kv / 2**20, "memory ratio": full_kv / cache.resident_bytes(),
+            "speedup": ratio(dense_ms, decode_ms), "resident MB": cache.resident_bytes() / 2**20,
+            "full KV MB": full_kv / 2**20, "memory ratio": ratio(full_kv, cache.resident_bytes()),
             "offloaded MB": cache.offloaded_bytes() / 2**20, "lowrank_keys s": lowrank_s, "svd s": svd_s,
             **fidelity}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchmarkParser(__file__, __doc__, reps=10, quick={"seqs": [4096], "reps": 3})
     parser.add_argument("--seqs", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--no-svd", action="store_true", help="skip the torch.linalg.svd baseline (slow)")
-    parser.add_argument("--markdown", help="also write the tables to this file")
     args = parser.parse_args(argv)
     rows = [run(seq, args.reps, not args.no_svd) for seq in args.seqs]
-    header = (f"CPU: {platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
-              f"B={B}, H_q={H_Q}, H_kv={H_KV}, D={D}, float32")
-    text = "\n\n".join([
-        header,
+    publish("\n\n".join([
+        f"B={B}, H_q={H_Q}, H_kv={H_KV}, D={D}, float32",
         markdown_table(rows, ["S", "decode ms", "dense SDPA ms", "speedup", "resident MB", "full KV MB", "memory ratio",
                      "offloaded MB", "prefill s"]),
         markdown_table(rows, ["S", "lowrank_keys s", "svd s"]),
         markdown_table(rows, ["S", "key_rel_error", "oracle_recall", "mass_covered", "output_rel_error", "needles_found"]),
-    ]) + "\n"
-    publish(text, "cpu_shadowkv.py", argv if argv is not None else sys.argv[1:], args.markdown)
+    ]), args)
     return 0
 
 

@@ -2,9 +2,10 @@
 
     python benchmarks/cpu_tp_overlap.py
     python benchmarks/cpu_tp_overlap.py --world 2 --dtype float32 --markdown benchmarks/results/cpu_tp_overlap.md
+    python benchmarks/cpu_tp_overlap.py --quick        # 3 reps, CHUNKS 1 and 2
 
 Per shape, on W local ranks (kernelhub.local_world), every figure is the slowest rank's median over
-`--reps` calls, each started after a barrier (tuning.timing.time_collective):
+`--reps` calls, each started after a barrier (harness.time_ranks):
 - T_gemm: the rank's whole GEMM alone (all_gather_gemm: [W*M_local, K] @ [K, N];
   gemm_reduce_scatter: [M, K_local] @ [K_local, N]);
 - T_comm: the collective alone (all_gather_single of a; reduce_scatter_single of the partial; the
@@ -23,22 +24,17 @@ A last table gives the per-call cost of the ops' signature exchange on a tiny sh
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import sys
-
 import torch
 import torch.distributed as dist
 
 import kernelhub.ops as ops
-from kernelhub.kernels.tp_overlap import chunk_gemm, overlap, space
+from kernelhub import backend
+from kernelhub.kernels.loader import get_family
+from kernelhub.kernels.tp_overlap import overlap
 from kernelhub.local_world import LocalWorld
-from kernelhub.registry import get_family
 from kernelhub.reference import tp_overlap as ref
-from kernelhub.tuning.timing import time_collective
 
-from report import markdown_table, publish  # noqa: E402  (benchmarks/report.py)
+from harness import BenchmarkParser, fixed, markdown_table, publish, ratio, time_ranks, times
 
 # (op, M_local or M, N, K or K_local) at W = 2: shapes where one rank's GEMM and its
 # communication take similar time on this kind of machine, and a GEMM-bound and a comm-bound one.
@@ -50,6 +46,11 @@ SHAPES = [
     ("gemm_reduce_scatter", 2048, 1024, 128),
     ("gemm_reduce_scatter", 1024, 1024, 256),
 ]
+
+
+def chunk_gemm(a: torch.Tensor) -> overlap.Gemm:
+    """The GEMM the ops run on `a`'s chunks: torch's on the CPU, the Triton chunk GEMM (tp_gemm) on a GPU."""
+    return overlap.chunk_gemm(get_family("tp_gemm"), a, backend.choose(a.device))
 
 
 def measure_shape(op: str, rows: int, n: int, k: int, dtype: str, reps: int, chunk_choices: list[int],
@@ -64,8 +65,8 @@ def measure_shape(op: str, rows: int, n: int, k: int, dtype: str, reps: int, chu
     inputs = spec.make_inputs(shape, dtype, device, seed=0)
     a, b = inputs["a"], inputs["b"]
     out = spec.new_output(inputs)
-    time = lambda fn: time_collective(fn, device, reps=reps).median_ms  # noqa: E731
-    gemm = chunk_gemm(a)  # the GEMM the op runs: torch's on the CPU, the Triton chunk GEMM on a GPU
+    time = lambda fn: time_ranks(fn, device, reps=reps).median_ms  # noqa: E731
+    gemm = chunk_gemm(a)
     no_gemm = lambda x, w, into: None  # noqa: E731
     if op == "all_gather_gemm":
         full = torch.empty(world * rows, k, dtype=a.dtype, device=device)
@@ -91,7 +92,7 @@ def measure_shape(op: str, rows: int, n: int, k: int, dtype: str, reps: int, chu
     return {"op": op, "W": world, "rows": rows, "N": n, "K": k, "dtype": dtype,
             "T_gemm": t_gemm, "T_comm": t_comm, "T_p2p": t_p2p, "T_sequential": t_seq,
             "T_default": by_chunks[default["CHUNKS"]], "T_overlapped": t_over, "CHUNKS": best_chunks,
-            "speedup": t_seq / t_over, "E": (t_gemm + t_p2p - t_over) / min(t_gemm, t_p2p)}
+            "speedup": ratio(t_seq, t_over), "E": (t_gemm + t_p2p - t_over) / min(t_gemm, t_p2p)}
 
 
 def signature_cost(reps: int) -> dict:
@@ -99,19 +100,18 @@ def signature_cost(reps: int) -> dict:
     a, b = torch.ones(2, 8), torch.ones(8, 8)
     out = torch.empty(2 * dist.get_world_size(), 8)
     gathered = torch.empty(2 * dist.get_world_size(), 8)
-    time = lambda fn: time_collective(fn, torch.device("cpu"), reps=reps).median_ms  # noqa: E731
+    time = lambda fn: time_ranks(fn, "cpu", reps=reps).median_ms  # noqa: E731
     bare = time(lambda: overlap.all_gather_gemm(a, b, out, gathered, group=None, chunks=1, order=0, gemm=chunk_gemm(a)))
     full = time(lambda: ops.all_gather_gemm(a, b))
     return {"bare schedule ms": bare, "kernelhub.ops ms": full, "per-call overhead ms": full - bare}
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    collective = get_family("all_gather_gemm")
+    parser = BenchmarkParser(__file__, __doc__, reps=15, quick={"reps": 3, "chunks": [1, 2]})
     parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--dtype", default="float32", choices=space.DTYPES)
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--chunks", type=int, nargs="+", default=list(space.CHUNK_CHOICES))
-    parser.add_argument("--markdown", help="also write the results page here")
+    parser.add_argument("--dtype", default="float32", choices=collective.dtypes)
+    parser.add_argument("--chunks", type=int, nargs="+", default=list(collective.space.params["CHUNKS"]))
     args = parser.parse_args(argv)
 
     rows = []
@@ -122,16 +122,15 @@ def main(argv: list[str]) -> None:
         overhead = world.run(signature_cost, max(args.reps, 50))[0]
     columns = ["op", "W", "rows", "N", "K", "dtype", "T_gemm", "T_comm", "T_p2p", "T_sequential", "T_default",
                "T_overlapped", "CHUNKS", "speedup", "E"]
-    fmt = {c: (lambda v: f"{v:.3f}") for c in ("T_gemm", "T_comm", "T_p2p", "T_sequential", "T_default", "T_overlapped")}
-    fmt.update({"speedup": lambda v: f"{v:.2f}x", "E": lambda v: f"{v:.2f}"})
-    text = (f"Device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
-            f"{args.world} ranks (gloo, one thread each); times in ms (slowest rank's median).\n"
+    fmt = {c: fixed(3) for c in ("T_gemm", "T_comm", "T_p2p", "T_sequential", "T_default", "T_overlapped")}
+    fmt.update({"speedup": times, "E": fixed(2)})
+    text = (f"{args.world} ranks (gloo, one thread each); times in ms (slowest rank's median).\n"
             "rows = M_local for all_gather_gemm, M for gemm_reduce_scatter; T_default = kernelhub's DEFAULT "
             "config, T_overlapped = the best CHUNKS.\n\n"
             + markdown_table(rows, columns, fmt) + "\n\n"
-            + markdown_table([overhead], list(overhead), {c: (lambda v: f"{v:.3f}") for c in overhead}) + "\n")
-    publish(text, "cpu_tp_overlap.py", argv, args.markdown)
+            + markdown_table([overhead], list(overhead), {c: fixed(3) for c in overhead}))
+    publish(text, args, threads="1 per rank")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

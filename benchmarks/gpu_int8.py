@@ -2,39 +2,33 @@
 
     python benchmarks/gpu_int8.py                      # check + tune (bench shapes) + table
     python benchmarks/gpu_int8.py --skip-tune          # table with whatever is stored
-    python benchmarks/gpu_int8.py --trials 60 --json benchmarks/results/h100_int8.json
+    python benchmarks/gpu_int8.py --trials 60 --markdown benchmarks/results/h100_int8.md --json benchmarks/results/h100_int8.json
+    python benchmarks/gpu_int8.py --quick              # smoke shapes, 4 trials: checks the script works
 
-Every column is the median of `triton.testing.do_bench` (warm-up, L2 flushed between runs), in
-TOPS = 2*M*N*K / time. The int8 columns include the dequantising epilogue into bfloat16; the
+Every column is a median of `harness.time_cuda` (`triton.testing.do_bench`, or `--reps` calls
+between CUDA events; L2 flushed before every call), in TOPS = the family's flops (2*M*N*K) / time.
+The int8 columns include the dequantising epilogue into bfloat16 (no bias); the
 `_int_mm + dequant` baseline is cuBLASLt's int8 GEMM followed by the same epilogue in PyTorch
 (n/a where `torch._int_mm` refuses the shape: it needs M > 16 and K, N multiples of 8).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import sys
 from collections.abc import Callable, Sequence
 
 import torch
 
-from kernelhub import cli, configs
+from kernelhub import configs
 from kernelhub.device import current_device, device_for_tensor
-from kernelhub.kernels.int8_gemm import SPEC
-from kernelhub.kernels.int8_gemm.kernel import int8_gemm_triton
+from kernelhub.kernels.loader import get_family
 
-from report import markdown_table  # noqa: E402  (benchmarks/report.py)
+from harness import (CUDA_REPS_HELP, BenchmarkParser, Timer, check_and_tune, cuda_missing, cuda_timer, fixed,
+                     markdown_table, publish, ratio, throughput, times, write_json)
 
+SPEC = get_family("int8_gemm")
+DTYPE = "bfloat16"
 Shape = tuple[int, int, int]
-Timer = Callable[[Callable[[], object]], float]  # returns median milliseconds
-
-
-def do_bench_median(fn: Callable[[], object]) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def _int_mm_dequant(a, b, scale_a, scale_b) -> Callable[[], torch.Tensor] | None:
@@ -48,29 +42,24 @@ def _int_mm_dequant(a, b, scale_a, scale_b) -> Callable[[], torch.Tensor] | None
 def measure_row(shape: Shape, device, timer: Timer) -> dict:
     """TOPS of each contender at one shape (inputs from the family's own factory)."""
     m, n, k = shape
-    inputs = SPEC.make_inputs(shape, "bfloat16", device, seed=0)
+    inputs = dict(SPEC.make_inputs(shape, DTYPE, device, seed=0), bias=None)  # the baseline has no bias either
     a, b, scale_a, scale_b = inputs["a"], inputs["b"], inputs["scale_a"], inputs["scale_b"]
-    out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
-    tuned = configs.best_config(SPEC, shape, "bfloat16", device_for_tensor(a))
-    default = SPEC.default_config(shape, "bfloat16")
-
-    def run(config):
-        return lambda: int8_gemm_triton(a, b, config=config, out=out, scale_a=scale_a, scale_b=scale_b)
-
+    out = SPEC.new_output(inputs)
+    tuned = configs.best_config(SPEC, shape, DTYPE, device_for_tensor(a))
+    default = SPEC.default_config(shape, DTYPE)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
     contenders = {
-        "tuned": run(tuned),
-        "default": run(default),
+        "tuned": lambda: SPEC.launch(inputs, tuned, out),
+        "default": lambda: SPEC.launch(inputs, default, out),
         "int_mm+dequant": _int_mm_dequant(a, b, scale_a, scale_b),
-        "bf16 matmul": lambda: x @ w.t(),
+        "bf16 matmul": lambda: x @ w.t(),  # the same 2*M*N*K operations
     }
-    ops = 2 * m * n * k
     row = {"M": m, "N": n, "K": k, "tuned_config": tuned, "tuned_is_default": tuned == default}
     for name, fn in contenders.items():
         ms = timer(fn) if fn is not None else None
         row[f"{name} ms"] = ms
-        row[f"{name} TOPS"] = ops / (ms * 1e-3) / 1e12 if ms else None
+        row[f"{name} TOPS"] = throughput(SPEC, shape, DTYPE, ms).tflops if ms else None
     return row
 
 
@@ -80,40 +69,27 @@ CONTENDERS = ("tuned", "default", "int_mm+dequant", "bf16 matmul")
 def format_table(rows: Sequence[dict]) -> str:
     """TOPS of every contender and the tuned config's speedup over the DEFAULT and over _int_mm."""
     for r in rows:
-        r["tuned/default"] = r["default ms"] / r["tuned ms"]
-        r["tuned/int_mm"] = r["int_mm+dequant ms"] / r["tuned ms"] if r["int_mm+dequant ms"] else None
-    tops = {f"{name} TOPS": "{:.1f}".format for name in CONTENDERS}
-    ratios = {name: "{:.2f}x".format for name in ("tuned/default", "tuned/int_mm")}
+        r["tuned/default"] = ratio(r["default ms"], r["tuned ms"])
+        r["tuned/int_mm"] = ratio(r["int_mm+dequant ms"], r["tuned ms"])
+    tops = {f"{name} TOPS": fixed(1) for name in CONTENDERS}
+    ratios = {name: times for name in ("tuned/default", "tuned/int_mm")}
     return markdown_table(rows, ["M", "N", "K", *tops, *ratios], {**tops, **ratios})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip-check", action="store_true")
-    parser.add_argument("--skip-tune", action="store_true")
-    parser.add_argument("--trials", type=int, default=40)
-    parser.add_argument("--shapes", default="bench")
-    parser.add_argument("--json", help="write the rows and the device identity here")
+    parser = BenchmarkParser(__file__, __doc__, reps_help=CUDA_REPS_HELP, quick={"shapes": "smoke", "trials": 4})
+    parser.add_tuning_options(trials=40)
+    parser.add_argument("--shapes", default="bench", help="the family's shape set to tune and measure")
+    parser.add_argument("--json", help="also write the rows and the device identity here")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_int8.py needs a CUDA GPU (kernelhub check covers the CPU).", file=sys.stderr)
+    if cuda_missing("gpu_int8.py", "kernelhub check covers the CPU"):
         return 2
-    identity = current_device()
-    print(f"device: {identity.to_dict()}")
-    if not args.skip_check and cli.main(["check", "--kernel", SPEC.name]) != 0:
+    print(f"device: {current_device().to_dict()}")
+    if check_and_tune([SPEC.name], args, shapes=args.shapes, dtype=DTYPE) != 0:
         return 1
-    if not args.skip_tune:
-        cli.main(["tune", "--kernel", SPEC.name, "--shapes", args.shapes, "--dtype", "bfloat16",
-                  "--trials", str(args.trials)])
-    configs.clear_cache()
-    rows = [measure_row(shape, "cuda", do_bench_median) for shape in SPEC.shapes(args.shapes)]
-    table = format_table(rows)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": identity.to_dict(), "python": platform.python_version(),
-                       "command": "python benchmarks/gpu_int8.py " + " ".join(argv or sys.argv[1:]),
-                       "rows": rows}, f, indent=2)
+    rows = [measure_row(shape, "cuda", cuda_timer(args.reps)) for shape in SPEC.shapes(args.shapes)]
+    publish(format_table(rows), args)
+    write_json(args.json, args, rows=rows)
     return 0
 
 

@@ -4,11 +4,12 @@ An export carries its format version, and every entry the kernel version it was 
 the full identity of the device it was tuned on, which is what decides whether it is stale.
 
 An import is validated entry by entry before anything is written, before the database is even
-opened (`parse_export`): family known, bucket and dtype legal for it, config inside its search
-space, every value inside its column's rule (`kernelhub.db.fields`: finite positive times, ints
-that fit, strings of printable text that fit), device identity complete and of the entry's GPU
-key, no two entries for one database row. Then it is written in one transaction: a bad file
-never leaves half of itself in the database. What is read is bounded (`MAX_EXPORT_BYTES`).
+opened (`parse_export`): family known (to the caller's `get_family`: the loader's in the CLI),
+bucket and dtype legal for it, config inside its search space, every value inside its column's
+rule (`kernelhub.db.fields`: finite positive times, ints that fit, strings of printable text that
+fit), device identity complete and of the entry's GPU key, no two entries for one database row.
+Then it is written in one transaction: a bad file never leaves half of itself in the database.
+What is read is bounded (`MAX_EXPORT_BYTES`).
 
 Rows of any kernel version are accepted: an import from an older kernelhub brings stale rows,
 which are shown and pruned like local ones. An export holds only what an import accepts: rows
@@ -20,17 +21,21 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import kernelhub
-from kernelhub import registry
 from kernelhub.db.fields import brief, normalize
 from kernelhub.db.models import BestConfigRow, Device
 from kernelhub.db.store import DEVICE_FIELDS, BestConfig, ConfigStore
 from kernelhub.errors import ConfigDBError, KernelhubError, UnknownFamilyError
 from kernelhub.files import write_text
+from kernelhub.registry import FamilySpec
+
+# get_family(name) -> the family's spec, UnknownFamilyError if none (`kernelhub.kernels.loader.get_family`).
+FamilyLookup = Callable[[str], FamilySpec]
 
 EXPORT_FORMAT = "kernelhub-configs"
 EXPORT_VERSION = 1
@@ -46,7 +51,8 @@ _ENTRY_FIELDS = frozenset(_REQUIRED + _OPTIONAL)
 _MAX_DIMENSION = 2**63 - 1  # a shape dimension (a torch size is int64)
 
 
-def export_configs(store: ConfigStore, *, gpu_key: str | None = None, skipped: list[str] | None = None) -> dict:
+def export_configs(store: ConfigStore, *, get_family: FamilyLookup, gpu_key: str | None = None,
+                   skipped: list[str] | None = None) -> dict:
     """The best configs in `store` (or those of one GPU) that an import accepts, as a JSON-able document.
 
     Rows an import would refuse are left out; `skipped`, when given, gets one line for each, saying why.
@@ -58,7 +64,7 @@ def export_configs(store: ConfigStore, *, gpu_key: str | None = None, skipped: l
         if problem is None:
             item["created_at"] = row.created_at.isoformat()
             try:
-                _parse_entry(item)
+                parse_entry(item, get_family)
             except ValueError as exc:
                 problem = str(exc)
         if problem is None:
@@ -115,8 +121,9 @@ def load_export_file(path: str | os.PathLike) -> dict:
     return doc
 
 
-def parse_export(doc: object, *, into: str) -> list[BestConfig]:
-    """Every entry of an export document, validated; no database is touched.
+def parse_export(doc: object, *, into: str, get_family: FamilyLookup) -> list[BestConfig]:
+    """Every entry of an export document, validated against the families `get_family` knows; no
+    database is touched.
 
     Raises ConfigDBError naming the first bad entry and field and `into` (the database it was for).
     """
@@ -137,7 +144,7 @@ def parse_export(doc: object, *, into: str) -> list[BestConfig]:
     first_with_key: dict[tuple, int] = {}
     for index, item in enumerate(doc["entries"]):
         try:
-            entry = _parse_entry(item)
+            entry = parse_entry(item, get_family)
         except ValueError as exc:
             raise reject(f"entry {index}: {exc}") from None
         key = (entry.gpu_key, entry.family, entry.bucket, entry.dtype, entry.kernel_version)
@@ -149,18 +156,18 @@ def parse_export(doc: object, *, into: str) -> list[BestConfig]:
     return entries
 
 
-def import_configs(store: ConfigStore, doc: dict) -> int:
+def import_configs(store: ConfigStore, doc: dict, *, get_family: FamilyLookup) -> int:
     """Validate every entry of an export document, then save them all in one transaction.
 
     Returns the number of entries imported. Raises ConfigDBError naming the first bad entry and
     field; nothing is written then.
     """
-    entries = parse_export(doc, into=store.where)
+    entries = parse_export(doc, into=store.where, get_family=get_family)
     store.save_many(entries)
     return len(entries)
 
 
-def _parse_entry(item: object) -> BestConfig:
+def parse_entry(item: object, get_family: FamilyLookup) -> BestConfig:
     """One export entry as a BestConfig; ValueError naming the field if anything is wrong."""
     if not isinstance(item, dict):
         raise ValueError(f"expected an object, got {type(item).__name__}")
@@ -181,7 +188,7 @@ def _parse_entry(item: object) -> BestConfig:
             raise ValueError(f"field {name!r} is {brief(value)}, {exc}") from None
 
     try:
-        spec = registry.get_family(values["family"])
+        spec = get_family(values["family"])
     except UnknownFamilyError as exc:
         raise ValueError(f"field 'family': {exc}") from None
     try:

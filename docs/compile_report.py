@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import markdown_table  # noqa: E402  (benchmarks/report.py: one formatter for every results page)
+from harness import markdown_table  # noqa: E402  (benchmarks/harness.py: one formatter for every results page)
 
 MAIN_TARGETS = ("sm_80", "sm_90")
 OTHER_TARGETS = ("sm_86", "sm_89", "sm_100", "gfx942")
@@ -69,12 +69,11 @@ def _kib(value) -> str:
 
 def _estimate(r) -> int | None:
     from kernelhub.compiler import compilable
-    from kernelhub.kernels import SHARED_MEMORY_ESTIMATES
 
-    estimate = SHARED_MEMORY_ESTIMATES.get(r["kernel"])
-    if estimate is None:
+    kernel = compilable()[r["kernel"]]
+    if kernel.shared_memory is None:
         return None
-    return estimate(r["config"], compilable()[r["kernel"]].parse_shape(r["shape"])).bytes
+    return kernel.shared_memory(r["config"], kernel.parse_shape(r["shape"])).bytes
 
 
 def _occupancy(r) -> str:
@@ -136,9 +135,9 @@ def version_rows(records, other_version, other_records) -> list[dict]:
 def estimate_rows(records) -> list[dict]:
     """Per kernel, the constraints' shared-memory estimate against the compiler over every compiled
     (config, shape): never below it, and how far above the largest figure of the dtypes at which
-    the estimate peaks (kernelhub.kernels.estimate_peak_dtypes) on sm_80 and sm_90."""
+    the estimate peaks (kernels/common/shared_memory.py's `peak_dtypes`) on sm_80 and sm_90."""
     from kernelhub.compiler import compilable
-    from kernelhub.kernels import SHARED_MEMORY_ESTIMATES, estimate_peak_dtypes
+    from kernelhub.kernels.common.shared_memory import peak_dtypes
 
     figures = defaultdict(dict)
     for r in records:
@@ -147,13 +146,14 @@ def estimate_rows(records) -> list[dict]:
             figures[key][where] = max(figures[key].get(where, 0), r["shared_bytes"])
     stats = defaultdict(lambda: {"configs": 0, "below": 0, "judged": 0, "within margin": 0, "over": []})
     for (name, shape, config), by in figures.items():
-        if name not in SHARED_MEMORY_ESTIMATES:
+        kernel = compilable()[name]
+        if kernel.shared_memory is None:
             continue
-        need = SHARED_MEMORY_ESTIMATES[name](json.loads(config), compilable()[name].parse_shape(shape))
+        need = kernel.shared_memory(json.loads(config), kernel.parse_shape(shape))
         s = stats[name]
         s["configs"] += 1
         s["below"] += max(by.values()) > need.bytes
-        if {d for d, _ in by} >= set(estimate_peak_dtypes(name)):
+        if {d for d, _ in by} >= set(peak_dtypes(kernel.dtypes)):
             s["judged"] += 1
             s["within margin"] += need.bytes - max(by.values()) <= need.margin
             s["over"].append((need.bytes - max(by.values())) / need.bytes)
@@ -331,8 +331,8 @@ def page(records, other_version=None, other_records=None) -> str:
               f"Every (config, shape) compiled for {' and '.join(MAIN_TARGETS)} above and the {SAMPLES} sampled configs per",
               "shape: how often the constraints' shared-memory estimate is below the compiler's figure (it must never",
               "be), and by how much (a share of the estimate) it exceeds the largest figure where both of the dtypes",
-              "at which it peaks were compiled (kernelhub.kernels.estimate_peak_dtypes), against the stated margin",
-              "(kernels/common/shared_memory.py).", "",
+              "at which it peaks were compiled (`peak_dtypes`), against the stated margin",
+              "(both in kernels/common/shared_memory.py).", "",
               markdown_table(estimate_rows(records),
                              ("kernel", "(config, shape)s", "estimate below compiler", "judged on both peak dtypes",
                               "within margin", "median over-estimate", "largest over-estimate")), ""]

@@ -12,10 +12,21 @@ import os
 
 import torch
 
-from kernelhub.kernels import interpreter_problem
-
 BACKEND_ENV = "KERNELHUB_BACKEND"
 BACKENDS = ("auto", "triton", "reference")
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton kernels cannot run on CPU tensors in this process, or None if they can."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton kernels on CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing kernelhub"
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.cdiv, InterpretedFunction):
+        return ("triton was imported before TRITON_INTERPRET=1 was set, so its library cannot run in the "
+                "interpreter: import kernelhub before triton, or set TRITON_INTERPRET=1 in the environment")
+    return None
 
 
 def choose(device: torch.device) -> str:

@@ -1,4 +1,5 @@
-"""The `kernelhub` command line: gpus, check, tune, show, prune, export, import, report, sweep, replay.
+"""The `kernelhub` command line: gpus, check, compile, tune, show, prune, export, import, report, sweep,
+replay. Each command parses, reads through to the module that does the work, and prints.
 
 Errors are one line on stderr and a non-zero exit code, never a traceback: a bad argument is
 argparse's usage error (exit 2), checked by the argument's type; a problem kernelhub knows is its
@@ -22,7 +23,7 @@ MAX_SEED = 2**32 - 1  # numpy's (and so Optuna's samplers') largest seed
 
 
 def _families(names: Sequence[str] | None):
-    from kernelhub.registry import families, get_family
+    from kernelhub.kernels.loader import families, get_family
 
     return [get_family(n) for n in names] if names else families()
 
@@ -38,6 +39,37 @@ def _open_store(url: str | None, *, create: bool = True):
     from kernelhub.db import ConfigStore
 
     return ConfigStore(_db_url(url), create=create)
+
+
+def _this_machine(gpu: str | None, nothing_done: str):
+    """This machine's identity, after checking that `--gpu` (when given) names it; DeviceMismatchError
+    saying `nothing_done` otherwise."""
+    from kernelhub.device import current_device
+
+    detected = current_device()
+    if gpu is not None and gpu.lower() != detected.key:
+        raise DeviceMismatchError(f"--gpu {gpu} does not match this machine's device, {detected.describe()}; "
+                                  f"{nothing_done}")
+    return detected
+
+
+def _missing_database(url: str | None) -> str | None:
+    """A message if `url` is a SQLite file that does not exist yet (reading never creates one)."""
+    from kernelhub.db.store import sqlite_path
+
+    path = sqlite_path(_db_url(url))
+    if path is not None and not path.exists():
+        return f"no config database yet at {path} (`kernelhub tune` or `kernelhub import` creates it)"
+    return None
+
+
+def _existing_store(url: str | None):
+    """The database to read, opened without creating it; None (after saying so) if it does not exist yet."""
+    missing = _missing_database(url)
+    if missing:
+        print(missing)
+        return None
+    return _open_store(url, create=False)
 
 
 def _printable(value: object) -> str:
@@ -73,42 +105,19 @@ def cmd_gpus(args) -> int:
 # -- check -------------------------------------------------------------------------------------
 
 def cmd_check(args) -> int:
-    import torch
-
     from kernelhub.device import current_device
-    from kernelhub.tuning.collective import FamilyChecker, cannot_run_here
+    from kernelhub.tuning.collective import check_families
 
     device = current_device()
-    torch_device = torch.device("cuda" if device.is_gpu else "cpu")
-    where = "on the GPU" if device.is_gpu else "in the Triton interpreter (no GPU)"
     if not device.is_gpu:
-        from kernelhub.kernels import interpreter_problem
+        from kernelhub.backend import interpreter_problem
 
         problem = interpreter_problem()
         if problem:
             raise KernelhubError(problem)
+    where = "on the GPU" if device.is_gpu else "in the Triton interpreter (no GPU)"
     print(f"kernelhub check {where}: {device.describe()}")
-    failures = 0
-    for spec in _families(args.kernel):
-        runs = family_failures = 0
-        with FamilyChecker(spec, torch_device) as checker:
-            for shape in spec.shapes("smoke"):
-                skip = cannot_run_here(spec, shape, torch_device)
-                if skip:
-                    print(f"  skip {spec.name} {spec.format_shape(shape)}: {skip}")
-                    continue
-                sampled = spec.space.sample(args.configs, shape, device.shared_memory_bytes, seed=args.seed)
-                configs = list(spec.defaults) + [c for c in sampled if c not in spec.defaults]
-                for dtype in spec.dtypes:
-                    for i, config in enumerate(configs):
-                        problem = checker.problem(shape, dtype, config, seed=args.seed + i)
-                        runs += 1
-                        if problem is not None:
-                            family_failures += 1
-                            print(f"  FAIL {spec.name} {spec.format_shape(shape)} {dtype} {config}: {problem}")
-        print(f"{spec.name}: {runs} runs against the reference, "
-              f"{f'{family_failures} mismatches' if family_failures else 'all match'}")
-        failures += family_failures
+    failures = check_families(_families(args.kernel), device, samples=args.configs, seed=args.seed, report=print)
     return 1 if failures else 0
 
 
@@ -164,10 +173,7 @@ def _tune_shapes(spec, shape_set: str, world_size: int | None):
 
 
 def cmd_tune(args) -> int:
-    import torch
-
     from kernelhub import configs
-    from kernelhub.device import current_device
     from kernelhub.tuning.collective import cannot_run_here
     from kernelhub.tuning.tuner import Tuner, study_storage
 
@@ -178,14 +184,10 @@ def cmd_tune(args) -> int:
         if not any(dtype in spec.dtypes for spec in specs):
             raise KernelhubError(f"--dtype {dtype}: none of {', '.join(s.name for s in specs)} has it "
                                  f"(they have {', '.join(sorted({d for s in specs for d in s.dtypes}))})")
-    detected = current_device()
-    gpu = (args.gpu or detected.key).lower()
-    if gpu != detected.key:
-        raise DeviceMismatchError(f"--gpu {gpu} does not match this machine's device, {detected.describe()}; "
-                                  "nothing was tuned or written")
+    detected = _this_machine(args.gpu, "nothing was tuned or written")
     if not detected.is_gpu:
         specs = _cpu_tunable(specs, detected, named=bool(args.kernel))
-    torch_device = torch.device("cuda" if detected.is_gpu else "cpu")
+    torch_device = detected.torch_device
     url = _db_url(args.db)
     with _open_store(url) as store:
         runner = _trial_runner(torch_device, args.trial_timeout)
@@ -219,44 +221,53 @@ def cmd_tune(args) -> int:
 
 # -- show --------------------------------------------------------------------------------------
 
-def _missing_database(url: str | None) -> str | None:
-    """A message if `url` is a SQLite file that does not exist yet (reading never creates one)."""
-    from kernelhub.db.store import sqlite_path
-
-    path = sqlite_path(_db_url(url))
-    if path is not None and not path.exists():
-        return f"no config database yet at {path} (`kernelhub tune` or `kernelhub import` creates it)"
-    return None
-
-
 def cmd_show(args) -> int:
+    """The user's database rows, then the shipped rows (`kernelhub.db.shipped`), each with its source
+    and whether this machine would use it."""
     from kernelhub.configs import row_status
+    from kernelhub.db.shipped import read_shipped, shipped_keys
     from kernelhub.device import current_device
+    from kernelhub.kernels.loader import get_family
 
-    missing = _missing_database(args.db)
-    if missing:
-        print(missing)
-        return 0
+    if args.kernel:
+        get_family(args.kernel)  # an unknown name is an error, not "nothing stored"
     current = current_device()
-    with _open_store(args.db, create=False) as store:
-        rows = store.best_configs(gpu_key=args.gpu, family=args.kernel, include_invalid=True)
-    if not rows:
-        print("no tuned configs stored" + (f" for {args.gpu}" if args.gpu else "") + f" in {store.where}")
+    listed = []  # (source, row, status)
+    store = _existing_store(args.db)
+    if store is not None:
+        with store:
+            listed += [("database", r, row_status(r, current, get_family))
+                       for r in store.best_configs(gpu_key=args.gpu, family=args.kernel, include_invalid=True)]
+    problems: list[str] = []
+    for key in [args.gpu.lower()] if args.gpu else shipped_keys():
+        listed += [("shipped", r, row_status(r, current, get_family))
+                   for r in read_shipped(key, get_family, family=args.kernel, problems=problems)]
+    for problem in problems:
+        print(f"kernelhub show: {problem}", file=sys.stderr)
+    if not listed:
+        where = f" in {store.where}" if store is not None else ""
+        print("no tuned configs stored" + (f" for {args.gpu}" if args.gpu else "") + where + " and none shipped")
         return 0
+    used = {_row_key(r) for source, r, status in listed if source == "database" and status == "ok"}
     table = []
-    for r in rows:
-        status = row_status(r, current)
+    for source, r, status in listed:
+        if source == "shipped" and status == "ok" and _row_key(r) in used:
+            status = "ok, the database's row is used"
         if r.invalid:  # its values cannot be trusted: the reason is all there is to show
-            table.append((r.gpu_key, r.family, r.bucket, r.dtype, "-", "-", "-", "-", "-", status))
+            table.append((r.gpu_key, r.family, r.bucket, r.dtype, "-", "-", "-", "-", "-", source, status))
             continue
         speedup = f"{r.default_median_ms / r.median_ms:.2f}x" if r.default_median_ms else "-"
         throughput = f"{r.throughput:.3g} {r.throughput_unit}" if r.throughput else "-"
         config = " ".join(f"{k}={v}" for k, v in r.config.items())
         table.append((r.gpu_key, r.family, r.bucket, r.dtype, config, f"{r.median_ms:.4g}", throughput,
-                      speedup, r.trials, status))
+                      speedup, r.trials, source, status))
     print(_table(("gpu", "kernel", "shape bucket", "dtype", "config", "ms", "throughput", "vs default",
-                  "trials", "status"), table))
+                  "trials", "source", "status"), table))
     return 0
+
+
+def _row_key(row) -> tuple:
+    return row.gpu_key, row.family, row.bucket, row.dtype, row.kernel_version
 
 
 # -- prune -------------------------------------------------------------------------------------
@@ -278,18 +289,17 @@ def cmd_prune(args) -> int:
     what cannot be judged is never deleted."""
     from kernelhub.configs import UNKNOWN_KERNEL, row_status
     from kernelhub.device import current_device
-    from kernelhub.registry import get_family
+    from kernelhub.kernels.loader import get_family
 
     if args.kernel:
         get_family(args.kernel)  # an unknown name is an error, not "nothing stale"
-    missing = _missing_database(args.db)
-    if missing:
-        print(missing)
-        return 0
     current = current_device()
-    with _open_store(args.db, create=False) as store:
+    store = _existing_store(args.db)
+    if store is None:
+        return 0
+    with store:
         rows = store.best_configs(gpu_key=args.gpu, family=args.kernel, include_invalid=True)
-        statuses = [(r, row_status(r, current)) for r in rows]
+        statuses = [(r, row_status(r, current, get_family)) for r in rows]
         stale = [(r, status) for r, status in statuses if status not in ("ok", UNKNOWN_KERNEL)]
         unknown = sum(status == UNKNOWN_KERNEL for _, status in statuses)
         if unknown:
@@ -312,33 +322,71 @@ def cmd_prune(args) -> int:
 # -- export / import ---------------------------------------------------------------------------
 
 def cmd_export(args) -> int:
+    """All stored configs (or one GPU's); with --ship, one GPU's current ones as its shipped file."""
     from kernelhub.db import export_configs, write_export_file
     from kernelhub.db.exchange import format_export
     from kernelhub.db.store import database_files
+    from kernelhub.kernels.loader import get_family
 
     url = _db_url(args.db)
     skipped: list[str] = []
     with _open_store(url, create=False) as store:
-        doc = export_configs(store, gpu_key=args.gpu, skipped=skipped)
-    if args.output in (None, "-"):
+        gpu = _ship_key(store, args.gpu) if args.ship else args.gpu
+        doc = export_configs(store, get_family=get_family, gpu_key=gpu, skipped=skipped)
+    output = args.output
+    if args.ship:
+        doc, stale = _current_entries(doc, get_family)
+        if stale:
+            print(f"kernelhub export: left out {stale} rows of older kernel versions (never used: stale)",
+                  file=sys.stderr)
+        output = output or _shipped_output(gpu)
+    if output in (None, "-"):
         sys.stdout.write(format_export(doc))
     else:
-        write_export_file(doc, args.output, force=args.force, protected=database_files(url))
-        print(f"exported {len(doc['entries'])} configs to {args.output}", file=sys.stderr)
+        write_export_file(doc, output, force=args.force, protected=database_files(url))
+        what = f"shipped configs of {gpu}" if args.ship else "configs"
+        print(f"exported {len(doc['entries'])} {what} to {output}", file=sys.stderr)
     if skipped:
         print(f"kernelhub export: skipped {len(skipped)} rows that an import would refuse (`kernelhub show` marks "
               f"them; first: {skipped[0]})", file=sys.stderr)
     return 0
 
 
+def _ship_key(store, gpu: str | None) -> str:
+    """The GPU key `export --ship` writes: `--gpu`'s, else the only one the database holds."""
+    if gpu is not None:
+        return gpu.lower()
+    keys = sorted({row.gpu_key for row in store.best_configs()})
+    if len(keys) != 1:
+        raise KernelhubError(f"--ship writes one GPU's configs and {store.where} holds "
+                             f"{'none' if not keys else ', '.join(keys)}: name one with --gpu")
+    return keys[0]
+
+
+def _current_entries(doc: dict, get_family) -> tuple[dict, int]:
+    """`doc` with only the entries of the installed kernel versions, and how many it left out."""
+    current = [e for e in doc["entries"] if e["kernel_version"] == get_family(e["family"]).kernel_version]
+    return {**doc, "entries": current}, len(doc["entries"]) - len(current)
+
+
+def _shipped_output(gpu: str) -> str:
+    from kernelhub.db.shipped import SHIPPED_DIR_ENV, shipped_file
+
+    path = shipped_file(gpu)
+    if path is None:
+        raise KernelhubError(f"--ship: {SHIPPED_DIR_ENV} is empty (shipped configs turned off): give -o FILE")
+    return str(path)
+
+
 def cmd_import(args) -> int:
     from kernelhub import configs
     from kernelhub.db import load_export_file, parse_export
     from kernelhub.db.store import database_where
+    from kernelhub.kernels.loader import get_family
 
     url = _db_url(args.db)
     # The whole document is checked before the database is opened: a refused import creates nothing.
-    entries = parse_export(load_export_file(args.file), into=database_where(url))
+    entries = parse_export(load_export_file(args.file), into=database_where(url), get_family=get_family)
     with _open_store(url) as store:
         store.save_many(entries)
     configs.clear_cache()
@@ -352,11 +400,10 @@ def cmd_report(args) -> int:
     from kernelhub.device import current_device
     from kernelhub.tuning.report import write_report
 
-    missing = _missing_database(args.db)
-    if missing:
-        print(missing)
+    store = _existing_store(args.db)
+    if store is None:
         return 0
-    with _open_store(args.db, create=False) as store:
+    with store:
         report = write_report(store, args.output, device=current_device(), gpu_key=args.gpu, family=args.kernel)
     if report is None:
         scope = "".join(f" {word} {value}" for word, value in (("for", args.gpu), ("of", args.kernel)) if value)
@@ -429,10 +476,7 @@ def cmd_compile(args) -> int:
 # -- sweep / replay ----------------------------------------------------------------------------
 
 def cmd_sweep(args) -> int:
-    import torch
-
-    from kernelhub.device import current_device
-    from kernelhub.registry import get_family
+    from kernelhub.kernels.loader import get_family
     from kernelhub.tuning.sweep import default_output, run_sweep
 
     spec = get_family(args.kernel)
@@ -440,13 +484,9 @@ def cmd_sweep(args) -> int:
     dtype = args.dtype or spec.dtypes[0]
     if dtype not in spec.dtypes:
         raise KernelhubError(f"--dtype {dtype}: {spec.name} has {', '.join(spec.dtypes)}")
-    detected = current_device()
-    if args.gpu.lower() != detected.key:
-        raise DeviceMismatchError(f"--gpu {args.gpu} does not match this machine's device, {detected.describe()}; "
-                                  "nothing was swept")
+    detected = _this_machine(args.gpu, "nothing was swept")
     output = args.output or default_output(detected.key, spec.name, args.shapes, dtype)
-    torch_device = torch.device("cuda" if detected.is_gpu else "cpu")
-    runner = _trial_runner(torch_device, args.trial_timeout)
+    runner = _trial_runner(detected.torch_device, args.trial_timeout)
     try:
         doc = run_sweep(spec, args.shapes, dtype, detected, output, runner=runner, seed=args.seed)
     finally:
@@ -520,6 +560,12 @@ def _name(text: str) -> str:
     return text
 
 
+def _add_trial_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trial-timeout", type=_seconds, default=120.0,
+                   help="seconds one config's trial may take; then its worker process is killed and the trial "
+                        "recorded as a timeout (default 120)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kernelhub", description="Triton kernels for LLM inference, tuned per GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -565,9 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks for collective families (local processes; default: each shape's own W, 2 in "
                         "the shape sets)")
     p.add_argument("--timeout", type=_seconds, default=None, help="seconds per study")
-    p.add_argument("--trial-timeout", type=_seconds, default=120.0,
-                   help="seconds one trial may take; then its worker process is killed and the trial recorded "
-                        "as a timeout (default 120)")
+    _add_trial_timeout(p)
     p.add_argument("--no-compile-check", action="store_true",
                    help="on a GPU, launch every config the constraints accept instead of first compiling it for "
                         "this GPU and pruning those that do not compile, exceed its limits or spill registers")
@@ -583,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write stored configs as versioned JSON")
     p.add_argument("--gpu", type=_name, help="only this GPU key")
+    p.add_argument("--ship", action="store_true",
+                   help="write one GPU's configs of the installed kernel versions as its shipped file, read "
+                        "after the user's database (default file: the package's db/shipped/<gpu>.json)")
     p.add_argument("-o", "--output", help="file (default: stdout); written whole or not at all")
     p.add_argument("--force", action="store_true",
                    help="replace the file if it exists (never one of the database's own files)")
@@ -615,9 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_name, help="dtype (default: the family's first)")
     p.add_argument("-o", "--output", help="sweep file; an unfinished sweep in it is resumed "
                                           "(default: sweep-GPU-KERNEL-SHAPES-DTYPE.json)")
-    p.add_argument("--trial-timeout", type=_seconds, default=120.0,
-                   help="seconds one config may take; then its worker process is killed and the config recorded "
-                        "as a timeout (default 120)")
+    _add_trial_timeout(p)
     p.add_argument("--seed", type=_integer(0, MAX_SEED), default=0)
     p.set_defaults(func=cmd_sweep)
 

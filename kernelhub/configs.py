@@ -1,23 +1,27 @@
-"""Which launch config a call uses: in-process cache -> config database -> the family's DEFAULT.
+"""Which launch config a call uses: in-process cache -> config database -> shipped configs -> DEFAULT.
 
 Lookup rule for a call of shape S on GPU key G (see each family's space module for its buckets):
-1. the stored config of S's own bucket;
-2. else the stored config of the nearest bucket the family accepts (`bucket_distance`);
+1. the config of S's own bucket;
+2. else the config of the nearest bucket the family accepts (`bucket_distance`);
 3. else the family's DEFAULT for S.
-Stale rows are never used (`stale_reason`: another kernel version, another Triton major version,
-or tuned on a device of another compute capability or SM count under the same key). Every stored
-config is validated against the family's space and constraints (for its own bucket, on this
-device) before it can be used, so a corrupt or hand-edited row falls back instead of launching. A database that cannot be opened or
-read never breaks a call: one warning, then DEFAULTs.
+The configs are the user's database's rows for (G, family, dtype), and, for every bucket the
+database has none of, the rows kernelhub ships for G (`kernelhub.db.shipped`): a user's own row
+always wins over a shipped one. Stale rows are never used (`stale_reason`: another kernel version,
+another Triton major version, or tuned on a device of another compute capability or SM count under
+the same key). Every config, stored or shipped, is validated against the family's space and
+constraints (for its own bucket, on this device) before it can be used, so a corrupt or hand-edited
+row falls back instead of launching. A database or shipped file that cannot be opened or read
+never breaks a call: one warning, then the next layer.
 
-The first call of a (GPU, family, dtype) reads the database once; after that a call costs a
-dictionary lookup. `clear_cache()` forgets everything (after tuning, in tests).
+The first call of a (GPU, family, dtype) reads the database and the shipped file once; after that a
+call costs a dictionary lookup. `clear_cache()` forgets everything (after tuning, in tests).
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Callable
 
 from kernelhub.device import DeviceIdentity
 from kernelhub.errors import ConfigDBError, KernelhubError, UnknownFamilyError
@@ -34,7 +38,8 @@ _warned: set[str] = set()
 
 
 class ConfigDBWarning(UserWarning):
-    """The config database could not be used; kernelhub runs with DEFAULT configs."""
+    """The config database, a shipped file or a row in one could not be used; the lookup goes on
+    to the next layer (shipped configs, then DEFAULTs)."""
 
 
 def _warn_once(message: str) -> None:
@@ -71,15 +76,16 @@ def stale_reason(row, spec: FamilySpec, device: DeviceIdentity) -> str | None:
 UNKNOWN_KERNEL = "stale: unknown kernel"
 
 
-def row_status(row, device: DeviceIdentity) -> str:
+def row_status(row, device: DeviceIdentity, get_family: Callable[[str], FamilySpec]) -> str:
     """'ok'; 'stale: <why>' when the runtime would not use this row on `device`; 'invalid: <why>' when
     no kernelhub could (a value breaks its column's rule, or a row of the current kernel has a bucket
     or config outside the family's). What `kernelhub show`, `prune` and `report` print.
 
-    A family that fails to load raises (a broken KERNELHUB_FAMILIES must not make every row stale).
+    `get_family(name)` is the caller's lookup (`kernelhub.kernels.loader.get_family`): it raises
+    UnknownFamilyError for a family this install does not know (its rows are `UNKNOWN_KERNEL`),
+    and anything else for a family that fails to load (a broken KERNELHUB_FAMILIES must not make
+    every row stale).
     """
-    from kernelhub.registry import get_family
-
     if row.invalid:
         return f"invalid: {row.invalid}"
     try:
@@ -98,8 +104,8 @@ def row_status(row, device: DeviceIdentity) -> str:
     return f"stale: {reason}" if reason else "ok"
 
 
-def _read_rows(spec: FamilySpec, dtype: str, device: DeviceIdentity) -> dict[Shape, Config]:
-    """Valid stored configs for (device, family, dtype) from the database at `KERNELHUB_DB`."""
+def _database_rows(spec: FamilySpec, dtype: str, device: DeviceIdentity) -> list:
+    """The user's rows for (device, family, dtype) of the current kernel version, from `KERNELHUB_DB`."""
     from kernelhub.db import ConfigStore, default_url
     from kernelhub.db.store import sqlite_path
 
@@ -108,22 +114,45 @@ def _read_rows(spec: FamilySpec, dtype: str, device: DeviceIdentity) -> dict[Sha
         url = default_url()
         path = sqlite_path(url)
         if path is not None and not path.exists():
-            return {}  # nothing tuned yet; reading never creates a database
+            return []  # nothing tuned yet; reading never creates a database
         with ConfigStore(url, create=False) as store:
-            rows = store.best_configs(gpu_key=device.key, family=spec.name, dtype=dtype,
+            return store.best_configs(gpu_key=device.key, family=spec.name, dtype=dtype,
                                       kernel_version=spec.kernel_version)
     except ConfigDBError as exc:
-        _warn_once(f"kernelhub: using DEFAULT configs: {exc}")
-        return {}
+        _warn_once(f"kernelhub: not using the config database: {exc}")
     except Exception as exc:  # never let the database break a kernel call
-        _warn_once(f"kernelhub: using DEFAULT configs: config database {url or 'at KERNELHUB_DB'} is unreadable "
+        _warn_once(f"kernelhub: not using the config database {url or 'at KERNELHUB_DB'}: it is unreadable "
                    f"({type(exc).__name__}: {exc})")
-        return {}
+    return []
+
+
+def _shipped_rows(spec: FamilySpec, dtype: str, device: DeviceIdentity) -> list:
+    """The rows kernelhub ships for (device, family, dtype) of the current kernel version."""
+    from kernelhub.db.shipped import read_shipped
+
+    def only_this_family(name: str) -> FamilySpec:
+        if name != spec.name:
+            raise UnknownFamilyError(f"not {spec.name}")
+        return spec
+
+    problems: list[str] = []
+    try:
+        rows = read_shipped(device.key, only_this_family, family=spec.name, problems=problems)
+    except Exception as exc:  # a shipped file must not break a call either
+        problems.append(f"shipped configs for {device.key} are unreadable ({type(exc).__name__}: {exc})")
+        rows = []
+    for problem in problems:
+        _warn_once(f"kernelhub: {problem}")
+    return [r for r in rows if r.dtype == dtype and r.kernel_version == spec.kernel_version]
+
+
+def _usable(rows, spec: FamilySpec, device: DeviceIdentity, source: str) -> dict[Shape, Config]:
+    """The rows' configs by bucket, without the stale ones and those that fail validation on `device`."""
     valid: dict[Shape, Config] = {}
     for row in rows:
         if stale_reason(row, spec, device):
             continue
-        where = f"stored {spec.name} config for {device.key} {row.bucket} {row.dtype}"
+        where = f"{source} {spec.name} config for {device.key} {row.bucket} {row.dtype}"
         try:
             bucket = spec.parse_shape(row.bucket)
             config = spec.space.validate(row.config, source=where)
@@ -136,6 +165,14 @@ def _read_rows(spec: FamilySpec, dtype: str, device: DeviceIdentity) -> dict[Sha
             continue
         valid[bucket] = config
     return valid
+
+
+def _read_rows(spec: FamilySpec, dtype: str, device: DeviceIdentity) -> dict[Shape, Config]:
+    """Every usable config for (device, family, dtype): the shipped ones, overridden bucket by bucket
+    by the user's database."""
+    table = _usable(_shipped_rows(spec, dtype, device), spec, device, "shipped")
+    table.update(_usable(_database_rows(spec, dtype, device), spec, device, "stored"))
+    return table
 
 
 def _choose(spec: FamilySpec, shape: Shape, dtype: str, stored: dict[Shape, Config]) -> Config:

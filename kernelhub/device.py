@@ -93,6 +93,11 @@ class DeviceIdentity:
     def is_gpu(self) -> bool:
         return self.vendor != "cpu"
 
+    @property
+    def torch_device(self) -> torch.device:
+        """Where tensors for this device live: `cuda` (the current GPU, ROCm's too) or `cpu`."""
+        return torch.device("cuda" if self.is_gpu else "cpu")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -1,9 +1,12 @@
-"""The family contract and its one registry.
+"""The family contract: what a family declares (`FamilySpec`, `FixedKernel`) and `register`.
 
 Every tunable kernel registers one `FamilySpec` (a family folder under `kernelhub/kernels/`
-registers one spec per kernel it tunes, usually one); the CLI, `kernelhub check`, the tuner, the
-tests and the benchmarks all iterate this registry, so adding a family means adding a folder
-under `kernelhub/kernels/`, a module under `reference/`, and its `register(...)` calls.
+registers one spec per kernel it tunes, usually one) from its `spec.py`; the CLI, `kernelhub check`,
+the tuner, the tests and the benchmarks all iterate the registered specs, which
+`kernelhub.kernels.loader` loads (built-in families and `KERNELHUB_FAMILIES`). Adding a family
+means adding a folder under `kernelhub/kernels/`, a module under `reference/`, and its
+`register(...)` call. This module imports no family: the core (configs, the database, the
+compiler) takes a spec, or a lookup function, from its caller.
 
 Vocabulary:
 - shape: a tuple of ints named by `shape_names`, e.g. (M, N, K) for a GEMM.
@@ -17,19 +20,24 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 
-from kernelhub.errors import KernelhubError, UnknownFamilyError
+from kernelhub.errors import KernelhubError
 from kernelhub.space import Config, SearchSpace
 
 Shape = tuple[int, ...]
 Inputs = dict[str, Any]  # tensors, plus plain values such as an output dtype
 
 SHAPE_SETS = ("smoke", "tune", "bench")
+# The toolbox every family's kernels and spaces are built from: part of every kernel version.
+TOOLBOX = Path(__file__).parent / "kernels" / "common"
+# A shared-memory estimate (kernels/common/shared_memory.py's `SharedMemory`) of a launch config at a shape.
+SharedMemoryEstimate = Callable[[Config, Shape], Any]
 
 
 class _Shapes:
@@ -84,7 +92,7 @@ class FamilySpec(_Shapes):
     bucket_distance: Callable[[Shape, Shape], "float | None"]
     flops: Callable[[Shape], int]
     bytes_moved: Callable[[Shape, str], int]
-    # Files whose text, with the search space, defines the kernel version.
+    # Files whose text, with the toolbox (TOOLBOX) and the search space, defines the kernel version.
     source_files: tuple[Path, ...]
     # Collective families: how many ranks one run of `shape` takes. `make_inputs`, `reference`
     # and `launch` then run on every rank of an initialised torch.distributed group, and
@@ -93,12 +101,46 @@ class FamilySpec(_Shapes):
     # True when the family's CPU path is what its config controls (not the Triton interpreter),
     # so `kernelhub tune --gpu cpu` times it for real and stores the winner under the `cpu` key.
     tunes_on_cpu: bool = False
+    # shared_memory(config, shape) -> SharedMemory: the estimate behind the shared-memory
+    # constraint, which tests/test_compile_agreement.py holds against the compiler (None: the
+    # kernel uses none to speak of).
+    shared_memory: SharedMemoryEstimate | None = None
+
+    @classmethod
+    def from_space(cls, space: ModuleType, *, name: str, summary: str,
+                   make_inputs: Callable[[Shape, str, torch.device | str, int], Inputs],
+                   reference: Callable[[Inputs], torch.Tensor],
+                   launch: Callable[[Inputs, Config, torch.Tensor], torch.Tensor],
+                   new_output: Callable[[Inputs], torch.Tensor],
+                   compare: Callable[[torch.Tensor, torch.Tensor, Inputs], "str | None"],
+                   extra_sources: Sequence[Path] = (), tunes_on_cpu: bool = False) -> "FamilySpec":
+        """The spec of the kernel that `space` declares, given what only the registration knows.
+
+        `space` is a family's space module, read by standard names: SHAPE_NAMES, DTYPES, SPACE,
+        DEFAULTS, default_config, SHAPE_SETS, bucket, bucket_distance, flops, bytes_moved, and if
+        it has them shared_memory and world_size. The kernel version covers the family folder's
+        kernel.py, the space module and the space.py beside it (what a family's spaces share),
+        `extra_sources`, and the toolbox.
+        """
+        folder = Path(space.__file__).parent
+        sources = dict.fromkeys(p for p in (folder / "kernel.py", folder / "space.py", Path(space.__file__),
+                                            *extra_sources) if p.exists())
+        return cls(
+            name=name, summary=summary, shape_names=space.SHAPE_NAMES, dtypes=space.DTYPES, space=space.SPACE,
+            default_config=space.default_config, defaults=space.DEFAULTS, make_inputs=make_inputs,
+            reference=reference, launch=launch, new_output=new_output, compare=compare,
+            shape_sets=space.SHAPE_SETS, bucket=space.bucket, bucket_distance=space.bucket_distance,
+            flops=space.flops, bytes_moved=space.bytes_moved, source_files=tuple(sources),
+            world_size=getattr(space, "world_size", None), tunes_on_cpu=tunes_on_cpu,
+            shared_memory=getattr(space, "shared_memory", None),
+        )
 
     @functools.cached_property
     def kernel_version(self) -> str:
-        """Digest of the kernel sources and the search space: tuned rows of another version are stale."""
+        """Digest of the kernel sources, the toolbox and the search space: tuned rows of another
+        version are stale."""
         digest = hashlib.sha256(self.space.fingerprint().encode())
-        for path in self.source_files:
+        for path in (*self.source_files, *sorted(TOOLBOX.glob("*.py"))):
             digest.update(Path(path).read_bytes())
         return digest.hexdigest()[:16]
 
@@ -120,13 +162,19 @@ class FixedKernel(_Shapes):
     launch: Callable[[Inputs], object]
     # The launch config a shape gets (what reports show).
     config: Callable[[Shape], Config]
+    # shared_memory(config, shape) -> SharedMemory, as a family's (None: none to speak of).
+    shared_memory: SharedMemoryEstimate | None = None
 
 
+# What the families have registered, by name, in registration order (`kernelhub.kernels.loader`
+# reads them after importing the families).
 _FAMILIES: dict[str, FamilySpec] = {}
 _FIXED: dict[str, FixedKernel] = {}
 
 
 def register(spec: FamilySpec) -> FamilySpec:
+    """Add `spec` to the registry (a family's spec.py calls it on import) and return it; a second
+    spec of the same name, missing shape sets or an invalid DEFAULT is a KernelhubError."""
     if spec.name in _FAMILIES and _FAMILIES[spec.name] is not spec:
         raise KernelhubError(f"kernel family {spec.name!r} is registered twice")
     missing = set(SHAPE_SETS) - set(spec.shape_sets)
@@ -139,48 +187,8 @@ def register(spec: FamilySpec) -> FamilySpec:
 
 
 def register_fixed(kernel: FixedKernel) -> FixedKernel:
+    """Add an untuned kernel to the registry (from its family's spec.py) and return it."""
     if kernel.name in _FIXED and _FIXED[kernel.name] is not kernel:
         raise KernelhubError(f"fixed kernel {kernel.name!r} is registered twice")
     _FIXED[kernel.name] = kernel
     return kernel
-
-
-# Comma-separated modules to import after the built-in families: out-of-tree families (and the
-# test suite's fault-injecting ones) register themselves on import, as built-in families do.
-EXTRA_FAMILIES_ENV = "KERNELHUB_FAMILIES"
-
-
-def _load_builtin_families() -> None:
-    import importlib
-    import os
-
-    import kernelhub.kernels  # noqa: F401  (each family registers itself on import)
-
-    for module in filter(None, (m.strip() for m in os.environ.get(EXTRA_FAMILIES_ENV, "").split(","))):
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # a module that fails to import in any way is one error naming it
-            raise KernelhubError(f"{EXTRA_FAMILIES_ENV}: cannot import {module!r}: {type(exc).__name__}: {exc}; "
-                                 f"fix or remove it from {EXTRA_FAMILIES_ENV}") from None
-
-
-def families() -> list[FamilySpec]:
-    """All registered families, in registration order."""
-    _load_builtin_families()
-    return list(_FAMILIES.values())
-
-
-def fixed_kernels() -> list[FixedKernel]:
-    """All registered untuned kernels, in registration order."""
-    _load_builtin_families()
-    return list(_FIXED.values())
-
-
-def get_family(name: str) -> FamilySpec:
-    """The spec registered as `name`: UnknownFamilyError if none is; a family module that fails to
-    load raises its own KernelhubError, so a broken KERNELHUB_FAMILIES is never "unknown kernel"."""
-    _load_builtin_families()
-    try:
-        return _FAMILIES[name]
-    except (KeyError, TypeError):  # TypeError: an unhashable name read from a corrupt row or file
-        raise UnknownFamilyError(f"unknown kernel family {name!r}; known: {sorted(_FAMILIES)}") from None

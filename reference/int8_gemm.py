@@ -52,7 +52,9 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         absmax = torch.zeros(x.shape[:-1], dtype=torch.float32, device=x.device)
     else:
         absmax = x.abs().amax(dim=-1).to(torch.float32)  # NaN if the row holds one
-    scale = absmax / 127.0
+    # A tensor divisor: CUDA divides by a Python scalar as a multiplication by its reciprocal,
+    # which is not the correctly rounded quotient the kernels compute.
+    scale = absmax / torch.full_like(absmax, 127.0)
     q = x.to(torch.float32) / scale[:, None]  # NaN where scale is, and where x = +-Inf meets scale = Inf
     q.round_().clamp_(-127, 127)  # rounds half to even; NaN stays NaN
     q.nan_to_num_(0.0).masked_fill_(~(scale[:, None] > 0), 0.0)

@@ -20,21 +20,22 @@ all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def all_gather_gemm(a: torch.Tensor, b: torch.Tensor, *, group=None,
-                    return_gathered: bool = False):
+def all_gather_gemm(a: torch.Tensor, b, *, group=None, return_gathered: bool = False):
     """`all_gather(a) @ b`: the column-parallel layer's forward.
 
-    a: [M_local, K], this rank's rows; b: [K, N]. Returns [W * M_local, N] (rank r's rows at
-    r * M_local), and the gathered `a` [W * M_local, K] too when `return_gathered`. Equivalent to::
+    a: [M_local, K], this rank's rows; b: [K, N], or a list of [K, N_i] that share one gather
+    (a fused QKV or gate + up projection). Returns [W * M_local, N] (rank r's rows at
+    r * M_local), or the list of [W * M_local, N_i] for a list, and the gathered `a`
+    [W * M_local, K] too when `return_gathered`. Equivalent to::
 
         gathered = torch.empty(W * M_local, K, dtype=a.dtype, device=a.device)
         dist.all_gather_single(gathered, a.contiguous(), group=group)
-        out = gathered @ b
+        out = gathered @ b                      # a list: [gathered @ b_i for b_i in b]
     """
     world = dist.get_world_size(group)
     gathered = torch.empty(world * a.shape[0], a.shape[1], dtype=a.dtype, device=a.device)
     all_gather_single(gathered, a.contiguous(), group=group)
-    out = gathered @ b
+    out = gathered @ b if isinstance(b, torch.Tensor) else [gathered @ b_i for b_i in b]
     return (out, gathered) if return_gathered else out
 
 

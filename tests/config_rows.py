@@ -6,7 +6,8 @@ import dataclasses
 
 from kernelhub.db import BestConfig
 from kernelhub.device import current_device
-from kernelhub.kernels.int8_gemm import SPEC, space
+from kernelhub.kernels.int8_gemm import space
+from kernelhub.kernels.int8_gemm.spec import SPEC
 
 DEVICE = dataclasses.replace(current_device(), key="h100", name="NVIDIA H100 80GB HBM3", vendor="nvidia",
                              compute_capability="9.0", sm_count=132).to_dict()

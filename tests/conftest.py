@@ -9,12 +9,14 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def private_config_db(tmp_path, monkeypatch):
-    """Point KERNELHUB_DB at a fresh SQLite path and start each test with an empty config cache."""
+    """Point KERNELHUB_DB at a fresh SQLite path, the shipped configs at an empty folder of this test's
+    (tmp_path / "shipped", not created), and start each test with an empty config cache."""
     from kernelhub import configs
 
     url = f"sqlite:///{tmp_path / 'configs.sqlite'}"
     monkeypatch.setenv("KERNELHUB_DB", url)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("KERNELHUB_SHIPPED_DIR", str(tmp_path / "shipped"))
     monkeypatch.delenv("KERNELHUB_BACKEND", raising=False)
     monkeypatch.delenv("KERNELHUB_GPU", raising=False)
     configs.clear_cache()

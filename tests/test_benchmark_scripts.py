@@ -1,21 +1,191 @@
-"""The benchmark scripts run end to end on a tiny shape (on CPU: the numbers mean nothing here)."""
+"""The benchmark harness, and the benchmark scripts end to end on tiny shapes (on CPU: the numbers mean nothing here)."""
 
 import importlib.util
+import json
+import statistics
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+if str(BENCHMARKS) not in sys.path:  # the scripts import their sibling `harness`, as when run directly
+    sys.path.insert(0, str(BENCHMARKS))
+
+import harness  # noqa: E402  (benchmarks/harness.py)
 
 
 def _load(name):
-    if str(BENCHMARKS) not in sys.path:  # the scripts import their sibling `report`, as when run directly
-        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+
+def test_time_cpu_reports_median_and_percentiles_of_the_timed_calls(monkeypatch):
+    clock = [0.0]
+    durations_ms = iter([100.0, 100.0, 5.0, 1.0, 4.0, 2.0, 3.0])  # two warm-up calls, then five timed
+
+    def fake_perf_counter():
+        return clock[0]
+
+    def fn():
+        clock[0] += next(durations_ms) / 1e3
+
+    monkeypatch.setattr(time, "perf_counter", fake_perf_counter)
+    t = harness.time_cpu(fn, reps=5, warmup=2)
+    monkeypatch.undo()
+    assert t.median_ms == pytest.approx(3.0)  # the warm-up calls are not counted
+    expected = statistics.quantiles([5.0, 1.0, 4.0, 2.0, 3.0], n=10, method="inclusive")
+    assert (t.p20_ms, t.p80_ms) == (pytest.approx(expected[1]), pytest.approx(expected[7]))
+    assert t.reps == 5 and t.threads == torch.get_num_threads()
+
+
+def test_time_cpu_of_a_sleep_is_sane():
+    t = harness.time_cpu(lambda: time.sleep(0.002), reps=5, warmup=1)
+    assert 2.0 <= t.median_ms < 200.0
+    assert t.p20_ms <= t.median_ms <= t.p80_ms
+    one = harness.time_cpu(lambda: None, reps=1, warmup=0)
+    assert one.median_ms == one.p20_ms == one.p80_ms >= 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("reps", [None, 7])
+def test_time_cuda_is_sane(reps):
+    a = torch.randn(1024, 1024, device="cuda")
+    t = harness.time_cuda(lambda: a @ a, reps=reps)
+    assert 0 < t.p20_ms <= t.median_ms <= t.p80_ms < 1000 and t.reps == reps and t.threads is None
+
+
+# -- throughput, ratios, tables ---------------------------------------------------------------
+
+
+def test_throughput_from_the_spec_and_fractions_of_peak():
+    spec = SimpleNamespace(flops=lambda shape: 2 * shape[0] * shape[1], bytes_moved=lambda shape, dtype: 3e9)
+    rate = harness.throughput(spec, (1000, 500), "float32", 2.0, peak_tflops=1e-3, peak_gbs=3000)
+    assert rate.tflops == pytest.approx(1e6 / 2e-3 / 1e12)  # 1e6 operations in 2 ms
+    assert rate.gbs == pytest.approx(1500)  # 3 GB in 2 ms
+    assert rate.of_peak_tflops == pytest.approx(0.5) and rate.of_peak_gbs == pytest.approx(0.5)
+    assert harness.throughput(spec, (1, 1), "float32", 1.0).of_peak_gbs is None
+
+
+def test_throughput_of_a_registered_family():
+    from kernelhub.kernels.loader import get_family
+
+    spec = get_family("int8_gemm")
+    shape = (128, 256, 512)
+    rate = harness.throughput(spec, shape, "bfloat16", 0.25)
+    assert rate.tflops == pytest.approx(2 * 128 * 256 * 512 / 0.25e-3 / 1e12)
+    assert rate.gbs == pytest.approx(spec.bytes_moved(shape, "bfloat16") / 0.25e-3 / 1e9)
+
+
+def test_ratio_against_a_baseline():
+    assert harness.ratio(3.0, 2.0) == 1.5  # the contender takes 2 ms where the baseline takes 3
+    assert harness.ratio(None, 2.0) is None and harness.ratio(3.0, None) is None
+
+
+def test_markdown_table_formats_columns_and_missing_values():
+    rows = [{"name": "a", "ms": 1.23456, "x": 1.5, "n": 3, "pct": 0.143, "skip": "?"},
+            {"name": "b", "ms": None, "x": 2.0, "n": 4, "pct": -0.013, "skip": "?"}]
+    table = harness.markdown_table(rows, ["name", "ms", "x", "n", "pct"],
+                                   {"ms": harness.fixed(3), "x": harness.times, "pct": harness.percent_change})
+    assert table.splitlines() == ["| name | ms | x | n | pct |", "|---|---|---|---|---|",
+                                  "| a | 1.235 | 1.50x | 3 | +14.3% |", "| b | n/a | 2.00x | 4 | -1.3% |"]
+    assert harness.markdown_table([{"v": 1 / 3}], ["v"]).splitlines()[2] == "| 0.3333 |"  # 4 significant digits
+
+
+# -- arguments and the results page -----------------------------------------------------------
+
+
+def _parser(**kwargs):
+    parser = harness.BenchmarkParser("/somewhere/benchmarks/cpu_thing.py", "doc", reps=15,
+                                     quick={"ms": [16], "reps": 3}, **kwargs)
+    parser.add_argument("--ms", type=int, nargs="+", default=[1, 16, 128])
+    return parser
+
+
+def test_parser_defaults_quick_and_the_reproducing_command():
+    parser = _parser()
+    args = parser.parse_args([])
+    assert (args.ms, args.reps, args.quick, args.markdown) == ([1, 16, 128], 15, False, None)
+    assert args.command == "python benchmarks/cpu_thing.py"
+    args = parser.parse_args(["--quick"])
+    assert (args.ms, args.reps) == ([16], 3)
+    args = parser.parse_args(["--quick", "--reps", "7", "--markdown", "out.md"])
+    assert (args.ms, args.reps, args.markdown) == ([16], 7, "out.md")  # an explicit option wins
+    assert args.command == "python benchmarks/cpu_thing.py --quick --reps 7 --markdown out.md"
+    assert parser.parse_args([]).ms == [1, 16, 128]  # --quick left the defaults as they were
+
+
+def test_parser_refuses_a_quick_value_for_an_option_it_lacks():
+    parser = harness.BenchmarkParser("x.py", "doc", reps=3, quick={"seqs": [1]})
+    with pytest.raises(ValueError, match="seqs"):
+        parser.parse_args([])
+
+
+def test_parser_without_timing_has_no_reps():
+    parser = harness.BenchmarkParser("x.py", "doc")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--reps", "3"])
+
+
+def test_publish_writes_the_command_device_versions_and_threads(tmp_path, capsys):
+    import triton
+
+    path = tmp_path / "page.md"
+    args = _parser().parse_args(["--quick", "--markdown", str(path)])
+    page = harness.publish("| a |\n|---|\n| 1 |\n", args)
+    lines = path.read_text().splitlines()
+    assert lines[0] == f"Command: `python benchmarks/cpu_thing.py --quick --markdown {path}`"
+    assert lines[2].startswith("Device: CPU ") and f"torch threads: {torch.get_num_threads()};" in lines[2]
+    assert f"torch {torch.__version__}" in lines[2] and f"triton {triton.__version__}" in lines[2]
+    assert lines[4:] == ["| a |", "|---|", "| 1 |"]
+    assert capsys.readouterr().out == page == path.read_text()
+    harness.publish("text", args, threads="1 per rank")
+    assert "torch threads: 1 per rank;" in path.read_text()
+
+
+def test_environment_names_a_gpu_by_its_full_identity(monkeypatch):
+    from kernelhub.device import DeviceIdentity
+
+    h100 = DeviceIdentity(key="h100", name="NVIDIA H100 80GB HBM3", vendor="nvidia", compute_capability="9.0",
+                          sm_count=132, memory_bytes=80 * 2**30, shared_memory_bytes=232448, cuda_version="12.8",
+                          torch_version="2.11.0", triton_version="3.6.0")
+    monkeypatch.setattr(harness, "current_device", lambda: h100)
+    line = harness.environment()
+    assert line.startswith("Device: NVIDIA H100 80GB HBM3 (h100, sm_90, 132 SMs, 80 GiB, CUDA 12.8); ")
+    assert "torch 2.11.0; triton 3.6.0" in line
+
+
+def test_write_json_records_the_command_and_device(tmp_path):
+    path = tmp_path / "rows.json"
+    args = _parser().parse_args(["--ms", "2"])
+    harness.write_json(str(path), args, rows=[{"M": 2, "config": {"BLOCK_M": 16}}])
+    record = json.loads(path.read_text())
+    assert record["command"] == "python benchmarks/cpu_thing.py --ms 2"
+    assert record["device"]["key"] == "cpu" and record["versions"]["torch"] == torch.__version__
+    assert record["rows"] == [{"M": 2, "config": {"BLOCK_M": 16}}]
+    harness.write_json(None, args, rows=[])  # no path: nothing written, no error
+
+
+# -- the scripts ------------------------------------------------------------------------------
+
+
+def test_cpu_shadowkv_end_to_end_writes_its_page(tmp_path, capsys):
+    path = tmp_path / "shadowkv.md"
+    assert _load("cpu_shadowkv").main(["--quick", "--seqs", "1024", "--reps", "2", "--no-svd",
+                                       "--markdown", str(path)]) == 0
+    page = path.read_text()
+    assert page.startswith(f"Command: `python benchmarks/cpu_shadowkv.py --quick --seqs 1024 --reps 2 --no-svd "
+                           f"--markdown {path}`\n\nDevice: CPU ")
+    assert "| S | decode ms | dense SDPA ms | speedup |" in page and "\n| 1024 | " in page
+    assert "| S | key_rel_error | oracle_recall | mass_covered | output_rel_error | needles_found |" in page
 
 
 def test_gpu_int8_rows_and_table_on_cpu():
@@ -34,25 +204,52 @@ def test_gpu_int8_rows_and_table_on_cpu():
     assert table.splitlines()[2].startswith("| 33 | 24 | 40 |") and "| 1.50x | 2.00x |" in table
 
 
-def test_gpu_int8_refuses_without_gpu(capsys):
-    assert _load("gpu_int8").main(["--skip-tune"]) == 2
+@pytest.mark.parametrize("script", ["gpu_int8", "gpu_shadowkv", "gpu_tp_overlap"])
+def test_gpu_scripts_refuse_without_gpu(script, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _load(script).main(["--quick"]) == 2
+    assert f"{script}.py needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_gpu_shadowkv_refuses_without_gpu_and_its_gram_baseline_is_right():
-    import torch
+def _call_once(fn):
+    """A timer for the GPU scripts' row functions on the CPU: runs `fn` once, says it took 2 ms."""
+    fn()
+    return 2.0
 
+
+def test_gpu_shadowkv_rows_on_cpu():
     gpu_shadowkv = _load("gpu_shadowkv")
-    assert gpu_shadowkv.main(["--skip-tune"]) == 2
-    from kernelhub.registry import get_family
+    rows = gpu_shadowkv.kernel_rows(100.0, "bfloat16", "smoke", _call_once, device="cpu")
+    assert {row["kernel"] for row in rows} == set(gpu_shadowkv.KERNELS)
+    from kernelhub.kernels.loader import get_family
+
+    spec = get_family(rows[0]["kernel"])
+    shape = spec.shapes("smoke")[0]
+    assert rows[0]["shape"] == spec.format_shape(shape) and rows[0]["speedup"] == 1.0
+    assert rows[0]["GB/s"] == pytest.approx(spec.bytes_moved(shape, "bfloat16") / 2e-3 / 1e9)
+    assert rows[0]["of bandwidth"] == pytest.approx(rows[0]["GB/s"] / 100.0)
+    decode = gpu_shadowkv.decode_row(512, 1, _call_once, device="cpu")
+    assert decode["S"] == 512 and decode["speedup"] == 1.0 and 0 < decode["resident GB"] < 2 * decode["full KV GB"]
+    assert gpu_shadowkv.memory_bandwidth_gbs(_call_once, "cpu", nbytes=2**20) == pytest.approx(2 * 2**20 / 2e-3 / 1e9)
+
+
+def test_gpu_tp_overlap_chunk_gemm_rows_on_cpu():
+    rows = _load("gpu_tp_overlap").chunk_gemm_rows("bfloat16", "smoke", _call_once, device="cpu")
+    m, n, k = rows[0]["M"], rows[0]["N"], rows[0]["K"]
+    assert rows[0]["triton TFLOP/s"] == pytest.approx(2 * m * n * k / 2e-3 / 1e12)
+    assert rows[0]["triton / torch"] == 1.0 and "BLOCK_M=" in rows[0]["config"]
+
+
+def test_gpu_shadowkv_gram_baseline_is_right():
+    from kernelhub.kernels.loader import get_family
 
     spec = get_family("lowrank_gram")
     inputs = spec.make_inputs(spec.shapes("smoke")[0], "float32", "cpu", seed=0)
-    torch.testing.assert_close(gpu_shadowkv._gram_fp32(inputs), spec.reference(inputs), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(_load("gpu_shadowkv")._gram_fp32(inputs), spec.reference(inputs), rtol=1e-4, atol=1e-3)
 
 
 def test_cpu_tp_overlap_row_on_two_ranks():
-    _load("report")  # puts benchmarks/ on sys.path, which the ranks inherit
-    import cpu_tp_overlap
+    import cpu_tp_overlap  # benchmarks/ is on sys.path (see the top), which the ranks inherit
 
     from kernelhub.local_world import LocalWorld
 
@@ -65,10 +262,3 @@ def test_cpu_tp_overlap_row_on_two_ranks():
     assert row["speedup"] == pytest.approx(row["T_sequential"] / row["T_overlapped"])
     expected_e = (row["T_gemm"] + row["T_p2p"] - row["T_overlapped"]) / min(row["T_gemm"], row["T_p2p"])
     assert row["E"] == pytest.approx(expected_e)
-
-
-def test_gpu_tp_overlap_refuses_without_gpu():
-    _load("report")
-    gpu_tp_overlap = _load("gpu_tp_overlap")
-    with pytest.raises(SystemExit, match="no GPU"):
-        gpu_tp_overlap.main([])

@@ -12,7 +12,8 @@ import torch
 from kernelhub import cli
 from kernelhub.db import BestConfig, ConfigStore
 from kernelhub.device import current_device
-from kernelhub.kernels.int8_gemm import SPEC, space
+from kernelhub.kernels.int8_gemm import space
+from kernelhub.kernels.int8_gemm.spec import SPEC
 
 TUNED = dict(space.DEFAULT_LARGE_M, BLOCK_M=64)
 

@@ -117,7 +117,7 @@ def test_show_piped_into_head(private_config_db):
     result = subprocess.run(f"{sys.executable} -m kernelhub show | head -1", shell=True, capture_output=True,
                             text=True, timeout=120)
     assert result.stdout.split() == ["gpu", "kernel", "shape", "bucket", "dtype", "config", "ms", "throughput",
-                                     "vs", "default", "trials", "status"]
+                                     "vs", "default", "trials", "source", "status"]
     assert result.stderr == ""
 
 

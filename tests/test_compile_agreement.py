@@ -7,7 +7,7 @@ launch would compile them, and:
 - every config compiles within the target's limits (shared memory per block, one block per SM);
 - the shared-memory estimate the constraints use (kernels/common/shared_memory.py's model) is
   never below the compiler's figure, and at most `SharedMemory.margin` above the largest figure
-  over sm_80 and sm_90 and the dtypes at which its two terms peak (`estimate_peak_dtypes`);
+  over sm_80 and sm_90 and the dtypes at which its two terms peak (`peak_dtypes`);
 - every DEFAULT, and the fixed kernels' configs, compile without spills in every dtype, on tensor
   cores where there is a dot and the operands are 16-bit or int8;
 - the GEMM-like loops are software-pipelined (asynchronous copies into num_stages or
@@ -29,10 +29,10 @@ import pytest
 from kernelhub import registry
 from kernelhub.compiler import Job, compilable, compile_jobs
 from kernelhub.compiler.targets import target
-from kernelhub.kernels import SHARED_MEMORY_ESTIMATES, estimate_peak_dtypes
+from kernelhub.kernels.common.shared_memory import peak_dtypes
 from kernelhub.kernels.int8_gemm import space as int8_space
-from kernelhub.kernels.lowrank_keys import space as lowrank_space
-from kernelhub.kernels.tp_overlap import space as tp_space
+from kernelhub.kernels.lowrank_keys import gram_space
+from kernelhub.kernels.tp_overlap import gemm_space
 
 TARGETS = ("sm_80", "sm_90")
 SAMPLES = 3  # sampled configs per family, besides the DEFAULTs
@@ -46,12 +46,12 @@ SHAPES = {
     "sparse_gather": [(1, 8, 4096, 8, 128, 256)],
     "tp_gemm": [(64, 1280, 8192), (512, 1280, 8192)],
     "quantize_int8": [(16, 4096)],
+    "rmsnorm_quant": [(16, 4096, 1), (2048, 8192, 0)],
     "lowrank_project": [(1, 8, 8192, 128, 160)],
 }
 
-ESTIMATES = SHARED_MEMORY_ESTIMATES
 NO_SHARED_MEMORY = {"sparse_gather"}
-NO_DOT = {"sparse_gather", "quantize_int8"}
+NO_DOT = {"sparse_gather", "quantize_int8", "rmsnorm_quant"}
 
 
 def _sampled(spec, shape):
@@ -80,7 +80,7 @@ def _jobs() -> list[Job]:
         shape = SHAPES[name][-1]
         for config, targets in _sampled(kernel, shape):
             jobs.extend(Job(name, target(t), shape, dtype, config, "sampled")
-                        for t in targets for dtype in estimate_peak_dtypes(name))
+                        for t in targets for dtype in peak_dtypes(kernel.dtypes))
     return jobs
 
 
@@ -100,9 +100,10 @@ def _where(r) -> str:
 
 
 def test_every_family_is_covered():
-    names = set(compilable())
-    assert names == set(SHAPES)
-    assert names - set(ESTIMATES) == NO_SHARED_MEMORY | {"quantize_int8"}  # a new family states its estimate
+    kernels = compilable()
+    assert set(kernels) == set(SHAPES)
+    unestimated = {name for name, kernel in kernels.items() if kernel.shared_memory is None}
+    assert unestimated == NO_SHARED_MEMORY | {"quantize_int8"}  # a new family states its estimate
 
 
 def test_accepted_configs_compile_within_the_targets_limits(records):
@@ -142,20 +143,22 @@ def test_the_shared_memory_estimate_agrees_with_the_compiler(records):
         if name in NO_SHARED_MEMORY:
             assert set(figures.values()) == {0}, (name, shape_text, figures)
             continue
-        if name not in ESTIMATES:
+        kernel = kernels[name]
+        if kernel.shared_memory is None:
             continue
         config = json.loads(config_text)
-        need = ESTIMATES[name](config, kernels[name].parse_shape(shape_text))
+        need = kernel.shared_memory(config, kernel.parse_shape(shape_text))
         what = f"{name} {shape_text} {config}: estimate {need.bytes} B, compiler {figures}"
         if max(figures.values()) > need.bytes:
             below.append(what)
-        if {d for d, _ in figures} >= set(estimate_peak_dtypes(name)):  # both terms of the estimate measured
+        if {d for d, _ in figures} >= set(peak_dtypes(kernel.dtypes)):  # both terms of the estimate measured
             measured += 1
             if need.bytes - max(figures.values()) > need.margin:
                 too_far.append(f"{what}, margin {need.margin} B")
     assert not below, "the estimate is below what the compiler asks for:\n" + "\n".join(below)
     assert not too_far, "the estimate is further above the compiler's figure than its margin:\n" + "\n".join(too_far)
-    assert measured >= SAMPLES * (len(ESTIMATES) - 1)  # at least every family's sample
+    estimated = sum(kernel.shared_memory is not None for kernel in kernels.values())
+    assert measured >= SAMPLES * (estimated - 1)  # at least every family's sample
 
 
 # -- software pipelining, read from the compiler's TTGIR --------------------------------------------
@@ -185,8 +188,8 @@ def test_gemm_loops_are_software_pipelined():
     (mma.sync), filled by asynchronous copies. The Gram kernel once was not (its `% HD` wrap-around
     hid the columns' contiguity): one buffer per tile, scalar loads."""
     cases = [("int8_gemm", (1024, 4096, 4096), "int32", int8_space.DEFAULT_LARGE_M),
-             ("lowrank_gram", (1, 8, 32768, 128), "bfloat16", lowrank_space.GRAM_DEFAULT_LONG),
-             ("tp_gemm", (512, 1280, 8192), "bfloat16", tp_space.GEMM_DEFAULT_LARGE_M)]
+             ("lowrank_gram", (1, 8, 32768, 128), "bfloat16", gram_space.DEFAULT_LONG),
+             ("tp_gemm", (512, 1280, 8192), "bfloat16", gemm_space.DEFAULT_LARGE_M)]
     request = [[k, list(s), d, c, arch] for k, s, d, c in cases for arch in TARGETS]
     env = dict(os.environ, TRITON_INTERPRET="0")
     result = subprocess.run([sys.executable, "-c", _PIPELINE_PROBE, json.dumps(request)], env=env,

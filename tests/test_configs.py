@@ -9,7 +9,8 @@ import torch
 from kernelhub import configs
 from kernelhub.db import BestConfig, ConfigStore
 from kernelhub.device import current_device
-from kernelhub.kernels.int8_gemm import SPEC, space
+from kernelhub.kernels.int8_gemm import space
+from kernelhub.kernels.int8_gemm.spec import SPEC
 
 CPU = current_device()  # the tests run without a GPU: the `cpu` identity
 TUNED = dict(space.DEFAULT_LARGE_M, BLOCK_M=64, BLOCK_N=64, num_warps=4)
@@ -90,7 +91,7 @@ def test_corrupt_row_is_never_launched(private_config_db, bad_config, fragment):
 def test_garbage_database_file_falls_back_with_one_warning(private_config_db, tmp_path):
     path = tmp_path / "configs.sqlite"
     path.write_bytes(b"this is not a database" * 100)
-    with pytest.warns(configs.ConfigDBWarning, match="using DEFAULT configs") as record:
+    with pytest.warns(configs.ConfigDBWarning, match="not using the config database") as record:
         assert _lookup((1, 4096, 4096)) == space.DEFAULT_SMALL_M
         configs.clear_cache()
         assert _lookup((1, 4096, 4096)) == space.DEFAULT_SMALL_M
@@ -126,3 +127,29 @@ def test_database_from_a_newer_kernelhub_falls_back(private_config_db, monkeypat
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", 0)  # this process now reads an older schema
     with pytest.warns(configs.ConfigDBWarning, match="newer kernelhub"):
         assert _lookup((128, 4096, 4096)) == space.DEFAULT_LARGE_M
+
+
+def test_row_status_judges_rows_with_the_callers_lookup():
+    """The core looks no family up itself: `row_status` asks the lookup it is given, so an unknown
+    family is `UNKNOWN_KERNEL` and a lookup that fails otherwise (a broken KERNELHUB_FAMILIES) raises."""
+    from kernelhub.errors import KernelhubError, UnknownFamilyError
+
+    def lookup(name):
+        if name != SPEC.name:
+            raise UnknownFamilyError(name)
+        return SPEC
+
+    row = BestConfig(gpu_key=CPU.key, family=SPEC.name, bucket="M=128,N=4096,K=4096", dtype="int32", config=TUNED,
+                     median_ms=1.0, p20_ms=0.9, p80_ms=1.1, throughput=None, throughput_unit=None,
+                     default_median_ms=2.0, trials=10, kernel_version=SPEC.kernel_version,
+                     triton_version=CPU.triton_version, torch_version=torch.__version__, cuda_version=None, device=None)
+    assert configs.row_status(row, CPU, lookup) == "ok"
+    assert configs.row_status(dataclasses.replace(row, kernel_version="0" * 16), CPU, lookup) == "stale: kernel changed"
+    assert configs.row_status(dataclasses.replace(row, family="gone"), CPU, lookup) == configs.UNKNOWN_KERNEL
+    assert configs.row_status(dataclasses.replace(row, bucket="M=1"), CPU, lookup).startswith("invalid:")
+
+    def broken(name):
+        raise KernelhubError("KERNELHUB_FAMILIES: cannot import 'x'")
+
+    with pytest.raises(KernelhubError, match="cannot import"):
+        configs.row_status(row, CPU, broken)

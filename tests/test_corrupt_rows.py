@@ -13,7 +13,8 @@ from config_rows import best
 from kernelhub import cli, configs
 from kernelhub.db import ConfigStore
 from kernelhub.device import current_device
-from kernelhub.kernels.int8_gemm import SPEC, space
+from kernelhub.kernels.int8_gemm import space
+from kernelhub.kernels.int8_gemm.spec import SPEC
 
 HERE = current_device()
 GOOD = "M=128,N=4096,K=4096"

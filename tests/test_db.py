@@ -22,6 +22,7 @@ from kernelhub.db import (SCHEMA_VERSION, BestConfig, ConfigStore, TrialRecord, 
 from kernelhub.db import store as store_module
 from kernelhub.db.store import sqlite_path
 from kernelhub.errors import ConfigDBError
+from kernelhub.kernels.loader import get_family
 from kernelhub.space import SearchSpace
 
 DEVICE = {"key": "h100", "name": "NVIDIA H100 80GB HBM3", "vendor": "nvidia", "compute_capability": "9.0",
@@ -43,7 +44,6 @@ def _no_user_cache(tmp_path, monkeypatch):
 def fake_family(monkeypatch):
     """A tiny family `toy` (shape (M, N), M bucketed to powers of two) as the only registered one."""
     monkeypatch.setattr(registry, "_FAMILIES", {})
-    monkeypatch.setattr(registry, "_load_builtin_families", lambda: None)
     space = SearchSpace(params={"BLOCK": (16, 32, 64), "num_warps": (4, 8)})
     default = {"BLOCK": 32, "num_warps": 4}
     return registry.register(registry.FamilySpec(
@@ -309,17 +309,18 @@ def test_export_import_round_trip(tmp_path, fake_family):
                make_best(gpu_key="a100", device=None, kernel_version="v0")]
     with ConfigStore(tmp_path / "a.sqlite") as source:
         source.save_many(entries)
-        doc = export_configs(source)
-        assert [e["gpu_key"] for e in export_configs(source, gpu_key="a100")["entries"]] == ["a100"]
+        doc = export_configs(source, get_family=get_family)
+        a100 = export_configs(source, get_family=get_family, gpu_key="a100")
+        assert [e["gpu_key"] for e in a100["entries"]] == ["a100"]
     assert doc["format"] == "kernelhub-configs" and doc["version"] == 1 and "kernelhub_version" in doc
     # What decides staleness travels with every entry: the kernel version and the device identity.
     assert [(e["gpu_key"], e["kernel_version"], e["device"]) for e in doc["entries"]] == \
         [("a100", "v0", None), ("cpu", "v1", CPU_DEVICE), ("h100", "v1", DEVICE)]
     (tmp_path / "export.json").write_text(json.dumps(doc))
     with ConfigStore(tmp_path / "b.sqlite") as target:
-        assert import_configs(target, load_export_file(tmp_path / "export.json")) == 3
+        assert import_configs(target, load_export_file(tmp_path / "export.json"), get_family=get_family) == 3
         assert without_ids(target.best_configs()) == sorted(entries, key=lambda e: (e.gpu_key, e.dtype))
-        assert import_configs(target, doc) == 3  # importing again replaces, never duplicates
+        assert import_configs(target, doc, get_family=get_family) == 3  # importing again replaces, never duplicates
         assert len(target.best_configs()) == 3
 
 
@@ -366,7 +367,7 @@ def test_import_rejects_and_writes_nothing(tmp_path, fake_family, doc, message):
         store.save_best(make_best(gpu_key="existing"))
         before = store.best_configs()
         with pytest.raises(ConfigDBError, match=r"c\.sqlite.*nothing written: " + message):
-            import_configs(store, doc)
+            import_configs(store, doc, get_family=get_family)
         assert store.best_configs() == before
 
 
@@ -408,7 +409,7 @@ def test_bulk_import_is_all_or_nothing(tmp_path, fake_family, monkeypatch):
 
     monkeypatch.setattr(ConfigStore, "_session", timed)
     with ConfigStore(tmp_path / "c.sqlite") as store:
-        assert import_configs(store, _bulk_doc(count)) == count
+        assert import_configs(store, _bulk_doc(count), get_family=get_family) == count
         print(f"\n{count} entries: the write lock was held for {held[-1]:.2f} s")
         rows = store.best_configs()
         assert len(rows) == count and {(r.median_ms, r.device["key"]) for r in rows} == {(0.125, "h100")}
@@ -418,7 +419,8 @@ def test_bulk_import_is_all_or_nothing(tmp_path, fake_family, monkeypatch):
                         f"WHEN NEW.bucket = 'M=128,N={count}' BEGIN SELECT RAISE(ABORT, 'refused by a test'); END")
         raw.close()
         with pytest.raises(ConfigDBError, match="refused by a test"):
-            import_configs(store, _bulk_doc(count, median_ms=0.5))  # every entry an update; the last fails
+            # every entry an update; the last fails
+            import_configs(store, _bulk_doc(count, median_ms=0.5), get_family=get_family)
         assert {r.median_ms for r in store.best_configs()} == {0.125}
 
 
@@ -531,7 +533,8 @@ _WITH_FILE_SIZE_LIMIT = (  # run `kernelhub ARGS...` where no file may grow past
 
 
 def test_disk_full_during_import_is_one_clear_line_and_loses_nothing(tmp_path):
-    from kernelhub.kernels.int8_gemm import SPEC, space
+    from kernelhub.kernels.int8_gemm import space
+    from kernelhub.kernels.int8_gemm.spec import SPEC
 
     config = dict(space.DEFAULT_LARGE_M)
     path = tmp_path / "c.sqlite"
@@ -564,27 +567,36 @@ def test_disk_full_during_import_is_one_clear_line_and_loses_nothing(tmp_path):
 # -- concurrency -----------------------------------------------------------------------------------
 
 
-def test_two_stores_writing_concurrently_lose_nothing(tmp_path):
-    path = tmp_path / "c.sqlite"
-    stores = [ConfigStore(path), ConfigStore(path)]
+def _errors_of_concurrent(writer, workers: int) -> list[Exception]:
+    """Run `writer(0)` ... `writer(workers - 1)` in threads at once; what they raised."""
     errors = []
 
-    def writer(worker: int) -> None:
+    def run(worker: int) -> None:
         try:
-            for i in range(50):
-                # Reads between the writes, so a deferred transaction would hit "database is locked".
-                stores[worker].best_configs(gpu_key="h100")
-                stores[worker].save_best(make_best(bucket=f"M={worker},N={i}", device=DEVICE))
-                stores[worker].add_trial(make_trial(study=f"w{worker}", number=i))
-        except Exception as exc:  # noqa: BLE001  (reported by the assertion below)
+            writer(worker)
+        except Exception as exc:  # noqa: BLE001  (returned, and asserted on by the caller)
             errors.append(exc)
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert errors == []
+    return errors
+
+
+def test_two_stores_writing_concurrently_lose_nothing(tmp_path):
+    path = tmp_path / "c.sqlite"
+    stores = [ConfigStore(path), ConfigStore(path)]
+
+    def writer(worker: int) -> None:
+        for i in range(50):
+            # Reads between the writes, so a deferred transaction would hit "database is locked".
+            stores[worker].best_configs(gpu_key="h100")
+            stores[worker].save_best(make_best(bucket=f"M={worker},N={i}", device=DEVICE))
+            stores[worker].add_trial(make_trial(study=f"w{worker}", number=i))
+
+    assert _errors_of_concurrent(writer, 2) == []
     assert len(stores[0].best_configs()) == 100 and len(stores[1].trials()) == 100
     with sqlite3.connect(path) as conn:  # concurrent get-or-create made one device row, not two
         assert conn.execute("SELECT count(*) FROM kernelhub_devices").fetchone()[0] == 1
@@ -617,24 +629,15 @@ def test_postgres_round_trip(postgres_url):
 
 def test_postgres_concurrent_writers_make_no_duplicates(postgres_url):
     stores = [ConfigStore(postgres_url) for _ in range(4)]
-    errors = []
 
     def writer(worker: int) -> None:
-        try:
-            for i in range(25):
-                # The same best-config row and the same device (NULL columns) from every writer: a
-                # read-then-insert that is not serialised inserts twice, or fails on the unique key.
-                stores[worker].save_best(make_best(gpu_key="cpu", device=CPU_DEVICE, median_ms=1.0 + i))
-                stores[worker].add_trial(make_trial(study=f"w{worker}", number=i))
-        except Exception as exc:  # noqa: BLE001  (reported by the assertion below)
-            errors.append(exc)
+        for i in range(25):
+            # The same best-config row and the same device (NULL columns) from every writer: a
+            # read-then-insert that is not serialised inserts twice, or fails on the unique key.
+            stores[worker].save_best(make_best(gpu_key="cpu", device=CPU_DEVICE, median_ms=1.0 + i))
+            stores[worker].add_trial(make_trial(study=f"w{worker}", number=i))
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert _errors_of_concurrent(writer, 4) == []
     assert len(stores[0].best_configs()) == 1 and len(stores[0].trials()) == 100
     from sqlalchemy import create_engine, text
 

@@ -1,4 +1,6 @@
-"""The int8 GEMM and int8 quantisation Triton kernels against `reference/int8_gemm.py`.
+"""The int8 GEMM and int8 quantisation Triton kernels against `reference/int8_gemm.py`, beyond the
+contract suite (tests/test_contract.py runs every DEFAULT at the smoke shapes): edge configs,
+sampled configs, exactness, strides, empty sizes, the scaled epilogue, the quantiser.
 
 Without a GPU (or with TRITON_INTERPRET=1) the kernels run in Triton's interpreter on CPU tensors.
 The int32 GEMM and the quantiser must match the reference bit for bit; the scaled GEMM within the
@@ -6,32 +8,20 @@ family's tolerance (and bit for bit in float32, where only the epilogue's operat
 Every output is poisoned before a launch, so an element a kernel forgets to write fails.
 """
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import kernelhub.kernels  # noqa: E402,F401  (chooses the interpreter when there is no GPU)
-from kernelhub.checking import INT_POISON, mismatch_close, mismatch_exact, poison_  # noqa: E402
-from kernelhub.compiler.targets import target  # noqa: E402
-from kernelhub.kernels.int8_gemm import space  # noqa: E402
-from kernelhub.kernels.int8_gemm.kernel import int8_gemm_triton  # noqa: E402
-from kernelhub.kernels.int8_gemm.quantize import quantize_int8_triton  # noqa: E402
-from kernelhub.reference import int8_gemm as ref  # noqa: E402
-
-DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" or not torch.cuda.is_available() else "cuda"
-SMALLEST_SMEM_BYTES = target("sm_86").shared_per_block  # the smallest limit the space is tuned for
+from helpers import DEVICE, SMALLEST_SMEM_BYTES, dtype_id
+from kernelhub.checking import INT_POISON, mismatch_close, mismatch_exact, poison_
+from kernelhub.kernels.int8_gemm import space
+from kernelhub.kernels.int8_gemm.kernel import int8_gemm_triton
+from kernelhub.kernels.int8_gemm.quantize import quantize_int8_triton
+from kernelhub.reference import int8_gemm as ref
 
 
 def config_id(config: dict) -> str:
     return (f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}-g{config['GROUP_M']}"
             f"-split{config['SPLIT_K']}-w{config['num_warps']}-s{config['num_stages']}")
-
-
-def dtype_id(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def make_config(block_m, block_n, block_k, group_m=1, split_k=1, num_warps=4, num_stages=2) -> dict:
@@ -64,18 +54,6 @@ def assert_exact(actual, expected):
 
 
 # --- int8 x int8 -> int32 ------------------------------------------------------------------------
-
-SHAPES = [(m, n, k) for m in (1, 7, 33, 128, 257) for (n, k) in ((63, 96), (129, 33), (63, 130))]
-
-
-@pytest.mark.parametrize("layout", ["kn", "nk_t"])
-@pytest.mark.parametrize("config", space.DEFAULTS, ids=["small_m_default", "large_m_default"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-N{}-K{}".format(*s))
-def test_int32_defaults_match_reference(shape, config, layout):
-    m, n, k = shape
-    a, b = random_int8(m, k, seed=1), make_b(n, k, layout, seed=2)
-    assert_exact(run_int32(a, b, config), ref.int8_gemm(a, b))
-
 
 # Edge cases written out: partial K tiles, split-K with an uneven share of K tiles per split,
 # grouped tile order with a partial last group, the smallest tiles.

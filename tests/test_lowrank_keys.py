@@ -1,5 +1,6 @@
 """ShadowKV's low-rank key cache: the Gram, projection and reconstruction kernels against
-`reference/lowrank_keys.py`, the public ops on every backend, their argument errors, the spaces.
+`reference/lowrank_keys.py`, the public ops on every backend, their argument errors, the spaces;
+beyond the contract suite (tests/test_contract.py runs every DEFAULT at the smoke shapes).
 
 Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. Every launcher output
 is poisoned before the launch, so an element a kernel forgets to write fails. Factorisations are
@@ -7,30 +8,19 @@ compared by what is unique about them (the reconstruction a @ basis, and its err
 SVD optimum), on keys built with a known spectrum that has a gap at the rank.
 """
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import H100_SMEM_BYTES, dtype_id
+from helpers import SMALLEST_SMEM_BYTES as SMEM_BYTES
+from kernelhub.checking import poison_
+from kernelhub.kernels.lowrank_keys import gram_space, ops, reconstruct_space
+from kernelhub.kernels.lowrank_keys import spec as family
+from kernelhub.kernels.lowrank_keys.kernel import gram_triton, project_triton, reconstruct_keys_triton
+from kernelhub.reference import lowrank_keys as ref
+from kernelhub.reference.rope import apply_rope, rope_rows, rope_tables
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import kernelhub.kernels.lowrank_keys as family  # noqa: E402  (registers lowrank_gram, reconstruct_keys)
-from kernelhub.checking import poison_  # noqa: E402
-from kernelhub.kernels.lowrank_keys import space  # noqa: E402
-from kernelhub.compiler.targets import target  # noqa: E402
-from kernelhub.kernels.lowrank_keys import ops  # noqa: E402
-from kernelhub.kernels.lowrank_keys.kernel import gram_triton, project_triton, reconstruct_keys_triton  # noqa: E402
-from kernelhub.reference import lowrank_keys as ref  # noqa: E402
-from kernelhub.reference.rope import apply_rope, rope_rows, rope_tables  # noqa: E402
-from kernelhub.registry import get_family  # noqa: E402
-
-SMEM_BYTES = target("sm_86").shared_per_block  # the smallest shared-memory limit the spaces are tuned for
-H100_SMEM_BYTES = target("h100").shared_per_block
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def dtype_id(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def assert_ok(problem):
@@ -72,16 +62,8 @@ def gram_config_id(config):
     return f"hd{config['BLOCK_HD']}-s{config['BLOCK_S']}-split{config['SPLIT_S']}"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("config", space.GRAM_DEFAULTS, ids=["default_short", "default_long", "default_long_fp32"])
-@pytest.mark.parametrize("shape", space.GRAM_SHAPE_SETS["smoke"], ids=gram_id)
-def test_gram_defaults_match_reference(shape, config, dtype):
-    inputs = family.make_gram_inputs(shape, dtype_id(dtype), "cpu", seed=1)
-    assert_ok(family.compare_gram(run_gram(inputs["k"], config), ref.gram(inputs["k"]), inputs))
-
-
 GRAM_SAMPLED = [(shape, config) for i, shape in enumerate([(2, 2, 63, 64), (1, 3, 129, 32)])
-                for config in space.GRAM_SPACE.sample(4, shape, SMEM_BYTES, seed=20 + i)]
+                for config in gram_space.SPACE.sample(4, shape, SMEM_BYTES, seed=20 + i)]
 
 
 def test_gram_sample_covers_split_s():
@@ -126,7 +108,7 @@ def test_gram_tolerance_catches_a_dropped_token():
 # Launchers: the projection a = K @ basis^T
 # ================================================================================================
 
-PROJECT_CONFIGS = [space.PROJECT_CONFIG,
+PROJECT_CONFIGS = [gram_space.PROJECT_CONFIG,
                    {"BLOCK_S": 16, "BLOCK_R": 16, "BLOCK_C": 32, "num_warps": 2, "num_stages": 2},
                    {"BLOCK_S": 32, "BLOCK_R": 64, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1}]
 
@@ -177,17 +159,9 @@ def check_reconstruct(inputs, config):
     assert_ok(family.compare_reconstruct(actual, family.reconstruct_reference(inputs), inputs))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("config", space.RECONSTRUCT_DEFAULTS,
-                         ids=["default_small", "default_large", "default_large_fp32"])
-@pytest.mark.parametrize("shape", space.RECONSTRUCT_SHAPE_SETS["smoke"], ids=reconstruct_id)
-def test_reconstruct_defaults_match_reference(shape, config, dtype):
-    check_reconstruct(family.make_reconstruct_inputs(shape, dtype_id(dtype), "cpu", seed=8), config)
-
-
 RECONSTRUCT_SAMPLED = [(shape, config)
                        for i, shape in enumerate([(2, 100, 2, 33, 64, 40), (1, 150, 1, 70, 128, 160)])
-                       for config in space.RECONSTRUCT_SPACE.sample(4, shape, SMEM_BYTES, seed=30 + i)]
+                       for config in reconstruct_space.SPACE.sample(4, shape, SMEM_BYTES, seed=30 + i)]
 
 
 @pytest.mark.parametrize("shape, config", RECONSTRUCT_SAMPLED,
@@ -227,11 +201,11 @@ def chosen_rows(positions, head_dim):
 def test_reconstruct_with_rope_rows_of_the_chosen_tokens():
     """rope_positions index tables of the chosen tokens' rows only (fewer rows than S here)."""
     inputs = family.make_reconstruct_inputs((2, 300, 2, 9, 64, 24), "bfloat16", "cpu", seed=20)
-    whole = run_reconstruct(inputs, space.RECONSTRUCT_DEFAULT_SMALL)
+    whole = run_reconstruct(inputs, reconstruct_space.DEFAULT_SMALL)
     cos, sin, rows = chosen_rows(inputs["positions"], 64)
     assert cos.shape[0] < 300
     chosen = dict(inputs, cos=cos, sin=sin, rope_positions=rows.to(torch.int32))
-    actual = run_reconstruct(chosen, space.RECONSTRUCT_DEFAULT_SMALL)
+    actual = run_reconstruct(chosen, reconstruct_space.DEFAULT_SMALL)
     assert_ok(family.compare_reconstruct(actual, family.reconstruct_reference(chosen), chosen))
     assert torch.equal(actual, whole)  # the same table rows, bit for bit
 
@@ -246,7 +220,7 @@ def test_reconstruct_any_strides_and_writes_only_inside_out():
     buffer = poison_(torch.empty(2, 2, 19, 70, dtype=torch.float16))
     out = buffer[..., 3:67]
     reconstruct_keys_triton(inputs["a"], inputs["basis"], inputs["positions"], inputs["cos"], inputs["sin"],
-                            config=space.RECONSTRUCT_DEFAULT_SMALL, out=out)
+                            config=reconstruct_space.DEFAULT_SMALL, out=out)
     assert_ok(family.compare_reconstruct(out, family.reconstruct_reference(inputs), inputs))
     assert bool(buffer[..., :3].isnan().all() and buffer[..., 67:].isnan().all()), "wrote outside `out`"
 
@@ -508,33 +482,12 @@ def test_good_arguments_pass_validation(nothing_runs):
 
 
 # ================================================================================================
-# Registration, spaces, buckets
+# Spaces, buckets
 # ================================================================================================
-
-def test_both_specs_are_registered():
-    assert get_family("lowrank_gram") is family.GRAM_SPEC
-    assert get_family("reconstruct_keys") is family.RECONSTRUCT_SPEC
-    for spec in (family.GRAM_SPEC, family.RECONSTRUCT_SPEC):
-        assert len(spec.kernel_version) == 16
-        assert set(spec.shape_sets) >= {"smoke", "tune", "bench"}
-
-
-@pytest.mark.parametrize("spec", [family.GRAM_SPEC, family.RECONSTRUCT_SPEC], ids=lambda s: s.name)
-def test_defaults_fit_the_smallest_gpu_on_real_shapes(spec):
-    for shape in list(spec.shapes("tune")) + list(spec.shapes("bench")):
-        for dtype in spec.dtypes:
-            config = spec.default_config(shape, dtype)
-            assert config in spec.defaults
-            assert spec.space.infeasibility(config, shape, SMEM_BYTES) is None, (shape, dtype, config)
-
-
-def test_project_config_fits_the_smallest_gpu():
-    assert space.project_shared_memory(space.PROJECT_CONFIG).bytes <= SMEM_BYTES
-
 
 def test_gram_constraints_reject_what_a_gpu_cannot_run():
     shape = (1, 8, 32768, 128)
-    infeasible = space.GRAM_SPACE.infeasibility
+    infeasible = gram_space.SPACE.infeasibility
     big = {"BLOCK_HD": 128, "BLOCK_S": 128, "SPLIT_S": 1, "num_warps": 8, "num_stages": 4}
     assert "shared memory" in infeasible(big, shape, H100_SMEM_BYTES)
     spill = {"BLOCK_HD": 128, "BLOCK_S": 16, "SPLIT_S": 1, "num_warps": 2, "num_stages": 1}
@@ -547,25 +500,25 @@ def test_gram_constraints_reject_what_a_gpu_cannot_run():
 
 def test_reconstruct_constraints_reject_what_a_gpu_cannot_run():
     shape = (1, 32768, 8, 2048, 128, 160)
-    infeasible = space.RECONSTRUCT_SPACE.infeasibility
+    infeasible = reconstruct_space.SPACE.infeasibility
     big = {"BLOCK_N": 128, "BLOCK_R": 128, "num_warps": 8, "num_stages": 4}
     assert "shared memory" in infeasible(big, shape, H100_SMEM_BYTES)
     spill = {"BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 2, "num_stages": 1}
     assert "registers" in infeasible(spill, shape, H100_SMEM_BYTES)
     wide = {"BLOCK_N": 64, "BLOCK_R": 16, "num_warps": 4, "num_stages": 1}
     assert "padded problem size" in infeasible(wide, (1, 100, 8, 20, 128, 160), H100_SMEM_BYTES)
-    for config in space.RECONSTRUCT_SPACE.sample(30, shape, SMEM_BYTES, seed=0):
+    for config in reconstruct_space.SPACE.sample(30, shape, SMEM_BYTES, seed=0):
         assert min(config["BLOCK_N"], config["BLOCK_R"]) >= 16  # tl.dot's minimum
 
 
 def test_buckets_and_distances():
-    assert space.gram_bucket((3, 8, 100000, 128)) == (4, 8, 131072, 128)
-    gd = space.gram_bucket_distance
+    assert gram_space.bucket((3, 8, 100000, 128)) == (4, 8, 131072, 128)
+    gd = gram_space.bucket_distance
     assert gd((1, 8, 32768, 128), (1, 4, 32768, 128)) is None  # other H_kv: never reused
     assert gd((1, 8, 8192, 128), (1, 8, 131072, 128)) is None  # 4 doublings: too far
     assert gd((1, 8, 32768, 128), (1, 8, 65536, 128)) < gd((1, 8, 32768, 128), (1, 8, 16384, 128))
-    assert space.reconstruct_bucket((3, 100000, 8, 2000, 128, 160)) == (4, 131072, 8, 2048, 128, 160)
-    rd = space.reconstruct_bucket_distance
+    assert reconstruct_space.bucket((3, 100000, 8, 2000, 128, 160)) == (4, 131072, 8, 2048, 128, 160)
+    rd = reconstruct_space.bucket_distance
     here = (1, 32768, 8, 2048, 128, 160)
     assert rd(here, (1, 32768, 8, 2048, 128, 128)) is None  # other rank
     assert rd(here, (8, 32768, 8, 2048, 128, 160)) is None  # 3 doublings of B

@@ -163,3 +163,122 @@ def test_compile_fullgraph_traces_every_op():
     q_weight, w_scale = ops.quantize_int8(weight)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, q_weight, w_scale, bias), layer(x, q_weight, w_scale, bias))
+
+
+def test_compile_fullgraph_writes_out():
+    def gemm_into(a, b, out):
+        return ops.int8_gemm(a, b, out=out)
+
+    a, b = _operands(9, 33, 64, seed=5)
+    out = poison_(torch.empty(9, 33, dtype=torch.int32))
+    compiled = torch.compile(gemm_into, fullgraph=True, backend="aot_eager")
+    result = compiled(a, b, out)
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.equal(out, (a.to(torch.int64) @ b.to(torch.int64)).to(torch.int32))
+
+
+# -- torch.library registration (kernelhub/kernels/common/library.py) ----------------------------
+
+def _registered_op_inputs():
+    """Arguments of every registered kernel op (its schema's, without out=), small and valid."""
+    from kernelhub.reference.rope import rope_tables
+
+    gen = torch.Generator().manual_seed(3)
+    a, b = _operands(9, 33, 64, seed=3)
+    x = torch.randn(9, 64, generator=gen)
+    k = torch.randn(1, 2, 8 * 5 + 3, 16, generator=gen)
+    lowrank_a, basis = torch.randn(1, 43, 6, generator=gen), torch.randn(1, 6, 32, generator=gen)
+    positions = torch.randint(0, 43, (1, 2, 5), generator=gen)
+    cos, sin = rope_tables(43, 16)
+    lm = ops.landmarks(k)
+    q = torch.randn(1, 4, 16, generator=gen)
+    exclude = torch.zeros(1, 2, 5, dtype=torch.bool)
+    exclude[0, 1, 2] = True
+    values = torch.randn(2, 3, 10, 4, 8, generator=gen)
+    chunk_idx = torch.randint(0, 10, (2, 3, 4), generator=gen)
+    return {
+        "int8_gemm": [(a, b)],
+        "int8_scaled_gemm": [(a, b, torch.rand(9), torch.rand(33), None, torch.bfloat16),
+                             (a, b, torch.rand(9), torch.rand(33), torch.randn(33), torch.float32)],
+        "quantize_int8": [(x,), (x.to(torch.float16),)],
+        "rmsnorm_quantize_int8": [(x, torch.rand(64, generator=gen) + 0.5, None, 1e-6),
+                                  (x.to(torch.bfloat16), torch.rand(64, generator=gen), x.to(torch.bfloat16), 1e-5)],
+        "landmarks": [(k, 8)],
+        "outlier_chunks": [(k, lm, 2, 8)],
+        "landmark_topk": [(q, lm, 3, None), (q, lm, 3, exclude)],
+        "lowrank_keys": [(k, 4)],
+        "reconstruct_keys": [(lowrank_a, basis, positions, cos, sin, None),
+                             (lowrank_a, basis, positions, cos[:10], sin[:10], torch.randint(0, 10, (1, 2, 5)))],
+        "sparse_gather": [(values, chunk_idx, None, None, torch.device("cpu"))],
+    }
+
+
+def test_every_public_op_is_one_registered_kernel_op():
+    from kernelhub.kernels.common.library import KERNEL_OPS
+
+    assert set(KERNEL_OPS) == set(_registered_op_inputs())
+    public = {"int8_gemm", "int8_scaled_gemm", "quantize_int8", "rmsnorm_quantize_int8", "lowrank_keys",
+              "reconstruct_keys", "landmarks", "outlier_chunks", "landmark_topk", "sparse_gather"}
+    assert set(KERNEL_OPS) == public
+    for name, op in KERNEL_OPS.items():
+        assert op.overload is getattr(torch.ops.kernelhub, name).default
+    assert {name for name, op in KERNEL_OPS.items() if op.takes_out} == {
+        "int8_gemm", "int8_scaled_gemm", "reconstruct_keys", "landmark_topk", "sparse_gather"}
+
+
+@pytest.mark.parametrize("name", sorted(_registered_op_inputs()))
+def test_registered_op_and_its_fake_agree_with_eager(name):
+    """torch.library.opcheck: the schema (no input mutated or aliased), the fake against the real
+    result (shapes, dtypes, devices, strides aside), and tracing under aot_autograd with dynamic shapes."""
+    from kernelhub.kernels.common.library import KERNEL_OPS
+
+    op = KERNEL_OPS[name]
+    for args in _registered_op_inputs()[name]:
+        torch.library.opcheck(op.overload, args)
+        eager = op(*args, None) if op.takes_out else op(*args)
+        through_dispatcher = op.overload(*args)
+        for got, want in zip(*(r if isinstance(r, tuple) else (r,) for r in (through_dispatcher, eager))):
+            assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device)
+
+
+def test_eager_calls_skip_the_dispatcher():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(9, 64)
+    with Recorder() as eager:
+        q, scale = ops.quantize_int8(x)
+        ops.int8_scaled_gemm(q, q.t(), scale, scale)
+    with Recorder() as dispatched:
+        torch.ops.kernelhub.quantize_int8(x)
+    assert eager.ops and "kernelhub" not in eager.ops
+    assert "kernelhub" in dispatched.ops
+
+
+def test_kernel_op_refuses_an_out_it_cannot_handle():
+    from kernelhub.kernels.common.library import kernel_op
+
+    def fake(x):
+        return x
+
+    def pair_with_out(x: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x
+
+    def out_not_last(out: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def out_not_optional(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return x
+
+    for impl, fragment in ((pair_with_out, "returns one torch.Tensor"), (out_not_last, "last parameter"),
+                           (out_not_optional, r"annotated torch.Tensor \| None")):
+        with pytest.raises(TypeError, match=fragment):
+            kernel_op(f"test_refused_{impl.__name__}", fake=fake)(impl)

@@ -15,10 +15,13 @@ def test_wheel_installs_and_imports(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, timeout=300)
     probe = ("import kernelhub, kernelhub.ops, kernelhub.reference.int8_gemm, kernelhub.db, kernelhub.tuning.tuner;"
-             "from kernelhub.registry import families;"
-             "print(kernelhub.__file__); print([f.name for f in families()])")
+             "from kernelhub.kernels.loader import families;"
+             "from kernelhub.db.shipped import PACKAGE_SHIPPED_DIR;"
+             "print(kernelhub.__file__); print([f.name for f in families()]);"
+             "print((PACKAGE_SHIPPED_DIR / 'README.md').is_file())")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
                             env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    path, names = result.stdout.splitlines()
+    path, names, shipped_dir_installed = result.stdout.splitlines()
     assert path.startswith(str(target)) and "int8_gemm" in names
+    assert shipped_dir_installed == "True"  # the package data (db/shipped/*.json) travels in the wheel

@@ -11,7 +11,8 @@ import pytest
 from kernelhub import cli
 from kernelhub.db import BestConfig, ConfigStore
 from kernelhub.device import current_device
-from kernelhub.kernels.int8_gemm import SPEC, space
+from kernelhub.kernels.int8_gemm import space
+from kernelhub.kernels.int8_gemm.spec import SPEC
 
 THIS_DEVICE = current_device()
 BUCKET = "M=128,N=4096,K=4096"

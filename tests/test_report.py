@@ -11,7 +11,8 @@ from kernelhub.tuning import report
 
 from kernelhub import cli
 from kernelhub.device import current_device
-from kernelhub.kernels.int8_gemm import SPEC, space
+from kernelhub.kernels.int8_gemm import space
+from kernelhub.kernels.int8_gemm.spec import SPEC
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TUNED = dict(space.DEFAULT_LARGE_M, BLOCK_M=64)

@@ -14,6 +14,7 @@ from kernelhub import cli, registry
 from kernelhub.checking import mismatch_exact
 from kernelhub.device import current_device
 from kernelhub.errors import KernelhubError
+from kernelhub.kernels import loader
 from kernelhub.registry import FamilySpec
 from kernelhub.space import SearchSpace
 from kernelhub.tuning import replay, tuner
@@ -58,7 +59,7 @@ def family(monkeypatch):
 
     (The CLI's isolated worker process has a registry of its own, which never sees this family.)
     """
-    registry.families()  # the built-in families first, so the monkeypatched entry is the only change
+    loader.families()  # the built-in families first, so the monkeypatched entry is the only change
     spec = _family()
     monkeypatch.setitem(registry._FAMILIES, FAMILY, spec)
     monkeypatch.setattr(cli, "_trial_runner", lambda torch_device, trial_timeout: InProcessRunner(torch_device))

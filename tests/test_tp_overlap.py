@@ -1,23 +1,25 @@
-"""Tensor-parallel overlap (Flux): the chunk GEMM in the interpreter, the collectives on local gloo ranks.
+"""Tensor-parallel overlap (Flux): the chunk GEMM in the interpreter, the collectives on local gloo
+ranks, beyond the contract suite (tests/test_contract.py runs every DEFAULT at the smoke shapes).
 
 Collective inputs are small integers, so the reference, the overlapped schedules (every chunking
 and order), the Triton chunk GEMM and world size 1 must all agree exactly (atol = 0). Each world
 size gets one set of local ranks for the whole module (starting ranks costs seconds).
 """
 
-import itertools
-
 import pytest
 import torch
 
 import kernelhub.ops as ops
 import tp_overlap_cases as cases
+from helpers import local_worlds as worlds  # noqa: F401
 from kernelhub.checking import poison_
 from kernelhub.db import BestConfig, ConfigStore
 from kernelhub.device import current_device
-from kernelhub.kernels.tp_overlap import AG_SPEC, GEMM_SPEC, RS_SPEC, space
+from kernelhub.kernels.tp_overlap.all_gather_space import ORDER_CHOICES
 from kernelhub.kernels.tp_overlap.kernel import gemm_triton
 from kernelhub.kernels.tp_overlap.overlap import chunk_bounds
+from kernelhub.kernels.tp_overlap.space import CHUNK_CHOICES
+from kernelhub.kernels.tp_overlap.spec import AG_SPEC, GEMM_SPEC, RS_SPEC
 from kernelhub.local_world import LocalWorld, LocalWorldError
 from kernelhub.reference import tp_overlap as ref
 
@@ -63,11 +65,6 @@ def test_spaces_reject_configs_that_cannot_differ():
     assert "same schedule" in AG_SPEC.space.infeasibility({"CHUNKS": 2, "ORDER": 1}, (2, 8, 8, 8), 0)
     assert AG_SPEC.space.infeasibility({"CHUNKS": 2, "ORDER": 1}, (3, 8, 8, 8), 0) is None
     assert "exceeds the 2 rows" in RS_SPEC.space.infeasibility({"CHUNKS": 4}, (4, 8, 8, 8), 0)
-    for spec in (AG_SPEC, RS_SPEC):
-        for shape in itertools.chain(*spec.shape_sets.values()):
-            for dtype in spec.dtypes:
-                config = spec.default_config(shape, dtype)
-                assert spec.space.infeasibility(config, shape, 0) is None, (spec.name, shape, dtype)
 
 
 def test_ops_without_a_process_group_say_so():
@@ -77,32 +74,17 @@ def test_ops_without_a_process_group_say_so():
         ops.gemm_reduce_scatter(torch.ones(2, 3), torch.ones(3, 4))
 
 
-# -- the collectives on local ranks --------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def worlds():
-    """world_size -> a LocalWorld of gloo ranks, started on first use, closed after the module."""
-    started = {}
-
-    def get(world_size):
-        if world_size not in started or not started[world_size].alive:
-            started[world_size] = LocalWorld(world_size, job_timeout_s=300)
-        return started[world_size]
-
-    yield get
-    for world in started.values():
-        world.close(force=True)  # ranks keep nothing worth a graceful exit; saves seconds
-
+# -- the collectives on local ranks (`worlds`: the helpers' local_worlds) --------------------------
 
 def _cases(world_size, dtype):
     """Every chunking and order of both ops at odd sizes (M_local, N never a block multiple), plus the public ops."""
     ag = [("all_gather_gemm", m, n, k, dtype, config)
           for m, n, k in [(1, 13, 24), (7, 33, 17)]
-          for config in [None, *({"CHUNKS": c, "ORDER": o} for c in space.CHUNK_CHOICES for o in space.ORDER_CHOICES)]
+          for config in [None, *({"CHUNKS": c, "ORDER": o} for c in CHUNK_CHOICES for o in ORDER_CHOICES)]
           if config is None or AG_SPEC.space.infeasibility(config, (world_size, m, n, k), 0) is None]
     rs = [("gemm_reduce_scatter", world_size * m, n, k, dtype, config)
           for m, n, k in [(1, 13, 24), (5, 33, 17)]
-          for config in [None, *({"CHUNKS": c} for c in space.CHUNK_CHOICES)]
+          for config in [None, *({"CHUNKS": c} for c in CHUNK_CHOICES)]
           if config is None or RS_SPEC.space.infeasibility(config, (world_size, world_size * m, n, k), 0) is None]
     return ag + rs
 
@@ -120,6 +102,55 @@ def test_triton_chunk_gemm_inside_the_schedules_is_exact(worlds, world_size):
     assert chosen
     failures = worlds(world_size).run(cases.exact_cases, chosen, "triton")
     assert failures == [[]] * world_size
+
+
+
+def _list_cases(world_size, dtype):
+    """all_gather_gemm with a list of b (odd widths, a width-1 b) under every feasible chunking and
+    order, plus the public op (config None)."""
+    return [(m, widths, k, dtype, config)
+            for m, widths, k in [(1, (13, 1), 24), (7, (33, 5, 17), 17)]
+            for config in [None, *({"CHUNKS": c, "ORDER": o} for c in CHUNK_CHOICES for o in ORDER_CHOICES)]
+            if config is None or AG_SPEC.space.infeasibility(config, (world_size, m, sum(widths), k), 0) is None]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_list_of_b_shares_one_gather_and_equals_reference(worlds, world_size, dtype):
+    assert worlds(world_size).run(cases.list_cases, _list_cases(world_size, dtype)) == [[]] * world_size
+
+
+def test_list_of_b_with_the_triton_chunk_gemm(worlds):
+    chosen = [c for c in _list_cases(2, "bfloat16") if c[-1] is None or c[-1]["CHUNKS"] == 2]
+    assert worlds(2).run(cases.list_cases, chosen, "triton") == [[], []]
+
+
+def test_list_of_b_reference_backend(worlds):
+    chosen = [c for c in _list_cases(3, "float32") if c[-1] is None]
+    assert worlds(3).run(cases.list_cases, chosen, "reference") == [[]] * 3
+
+
+def test_list_of_b_errors_name_the_element(worlds):
+    expected = [
+        "TypeError: b[1]: expected dtype float32, got bfloat16",
+        "ValueError: b[1]: expected shape [K, N] with K = a.shape[1] = 8, got (7, 4)",
+        "ValueError: b: expected a [K, N] tensor or a non-empty list of them, got an empty list",
+        "TypeError: b[1]: expected a torch.Tensor, got str",
+        "TypeError: out: b is a list, so out must be a list of 2 tensors, got Tensor",
+        "ValueError: out: expected 2 tensors, one per b[i], got 1",
+        "ValueError: out[1]: expected shape (6, 4), dtype float32, device cpu; got (6, 5), float32, cpu",
+        "ValueError: out[1]: overlaps out[0] in memory: each output needs its own memory",
+    ]
+    assert worlds(2).run(cases.list_argument_errors) == [expected, expected]
+    for error in worlds(2).run(cases.list_differs_by_rank):
+        assert error == ("ValueError: all_gather_gemm: every rank must pass the same shapes and dtype, got "
+                         "rank 0: a [3, 8], b 2 matrices [8, N_i] with N_i summing to 9, float32; "
+                         "rank 1: a [3, 8], b [8, 9], float32"), error
+    assert worlds(2).run(cases.list_cases, [(3, (5, 4), 8, "float32", None)]) == [[], []]  # still in step
+
+
+def test_list_of_b_world_size_one(worlds):
+    assert worlds(1).run(cases.list_world_size_one) == [True]
 
 
 def test_world_size_one_is_a_plain_gemm(worlds):

@@ -10,7 +10,7 @@ from kernelhub.checking import mismatch_exact
 from kernelhub.db import BestConfig, ConfigStore
 from kernelhub.device import current_device
 from kernelhub.errors import KernelhubError
-from kernelhub.kernels.int8_gemm import SPEC as INT8
+from kernelhub.kernels.int8_gemm.spec import SPEC as INT8
 from kernelhub.registry import FamilySpec
 from kernelhub.space import SearchSpace
 from kernelhub.tuning.tuner import Tuner, study_storage

@@ -15,7 +15,7 @@ from kernelhub import registry
 from doubling import doubling_family
 from kernelhub.db import ConfigStore
 from kernelhub.device import current_device
-from kernelhub.kernels.int8_gemm import SPEC as INT8
+from kernelhub.kernels.int8_gemm.spec import SPEC as INT8
 from kernelhub.space import SearchSpace
 from kernelhub.tuning import tuner as tuner_module
 from kernelhub.tuning.timing import Timing

@@ -47,7 +47,7 @@ def exact_cases(cases: list[tuple], backend: str | None = None) -> list[str]:
     launcher with that config. backend: KERNELHUB_BACKEND for the duration ("triton" runs the
     chunk GEMM in Triton's interpreter).
     """
-    from kernelhub.registry import get_family
+    from kernelhub.kernels.loader import get_family
 
     failures = []
     with backend_env(backend):
@@ -224,3 +224,87 @@ def future_warnings() -> list[str]:
             exact_cases([("all_gather_gemm", 3, 5, 8, "float32", None),
                          ("gemm_reduce_scatter", 6, 5, 8, "float32", None)], backend)
     return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+
+# -- all_gather_gemm with a list of B (one gather shared by several GEMMs: fused QKV, gate + up) ---
+
+def list_cases(cases: list[tuple], backend: str | None = None) -> list[str]:
+    """Run every (rows, widths, K, dtype, config) through all_gather_gemm with b a list of [K, N_i]
+    (one per width) and through the reference; the mismatches.
+
+    config None: the public op four ways (a list b, a tuple b with return_gathered, a poisoned
+    `out=` list, and each b alone, which must give the same as its element of the list); else
+    the schedule `overlap.all_gather_gemm` with that config and the chunk GEMM a call would run.
+    """
+    from kernelhub import backend as backends
+    from kernelhub.kernels.tp_overlap.spec import GEMM_SPEC
+
+    failures = []
+    with backend_env(backend):
+        for seed, (rows, widths, k, dtype, config) in enumerate(cases):
+            a = _small_ints(rows, k, dtype, seed)
+            bs = [_small_ints(k, n, dtype, seed + 500 + i) for i, n in enumerate(widths)]
+            expected, expected_gathered = ref.all_gather_gemm(a, bs, return_gathered=True)
+            world = dist.get_world_size()
+            fresh = lambda: [poison_(torch.empty(world * rows, n, dtype=a.dtype)) for n in widths]  # noqa: E731
+            runs = []
+            if config is None:
+                runs.append(("list", ops.all_gather_gemm(a, bs)))
+                got, gathered = ops.all_gather_gemm(a, tuple(bs), return_gathered=True)
+                runs.append(("tuple, return_gathered", got))
+                if not torch.equal(gathered, expected_gathered):
+                    failures.append(f"rows={rows} widths={widths} K={k} {dtype}: the gathered a differs")
+                outs = fresh()
+                got = ops.all_gather_gemm(a, bs, out=outs)
+                if not all(g.data_ptr() == o.data_ptr() for g, o in zip(got, outs)):
+                    failures.append(f"rows={rows} widths={widths} K={k} {dtype}: out= not returned")
+                runs.append(("out=", got))
+                runs.append(("one b at a time", [ops.all_gather_gemm(a, b) for b in bs]))
+            else:
+                outs, gathered = fresh(), torch.empty(world * rows, k, dtype=a.dtype)
+                gemm = overlap.chunk_gemm(GEMM_SPEC, a, backends.choose(a.device))
+                overlap.all_gather_gemm(a, bs, outs, gathered, group=None, chunks=config["CHUNKS"],
+                                        order=config["ORDER"], gemm=gemm)
+                runs.append((f"schedule {config}", outs))
+            for how, got in runs:
+                if not isinstance(got, list) or len(got) != len(widths):
+                    failures.append(f"rows={rows} widths={widths} K={k} {dtype} {how}: returned {type(got).__name__}")
+                    continue
+                for i, (g, e) in enumerate(zip(got, expected)):
+                    if not torch.equal(g, e):
+                        diff = (g.float() - e.float()).abs().nan_to_num(1e9).max()
+                        failures.append(f"rows={rows} widths={widths} K={k} {dtype} {how}: b[{i}] max |diff| {diff}")
+    return failures
+
+
+def list_argument_errors() -> list[str]:
+    """What all_gather_gemm says (on every rank, all passing the same) for bad lists of b and out."""
+    world = dist.get_world_size()
+    a, b = torch.ones(3, 8), torch.ones(8, 5)
+    shared = torch.empty(3 * world, 5)
+    calls = [
+        ([b, torch.ones(8, 4, dtype=torch.bfloat16)], None),
+        ([b, torch.ones(7, 4)], None),
+        ([], None),
+        ([b, "not a tensor"], None),
+        ([b, b], torch.empty(3 * world, 5)),
+        ([b, b], [torch.empty(3 * world, 5)]),
+        ([b, torch.ones(8, 4)], [torch.empty(3 * world, 5), torch.empty(3 * world, 5)]),
+        ([b, b], [shared, shared]),
+    ]
+    return [error_of(ops.all_gather_gemm, a, bs, out=out) for bs, out in calls]
+
+
+def list_differs_by_rank() -> str:
+    """Rank 0 passes two matrices of widths 5 + 4, the others one of width 9: same total, other count."""
+    a = torch.ones(3, 8)
+    bs = [torch.ones(8, 5), torch.ones(8, 4)] if dist.get_rank() == 0 else [torch.ones(8, 9)]
+    return error_of(ops.all_gather_gemm, a, bs)
+
+
+def list_world_size_one() -> bool:
+    """With one rank, the list form is a plain GEMM per b."""
+    a = _small_ints(7, 9, "float32", 1)
+    bs = [_small_ints(9, n, "float32", 2 + n) for n in (5, 1, 3)]
+    outs, gathered = ops.all_gather_gemm(a, bs, return_gathered=True)
+    return torch.equal(gathered, a) and all(torch.equal(out, a @ b) for out, b in zip(outs, bs))

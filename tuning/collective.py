@@ -1,4 +1,5 @@
-"""Checking and tuning collective families (`FamilySpec.world_size`) on W local ranks.
+"""Checking every family (`check_families`: what `kernelhub check` runs), and checking and tuning
+collective families (`FamilySpec.world_size`) on W local ranks.
 
 A trial of a collective family runs on every rank of a `LocalWorld` (gloo on the CPU, one GPU per
 rank with nccl): each rank checks the config against the reference and times it, and `measure`
@@ -10,11 +11,14 @@ crashing or hanging config never takes the tuner down.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kernelhub.checking import check_config
+from kernelhub.kernels.loader import get_family
 from kernelhub.local_world import LocalWorld, LocalWorldError
-from kernelhub.registry import FamilySpec, Shape, get_family
+from kernelhub.registry import FamilySpec, Shape
 from kernelhub.space import Config
 from kernelhub.tuning.trial import TrialOutcome, TrialRunner, measure
 
@@ -107,3 +111,35 @@ class FamilyChecker:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_families(specs: list[FamilySpec], device, *, samples: int, seed: int,
+                   report: Callable[[str], None]) -> int:
+    """`kernelhub check`: every family's DEFAULTs and `samples` sampled configs, on each smoke shape
+    and dtype, against the reference on fresh inputs; returns the number of mismatches.
+
+    `device` is the machine's DeviceIdentity; `report` gets one line per failure or skipped shape
+    and one summary line per family.
+    """
+    failures = 0
+    for spec in specs:
+        runs = family_failures = 0
+        with FamilyChecker(spec, device.torch_device) as checker:
+            for shape in spec.shapes("smoke"):
+                skip = cannot_run_here(spec, shape, device.torch_device)
+                if skip:
+                    report(f"  skip {spec.name} {spec.format_shape(shape)}: {skip}")
+                    continue
+                sampled = spec.space.sample(samples, shape, device.shared_memory_bytes, seed=seed)
+                configs = list(spec.defaults) + [c for c in sampled if c not in spec.defaults]
+                for dtype in spec.dtypes:
+                    for i, config in enumerate(configs):
+                        problem = checker.problem(shape, dtype, config, seed=seed + i)
+                        runs += 1
+                        if problem is not None:
+                            family_failures += 1
+                            report(f"  FAIL {spec.name} {spec.format_shape(shape)} {dtype} {config}: {problem}")
+        report(f"{spec.name}: {runs} runs against the reference, "
+               f"{f'{family_failures} mismatches' if family_failures else 'all match'}")
+        failures += family_failures
+    return failures

@@ -151,7 +151,7 @@ def _worker_main(conn: Connection, device_name: str) -> None:
     faulthandler.enable()  # a segfault prints where it happened on the tuner's terminal
     device = torch.device(device_name)
     try:
-        from kernelhub.registry import families
+        from kernelhub.kernels.loader import families
 
         families()  # imports every family, KERNELHUB_FAMILIES included, before the first trial's clock starts
         if device.type == "cuda":
@@ -171,7 +171,7 @@ def _worker_main(conn: Connection, device_name: str) -> None:
 
 
 def _run_request(request: tuple, device: torch.device) -> tuple:
-    from kernelhub.registry import get_family
+    from kernelhub.kernels.loader import get_family
 
     family, kernel_version, shape, dtype, config, seed = request
     try:

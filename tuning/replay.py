@@ -355,7 +355,7 @@ def version_note(doc: dict) -> str | None:
     Not an error: a replay compares samplers on the recorded landscape, which stays a fair test of
     the search even after the kernel changed; only its best configs are out of date.
     """
-    from kernelhub.registry import get_family
+    from kernelhub.kernels.loader import get_family
 
     try:
         spec = get_family(doc["family"])

@@ -28,7 +28,8 @@ from kernelhub.db import BestConfig, ConfigStore, TrialRecord
 from kernelhub.configs import row_status
 from kernelhub.device import DeviceIdentity
 from kernelhub.errors import KernelhubError, UnknownFamilyError
-from kernelhub.registry import FamilySpec, Shape, get_family
+from kernelhub.kernels.loader import get_family
+from kernelhub.registry import FamilySpec, Shape
 
 SUMMARY_NAME = "summary.md"
 
@@ -147,7 +148,7 @@ def _gpu_section(gpu: str, rows: Sequence[BestConfig], trials: Sequence[TrialRec
         except (UnknownFamilyError, ValueError) as exc:
             report.skipped.append(f"config {gpu} {row.family} {row.bucket} {row.dtype}: {exc}")
             continue
-        tuned.append(TunedRow(row, spec, bucket, row_status(row, device)))
+        tuned.append(TunedRow(row, spec, bucket, row_status(row, device, get_family)))
     # The database orders bucket text ("M=128" before "M=16"); parsed buckets order by size.
     tuned.sort(key=lambda t: (t.row.family, t.row.dtype, t.bucket, t.row.kernel_version))
     current = [t for t in tuned if t.status == "ok"]

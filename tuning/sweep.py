@@ -119,7 +119,7 @@ def run_sweep(spec: FamilySpec, shape_set: str, dtype: str, device: DeviceIdenti
         doc["shapes"] = _resumable_shapes(output, doc)
     done = {entry["shape"] for entry in doc["shapes"]}
     own_runner = runner is None
-    runner = runner or InProcessRunner(_torch_device(device))
+    runner = runner or InProcessRunner(device.torch_device)
     try:
         for shape in shapes:
             if spec.format_shape(shape) in done:
@@ -131,12 +131,6 @@ def run_sweep(spec: FamilySpec, shape_set: str, dtype: str, device: DeviceIdenti
         if own_runner:
             runner.close()
     return doc
-
-
-def _torch_device(device: DeviceIdentity):
-    import torch
-
-    return torch.device("cuda" if device.is_gpu else "cpu")
 
 
 def _resumable_shapes(output: Path, new: dict) -> list[dict]:

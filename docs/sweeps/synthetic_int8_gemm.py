@@ -39,8 +39,8 @@ import zlib
 from pathlib import Path
 
 from kernelhub.device import DeviceIdentity
-from kernelhub.kernels.int8_gemm import SPEC
-from kernelhub.kernels.int8_gemm.space import shared_memory_bytes
+from kernelhub.kernels.int8_gemm.space import shared_memory
+from kernelhub.kernels.int8_gemm.spec import SPEC
 from kernelhub.tuning.sweep import run_sweep
 from kernelhub.tuning.timing import Timing
 from kernelhub.tuning.trial import TrialOutcome
@@ -79,7 +79,7 @@ def modelled_seconds(config: dict, shape: tuple[int, int, int], out_bytes: int) 
     k_per_program = math.ceil(k / split_k)
 
     regs_per_thread = 32 + bm * bn / (32 * warps) + (bm * bk + bk * bn) / (4 * 32 * warps)
-    blocks_per_sm = max(1, min(SMEM_PER_SM // shared_memory_bytes(config), WARPS_PER_SM // warps,
+    blocks_per_sm = max(1, min(SMEM_PER_SM // shared_memory(config).bytes, WARPS_PER_SM // warps,
                                int(REGS_PER_SM // (regs_per_thread * 32 * warps))))
     resident = min(blocks_per_sm, math.ceil(programs / SMS))  # blocks sharing one SM at a time
 
@@ -106,7 +106,7 @@ class ModelRunner:
     """A trial runner (tuning/trial.py) that returns the model's time; nothing is launched."""
 
     def run(self, spec, shape, dtype, config, seed) -> TrialOutcome:
-        smem = shared_memory_bytes(config)  # pipeline buffers or the epilogue's layout change, the larger
+        smem = shared_memory(config).bytes  # pipeline buffers or the epilogue's layout change, the larger
         if smem > SMEM_PER_BLOCK:
             return TrialOutcome("error", f"OutOfResources: shared memory, required: {smem}, hardware limit: "
                                           f"{SMEM_PER_BLOCK} (synthetic)")

@@ -1,6 +1,6 @@
 """Compile every shipped Triton kernel for real GPU targets, without a GPU (`kernelhub compile`).
 
-For each kernel (every registered family's, and the untuned ones: `registry.fixed_kernels()`),
+For each kernel (every registered family's, and the untuned ones: `loader.fixed_kernels()`),
 each shape of a shape set, each dtype and each config (the DEFAULT for that shape, and sampled
 configs the search space accepts for the target), in order:
 
@@ -33,6 +33,7 @@ from kernelhub import registry
 from kernelhub.compiler.pool import DEFAULT_TIMEOUT_S, CompilerPool
 from kernelhub.compiler.targets import DEFAULT_TARGETS, Target, target
 from kernelhub.errors import KernelhubError
+from kernelhub.kernels import loader
 from kernelhub.space import Config
 
 DEFAULT_SAMPLES = 2  # sampled configs per shape, besides the DEFAULT
@@ -64,8 +65,8 @@ def compilable() -> dict[str, registry.FamilySpec | registry.FixedKernel]:
     """Every kernel `kernelhub compile` can build, by name: the families whose config is a Triton
     launch's (not the collectives, whose chunk GEMM is `tp_gemm`, nor a family whose config steers
     a CPU path, `tunes_on_cpu`) and the fixed kernels."""
-    kernels = {spec.name: spec for spec in registry.families() if spec.world_size is None and not spec.tunes_on_cpu}
-    kernels.update({kernel.name: kernel for kernel in registry.fixed_kernels()})
+    kernels = {spec.name: spec for spec in loader.families() if spec.world_size is None and not spec.tunes_on_cpu}
+    kernels.update({kernel.name: kernel for kernel in loader.fixed_kernels()})
     return kernels
 
 

@@ -22,15 +22,15 @@ from kernelhub.subprocesses import worker_connection
 
 def _launch_of(request: dict):
     """The zero-argument call that runs `request`'s kernel on meta inputs."""
-    from kernelhub import registry
+    from kernelhub.kernels import loader
 
     name, shape, dtype, config = request["kernel"], tuple(request["shape"]), request["dtype"], request["config"]
-    fixed = {k.name: k for k in registry.fixed_kernels()}
+    fixed = {k.name: k for k in loader.fixed_kernels()}
     if name in fixed:
         kernel = fixed[name]
         inputs = kernel.make_inputs(shape, dtype, "meta", 0)
         return lambda: kernel.launch(inputs)
-    spec = registry.get_family(name)
+    spec = loader.get_family(name)
     inputs = spec.make_inputs(shape, dtype, "meta", 0)
     out = spec.new_output(inputs)
     return lambda: spec.launch(inputs, config, out)

@@ -33,7 +33,7 @@ epilogue scratch is 16 KiB).
 The margin, checked by tests/test_compile_agreement.py on sampled configs of every family: the
 estimate is never below the compiler's figure on sm_80 or sm_90 in any dtype, and at most
 `SharedMemory.margin` above the largest figure over the two targets and the dtypes at which its
-terms peak (kernelhub.kernels.estimate_peak_dtypes): where the pipeline decides the estimate, one
+terms peak (`peak_dtypes`): where the pipeline decides the estimate, one
 stage + the resident scratch allowance + STATIC_BYTES (exact under wgmma); where the epilogue
 decides it, three quarters of the epilogue + STATIC_BYTES (mma.sync converts as little as a
 quarter of it: int8 128 x 128, 8 warps, sm_80: 16 KiB of 64).
@@ -41,7 +41,10 @@ quarter of it: int8 128 x 128, 8 warps, sm_80: 16 KiB of 64).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from kernelhub.kernels.common.sizes import element_bytes
 
 STATIC_BYTES = 1024  # static shared memory of Triton's sm_90 kernels
 ACCUMULATOR_BYTES = 4  # int32 and float32 accumulators alike
@@ -81,6 +84,26 @@ def epilogue_bytes(rows: int, cols: int, num_warps: int, element_bytes: int = AC
     docstring): the accumulator's 4-byte elements, or `element_bytes` where the kernel casts the
     tile to a narrower output dtype first."""
     return min(rows, ROWS_PER_WARP * num_warps) * cols * element_bytes
+
+
+def gemm_tiles(block_m: int, block_n: int, block_k: int, *, num_stages: int, num_warps: int, operand_bytes: int,
+               output_bytes: int = ACCUMULATOR_BYTES) -> SharedMemory:
+    """A loop of `acc += A [block_m, block_k] @ B [block_k, block_n]`: a stage holds both operand
+    tiles of `operand_bytes` elements; the epilogue converts the [block_m, block_n] result, of
+    `output_bytes` elements (the 4-byte accumulator, or 2 where the kernel casts it to a 16-bit
+    output first)."""
+    stage = (block_m * block_k + block_k * block_n) * operand_bytes
+    return SharedMemory(stage=stage, num_stages=num_stages,
+                        epilogue=epilogue_bytes(block_m, block_n, num_warps, output_bytes))
+
+
+def peak_dtypes(dtypes: Sequence[str]) -> tuple[str, str]:
+    """The dtypes of a kernel at which the two terms of its estimate peak: its widest dtype (the
+    pipeline's operands, or the int32 output of int8 GEMM) and bfloat16 (tensor cores convert more
+    in the epilogue than FMA dots). An estimate's margin is judged on the largest compiler figure
+    over them."""
+    widest = max(dtypes, key=element_bytes)  # the first of the widest
+    return widest, "bfloat16"
 
 
 def fits(need: SharedMemory, smem_bytes: int) -> str | None:

@@ -18,8 +18,8 @@ Each program computes one [BLOCK_M, BLOCK_N] tile of C with an int32 accumulator
 Every product is at most 128 * 128 = 2**14 in magnitude, so the int32 sum is exact for K < 2**17,
 whatever the order in which tiles are added or K is split.
 
-Tiles are visited in groups of GROUP_M rows of tiles (Triton tutorial 03), so programs that run at
-the same time share A rows and B columns in L2.
+Tiles are visited in groups of GROUP_M rows of tiles (`grouped_tile`, Triton tutorial 03), so
+programs that run at the same time share A rows and B columns in L2.
 
 Split-K (SPLIT_K > 1, for small M where the M x N tiles alone cannot fill the GPU): the K tiles are
 dealt round-robin to SPLIT_K programs per output tile (grid axis 1), and each adds its partial int32
@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernelhub.kernels.common.triton_helpers import grouped_tile
+
 
 @triton.jit
 def _dequantize(acc, offs_m, offs_n, mask_m, mask_n, scale_a_ptr, scale_b_ptr, bias_ptr,
@@ -53,21 +55,6 @@ def _dequantize(acc, offs_m, offs_n, mask_m, mask_n, scale_a_ptr, scale_b_ptr, b
         bias = bias.to(tl.float32)
         y = y + bias[None, :]
     return y
-
-
-@triton.jit
-def _tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program's output tile, in grouped order over a 1-D grid."""
-    pid = tl.program_id(axis=0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -89,7 +76,7 @@ def int8_gemm_kernel(
     HAS_SCALES: tl.constexpr,  # apply the dequantising epilogue (only with SPLIT_K == 1)
     HAS_BIAS: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(axis=0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(axis=1)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -137,7 +124,7 @@ def int8_dequantize_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(axis=0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     mask_m = offs_m < M

@@ -9,7 +9,8 @@ import torch
 
 from kernelhub import backend, configs, validation
 from kernelhub.device import device_for_tensor
-from kernelhub.kernels.int8_gemm import SPEC as INT8_GEMM
+from kernelhub.kernels.common.library import kernel_op
+from kernelhub.kernels.int8_gemm.spec import SPEC as INT8_GEMM
 from kernelhub.kernels.int8_gemm.kernel import int8_gemm_triton
 from kernelhub.kernels.int8_gemm.quantize import quantize_int8_triton
 from kernelhub.reference import int8_gemm as int8_ref
@@ -36,6 +37,11 @@ def _check_int8_operands(a, b) -> tuple[int, int, int]:
     return m, b.shape[1], k
 
 
+def _fake_int8_gemm(a, b):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
+
+
+@kernel_op("int8_gemm", fake=_fake_int8_gemm)
 def _int8_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     path = backend.choose(a.device)
     if path == "reference":
@@ -51,16 +57,6 @@ def _int8_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> to
     return int8_gemm_triton(a, b, config=config, out=out)
 
 
-@torch.library.custom_op("kernelhub::int8_gemm", mutates_args=())
-def _int8_gemm_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return _int8_gemm(a, b, None)
-
-
-@_int8_gemm_op.register_fake
-def _(a, b):
-    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
-
-
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Exact int8 GEMM: `a [M, K] @ b [K, N] -> int32 [M, N]`.
 
@@ -72,9 +68,6 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = No
     m, n, _ = _check_int8_operands(a, b)
     device = validation.same_device(a=a, b=b)
     validation.out_tensor(out, shape=(m, n), dtype=torch.int32, device=device, inputs={"a": a, "b": b})
-    if torch.compiler.is_compiling():
-        result = _int8_gemm_op(a, b)
-        return result if out is None else out.copy_(result)
     return _int8_gemm(a, b, out)
 
 
@@ -135,7 +128,13 @@ def _cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
-def _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
+def _fake_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+@kernel_op("int8_scaled_gemm", fake=_fake_int8_scaled_gemm)
+def _int8_scaled_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
     path = backend.choose(a.device)
     if path == "reference":
         result = int8_ref.int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype)
@@ -148,17 +147,6 @@ def _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Ten
         out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     config = configs.best_config(INT8_GEMM, (m, n, k), validation.dtype_name(out_dtype), device_for_tensor(a))
     return int8_gemm_triton(a, b, config=config, out=out, scale_a=scale_a, scale_b=scale_b, bias=bias)
-
-
-@torch.library.custom_op("kernelhub::int8_scaled_gemm", mutates_args=())
-def _int8_scaled_gemm_op(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-                         bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    return _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, None)
-
-
-@_int8_scaled_gemm_op.register_fake
-def _(a, b, scale_a, scale_b, bias, out_dtype):
-    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
 
 def int8_scaled_gemm(
@@ -196,9 +184,6 @@ def int8_scaled_gemm(
     device = validation.same_device(a=a, b=b, scale_a=scale_a, scale_b=scale_b, bias=bias)
     validation.out_tensor(out, shape=(m, n), dtype=out_dtype, device=device,
                           inputs={"a": a, "b": b, "scale_a": scale_a, "scale_b": scale_b, "bias": bias})
-    if torch.compiler.is_compiling():
-        result = _int8_scaled_gemm_op(a, b, scale_a, scale_b, bias, out_dtype)
-        return result if out is None else out.copy_(result)
     return _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out)
 
 
@@ -206,6 +191,11 @@ def int8_scaled_gemm(
 # int8 quantisation
 # ----------------------------------------------------------------------------------------------
 
+def _fake_quantize_int8(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@kernel_op("quantize_int8", fake=_fake_quantize_int8)
 def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     path = backend.choose(x.device)
     if path in ("reference", "cpu"):  # the reference is already the fastest exact CPU form
@@ -213,16 +203,6 @@ def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     return quantize_int8_triton(x, q_out=q, scale_out=scale)
-
-
-@torch.library.custom_op("kernelhub::quantize_int8", mutates_args=())
-def _quantize_int8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _quantize_int8(x)
-
-
-@_quantize_int8_op.register_fake
-def _(x):
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +216,4 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     NaN in both, its payload aside).
     """
     validation.tensor("x", x, dtypes=_FLOAT_DTYPES, ndim=2)
-    if torch.compiler.is_compiling():
-        return _quantize_int8_op(x)
     return _quantize_int8(x)

@@ -9,6 +9,9 @@ with the same N, K and dtype, take the one whose M bucket is fewest doublings aw
 `MAX_M_DOUBLINGS`; on a tie, the larger M. A large-M config on a smaller M wastes some compute in a
 memory-bound regime; a small-M config (tiny tiles, split-K) on a larger M can be many times slower.
 
+Constraints: kernels/common/constraints.py's set for a tiled GEMM (shared memory, the int32
+accumulator's registers, blocks against the padded problem), and split-K against the K tiles.
+
 Shared memory: kernels/common/shared_memory.py's model via `shared_memory` (the larger of the
 pipeline's stages and the epilogue's layout conversion, + 1 KiB static). Margin, held against the
 compiler on sm_80 and sm_90 by tests/test_compile_agreement.py: never below its figure; at most one
@@ -19,10 +22,12 @@ int32 accumulator), so one estimate holds for all four dtypes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
-from kernelhub.kernels.common.shared_memory import SharedMemory, epilogue_bytes, fits
+from kernelhub.kernels.common.buckets import doubling_distance, pow2_bucket
+from kernelhub.kernels.common.constraints import gemm_constraints, splits_have_work
+from kernelhub.kernels.common.shared_memory import SharedMemory, gemm_tiles
+from kernelhub.kernels.common.sizes import element_bytes
 from kernelhub.space import SearchSpace
 
 SHAPE_NAMES = ("M", "N", "K")
@@ -42,16 +47,9 @@ PARAMS = {
     "num_stages": (2, 3, 4, 5),
 }
 
-# Accumulator registers per thread above which the int32 tile spills.
-MAX_ACC_REGS_PER_THREAD = 128
 
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, x))))
-
-
-def shared_memory(config: Mapping[str, int]) -> SharedMemory:
-    """Shared memory per block of `int8_gemm_kernel` (kernels/common/shared_memory.py's model).
+def shared_memory(config: Mapping[str, int], shape: tuple[int, ...] | None = None) -> SharedMemory:
+    """Shared memory per block of `int8_gemm_kernel` at any shape (kernels/common/shared_memory.py's model).
 
     A stage holds the int8 tiles A [BLOCK_M, BLOCK_K] and B [BLOCK_K, BLOCK_N]; the epilogue
     converts the [BLOCK_M, BLOCK_N] int32 accumulator (or its float32 dequantised form), whatever
@@ -60,46 +58,14 @@ def shared_memory(config: Mapping[str, int]) -> SharedMemory:
     64 KiB, plus 1 KiB static) and 32768 B on sm_80 (two copies): the estimate, 66560 B, is exact
     for sm_90. The split-K epilogue kernel needs at most 2 KiB.
     """
-    stage = config["BLOCK_M"] * config["BLOCK_K"] + config["BLOCK_K"] * config["BLOCK_N"]
-    return SharedMemory(stage=stage, num_stages=config["num_stages"],
-                        epilogue=epilogue_bytes(config["BLOCK_M"], config["BLOCK_N"], config["num_warps"]))
-
-
-def shared_memory_bytes(config: Mapping[str, int]) -> int:
-    return shared_memory(config).bytes
-
-
-def _fits_shared_memory(config, shape, smem_bytes):
-    return fits(shared_memory(config), smem_bytes)
-
-
-def _accumulator_fits_registers(config, shape, smem_bytes):
-    per_thread = config["BLOCK_M"] * config["BLOCK_N"] // (32 * config["num_warps"])
-    if per_thread > MAX_ACC_REGS_PER_THREAD:
-        return (f"int32 accumulator needs {per_thread} registers per thread with {config['num_warps']} "
-                f"warps (> {MAX_ACC_REGS_PER_THREAD})")
-    return None
-
-
-def _tiles_fit_problem(config, shape, smem_bytes):
-    m, n, k = shape
-    for name, size in (("BLOCK_M", max(16, _next_pow2(m))), ("BLOCK_N", max(32, _next_pow2(n))),
-                       ("BLOCK_K", max(32, _next_pow2(k)))):
-        if config[name] > size:
-            return f"{name}={config[name]} exceeds the padded problem size {size}"
-    return None
-
-
-def _split_k_has_work(config, shape, smem_bytes):
-    k_tiles = -(-shape[2] // config["BLOCK_K"])
-    if config["SPLIT_K"] > k_tiles:
-        return f"SPLIT_K={config['SPLIT_K']} exceeds the {k_tiles} K tiles of K={shape[2]}"
-    return None
+    return gemm_tiles(config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], num_stages=config["num_stages"],
+                      num_warps=config["num_warps"], operand_bytes=1)
 
 
 SPACE = SearchSpace(
     params=PARAMS,
-    constraints=(_fits_shared_memory, _accumulator_fits_registers, _tiles_fit_problem, _split_k_has_work),
+    constraints=(*gemm_constraints(PARAMS, shared_memory, accumulator="int32"),
+                 splits_have_work("SPLIT_K", "BLOCK_K", axis=2, axis_name="K")),
 )
 
 DEFAULT_SMALL_M = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "SPLIT_K": 1,
@@ -115,21 +81,14 @@ def default_config(shape: tuple[int, ...], dtype: str) -> dict[str, int]:
 
 
 def bucket(shape: tuple[int, ...]) -> tuple[int, ...]:
-    m, n, k = shape
-    return (_next_pow2(m), n, k)
+    """M rounded up to a power of two; N and K exact."""
+    return pow2_bucket(shape, axes=(0,))
 
 
 def bucket_distance(a: tuple[int, ...], b: tuple[int, ...]) -> float | None:
-    """Doublings of M between two buckets of the same N and K; None if not reusable.
-
-    The tie-break towards the larger M is encoded as a small bonus, so `min` picks it.
-    """
-    if a[1:] != b[1:]:
-        return None
-    doublings = abs(math.log2(a[0]) - math.log2(b[0]))
-    if doublings > MAX_M_DOUBLINGS:
-        return None
-    return doublings - (0.25 if b[0] > a[0] else 0.0)
+    """Doublings of M between two buckets of the same N and K (the larger M wins a tie); None if
+    not reusable."""
+    return doubling_distance(a, b, axes=(0,), max_doublings=MAX_M_DOUBLINGS)
 
 
 # Linear layers (N, K) of y = x W^T, W [N, K]: fused QKV, attention output, fused gate+up, down.
@@ -157,6 +116,6 @@ def flops(shape: tuple[int, ...]) -> int:
 def bytes_moved(shape: tuple[int, ...], dtype: str) -> int:
     """A and B read once, C written once (scales and bias are O(M + N), counted too)."""
     m, n, k = shape
-    out_bytes = {"int32": 4, "float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    out_bytes = element_bytes(dtype)
     extra = 0 if dtype == "int32" else 4 * (m + n) + out_bytes * n
     return m * k + k * n + out_bytes * m * n + extra

@@ -38,11 +38,9 @@ the landmark bytes, but costs a few launches of its own; no GPU was at hand to m
 the scoring kernels. If a profile shows it matters, the next step is a fused radix select over
 the score row (histogram rounds on the L2-resident scores, then rank and scatter), not a sort.
 
-Under Triton's interpreter (CPU tensors) 16-bit operands are upcast to float32 before tl.dot
-(DOT_IN_FP32): Triton 3.9's interpreter returns garbage for tl.dot of bfloat16 operands (float16
-is fine, and is upcast too, for one code path). The products are the same either way: a 16-bit
-product is exact in float32, and the GPU's 16-bit tl.dot accumulates in float32. float32 inputs
-(and the upcast operands under the interpreter) use input_precision="ieee", never TF32.
+The logits' dot is the toolbox's `float32_dot` (kernels/common/triton_helpers.py): float32
+inputs use input_precision="ieee", never TF32, and under Triton's interpreter (CPU tensors)
+16-bit operands are upcast to float32 first, as its bfloat16 dot is wrong.
 """
 
 from __future__ import annotations
@@ -53,27 +51,27 @@ import torch
 import triton
 import triton.language as tl
 
+from kernelhub.kernels.common.triton_helpers import dot_flags, float32_dot
+from kernelhub.kernels.landmark_topk.space import padded_group, padded_head_dim
+
 
 @triton.jit
 def _load_group_queries(q_ptr, b, h, G, D, stride_qb, stride_qh, stride_qd,
-                        G_PAD: tl.constexpr, D_PAD: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+                        G_PAD: tl.constexpr, D_PAD: tl.constexpr):
     """The group's query rows [G_PAD, D_PAD]; padded rows and columns are zero."""
     offs_g = tl.arange(0, G_PAD)  # [G_PAD]
     offs_d = tl.arange(0, D_PAD)  # [D_PAD]
     heads = h * G + offs_g
     ptrs = (q_ptr + b.to(tl.int64) * stride_qb + heads.to(tl.int64)[:, None] * stride_qh
             + offs_d.to(tl.int64)[None, :] * stride_qd)  # [G_PAD, D_PAD]
-    q = tl.load(ptrs, mask=(offs_g < G)[:, None] & (offs_d < D)[None, :], other=0.0)
-    if DOT_IN_FP32:
-        q = q.to(tl.float32)
-    return q
+    return tl.load(ptrs, mask=(offs_g < G)[:, None] & (offs_d < D)[None, :], other=0.0)
 
 
 @triton.jit
 def _block_logits(q, lmk_head_ptr, excl_head_ptr, block, C, D, sm_scale,
                   stride_lc, stride_ld, stride_ec,
-                  BLOCK_C: tl.constexpr, D_PAD: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
-                  DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr):
+                  G_PAD: tl.constexpr, BLOCK_C: tl.constexpr, D_PAD: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+                  IEEE_FP32: tl.constexpr, UPCAST_TO_FP32: tl.constexpr):
     """Logits [G_PAD, BLOCK_C] of block `block` (-inf where a chunk is excluded or past C), with the
     block's chunk indices [BLOCK_C] and which of them take part [BLOCK_C]."""
     offs_c = block * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
@@ -82,12 +80,8 @@ def _block_logits(q, lmk_head_ptr, excl_head_ptr, block, C, D, sm_scale,
     ptrs = (lmk_head_ptr + offs_c.to(tl.int64)[None, :] * stride_lc
             + offs_d.to(tl.int64)[:, None] * stride_ld)  # [D_PAD, BLOCK_C]
     lmk_t = tl.load(ptrs, mask=(offs_d < D)[:, None] & mask_c[None, :], other=0.0)
-    if DOT_IN_FP32:
-        lmk_t = lmk_t.to(tl.float32)
-    if DOT_IEEE:  # float32 operands: never TF32
-        s = tl.dot(q, lmk_t, input_precision="ieee") * sm_scale  # [G_PAD, BLOCK_C]
-    else:  # 16-bit operands: the target's default, exact products accumulated in float32
-        s = tl.dot(q, lmk_t) * sm_scale
+    s = float32_dot(q, lmk_t, tl.zeros((G_PAD, BLOCK_C), dtype=tl.float32),
+                    IEEE_FP32, UPCAST_TO_FP32) * sm_scale  # [G_PAD, BLOCK_C]
     keep = mask_c
     if HAS_EXCLUDE:
         excluded = tl.load(excl_head_ptr + offs_c.to(tl.int64) * stride_ec, mask=mask_c, other=1)
@@ -106,19 +100,33 @@ def _finite_or_zero(m):
 def _softmax_statistics(q, lmk_head_ptr, excl_head_ptr, block_start, block_end, C, D, sm_scale,
                         stride_lc, stride_ld, stride_ec,
                         G_PAD: tl.constexpr, BLOCK_C: tl.constexpr, D_PAD: tl.constexpr,
-                        HAS_EXCLUDE: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr):
+                        HAS_EXCLUDE: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST_TO_FP32: tl.constexpr):
     """Running max m [G_PAD] and sum l [G_PAD] of exp(s - m) over blocks [block_start, block_end)."""
     m = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     l = tl.zeros([G_PAD], dtype=tl.float32)
     for block in range(block_start, block_end):
         s, _, _ = _block_logits(q, lmk_head_ptr, excl_head_ptr, block, C, D, sm_scale,
                                 stride_lc, stride_ld, stride_ec,
-                                BLOCK_C, D_PAD, HAS_EXCLUDE, DOT_IN_FP32, DOT_IEEE)
+                                G_PAD, BLOCK_C, D_PAD, HAS_EXCLUDE, IEEE_FP32, UPCAST_TO_FP32)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_ref = _finite_or_zero(m_new)
         l = l * tl.exp(m - m_ref) + tl.sum(tl.exp(s - m_ref[:, None]), axis=1)
         m = m_new
     return m, l
+
+
+@triton.jit
+def _program_head(q_ptr, lmk_ptr, excl_ptr, H_kv, G, D, stride_qb, stride_qh, stride_qd, stride_lb, stride_lh,
+                  stride_eb, stride_eh, G_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """This program's (batch, KV head) on grid axis 0, as (pid_bh, b, h), with the group's queries
+    [G_PAD, D_PAD] and the head's rows of landmarks and exclude."""
+    pid_bh = tl.program_id(axis=0)
+    b = pid_bh // H_kv
+    h = pid_bh % H_kv
+    q = _load_group_queries(q_ptr, b, h, G, D, stride_qb, stride_qh, stride_qd, G_PAD, D_PAD)
+    lmk_head_ptr = lmk_ptr + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+    excl_head_ptr = excl_ptr + b.to(tl.int64) * stride_eb + h.to(tl.int64) * stride_eh
+    return pid_bh, b, h, q, lmk_head_ptr, excl_head_ptr
 
 
 @triton.jit
@@ -144,19 +152,16 @@ def landmark_stats_kernel(
     stride_eb, stride_eh, stride_ec,
     # Meta-parameters.
     G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_C: tl.constexpr,
-    HAS_EXCLUDE: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
+    HAS_EXCLUDE: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST_TO_FP32: tl.constexpr,
 ):
     """Pass 1 of a split KV head: (m, l) of every query head of the group over this program's range."""
-    pid_bh = tl.program_id(axis=0)
-    b = pid_bh // H_kv
-    h = pid_bh % H_kv
-    q = _load_group_queries(q_ptr, b, h, G, D, stride_qb, stride_qh, stride_qd, G_PAD, D_PAD, DOT_IN_FP32)
-    lmk_head_ptr = lmk_ptr + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-    excl_head_ptr = excl_ptr + b.to(tl.int64) * stride_eb + h.to(tl.int64) * stride_eh
+    pid_bh, b, h, q, lmk_head_ptr, excl_head_ptr = _program_head(
+        q_ptr, lmk_ptr, excl_ptr, H_kv, G, D, stride_qb, stride_qh, stride_qd, stride_lb, stride_lh,
+        stride_eb, stride_eh, G_PAD, D_PAD)
     block_start, block_end = _split_range(C, SPLIT_C, BLOCK_C)
     m, l = _softmax_statistics(q, lmk_head_ptr, excl_head_ptr, block_start, block_end, C, D, sm_scale,
                                stride_lc, stride_ld, stride_ec,
-                               G_PAD, BLOCK_C, D_PAD, HAS_EXCLUDE, DOT_IN_FP32, DOT_IEEE)
+                               G_PAD, BLOCK_C, D_PAD, HAS_EXCLUDE, IEEE_FP32, UPCAST_TO_FP32)
     offs_part = (pid_bh.to(tl.int64) * SPLIT_C + tl.program_id(axis=1)) * G_PAD + tl.arange(0, G_PAD)
     tl.store(m_part_ptr + offs_part, m)
     tl.store(l_part_ptr + offs_part, l)
@@ -177,22 +182,19 @@ def landmark_scores_kernel(
     stride_sb, stride_sh, stride_sc,
     # Meta-parameters.
     G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_C: tl.constexpr,
-    HAS_EXCLUDE: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_IEEE: tl.constexpr,
+    HAS_EXCLUDE: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST_TO_FP32: tl.constexpr,
 ):
     """Pass 2 (and pass 1 when SPLIT_C == 1): the group-max probability of every chunk in the range."""
-    pid_bh = tl.program_id(axis=0)
-    b = pid_bh // H_kv
-    h = pid_bh % H_kv
-    offs_g = tl.arange(0, G_PAD)  # [G_PAD]
-    q = _load_group_queries(q_ptr, b, h, G, D, stride_qb, stride_qh, stride_qd, G_PAD, D_PAD, DOT_IN_FP32)
-    lmk_head_ptr = lmk_ptr + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-    excl_head_ptr = excl_ptr + b.to(tl.int64) * stride_eb + h.to(tl.int64) * stride_eh
+    pid_bh, b, h, q, lmk_head_ptr, excl_head_ptr = _program_head(
+        q_ptr, lmk_ptr, excl_ptr, H_kv, G, D, stride_qb, stride_qh, stride_qd, stride_lb, stride_lh,
+        stride_eb, stride_eh, G_PAD, D_PAD)
     block_start, block_end = _split_range(C, SPLIT_C, BLOCK_C)
+    offs_g = tl.arange(0, G_PAD)  # [G_PAD]
 
     if SPLIT_C == 1:
         m, l = _softmax_statistics(q, lmk_head_ptr, excl_head_ptr, 0, block_end, C, D, sm_scale,
                                    stride_lc, stride_ld, stride_ec,
-                                   G_PAD, BLOCK_C, D_PAD, HAS_EXCLUDE, DOT_IN_FP32, DOT_IEEE)
+                                   G_PAD, BLOCK_C, D_PAD, HAS_EXCLUDE, IEEE_FP32, UPCAST_TO_FP32)
     else:
         offs_part = ((pid_bh.to(tl.int64) * SPLIT_C + tl.arange(0, SPLIT_C)[:, None]) * G_PAD
                      + offs_g[None, :])  # [SPLIT_C, G_PAD]
@@ -208,15 +210,11 @@ def landmark_scores_kernel(
     for block in range(block_start, block_end):
         s, offs_c, keep = _block_logits(q, lmk_head_ptr, excl_head_ptr, block, C, D, sm_scale,
                                         stride_lc, stride_ld, stride_ec,
-                                        BLOCK_C, D_PAD, HAS_EXCLUDE, DOT_IN_FP32, DOT_IEEE)
+                                        G_PAD, BLOCK_C, D_PAD, HAS_EXCLUDE, IEEE_FP32, UPCAST_TO_FP32)
         p = tl.exp(s - m_ref[:, None]) / l_safe[:, None]  # [G_PAD, BLOCK_C]
         score = tl.max(tl.where(is_head[:, None], p, 0.0), axis=0)  # [BLOCK_C]
         tl.store(score_row_ptr + offs_c.to(tl.int64) * stride_sc, tl.where(keep, score, float("-inf")),
                  mask=offs_c < C)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
 def landmark_topk_triton(q: torch.Tensor, landmarks: torch.Tensor, k: int, *, config: dict,
@@ -235,12 +233,9 @@ def landmark_topk_triton(q: torch.Tensor, landmarks: torch.Tensor, k: int, *, co
     if b == 0 or h_kv == 0:
         return out
     split_c = config["SPLIT_C"]
-    float32 = q.dtype == torch.float32
-    interpreted = q.device.type == "cpu"
-    meta = dict(G_PAD=max(16, _next_pow2(g)), D_PAD=max(16, _next_pow2(d)), BLOCK_C=config["BLOCK_C"],
-                SPLIT_C=split_c, HAS_EXCLUDE=exclude is not None,
-                DOT_IN_FP32=interpreted and not float32,  # see the module docstring
-                DOT_IEEE=float32 or interpreted,
+    shape = (b, h_q, h_kv, c, d, k)
+    meta = dict(G_PAD=padded_group(shape), D_PAD=padded_head_dim(shape), BLOCK_C=config["BLOCK_C"],
+                SPLIT_C=split_c, HAS_EXCLUDE=exclude is not None, **dot_flags(q),
                 num_warps=config["num_warps"], num_stages=config["num_stages"])
     sm_scale = 1.0 / math.sqrt(d)
     score = torch.empty(b, h_kv, c, dtype=torch.float32, device=q.device)

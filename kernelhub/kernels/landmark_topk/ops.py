@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from kernelhub import backend, configs, validation
 from kernelhub.device import device_for_tensor
-from kernelhub.kernels.landmark_topk import SPEC as LANDMARK_TOPK
+from kernelhub.kernels.common.library import kernel_op
+from kernelhub.kernels.landmark_topk.spec import SPEC as LANDMARK_TOPK
 from kernelhub.kernels.landmark_topk.kernel import landmark_topk_triton
 from kernelhub.reference import landmark_topk as ref
 
@@ -39,6 +40,12 @@ def _check_chunk_size(chunk_size) -> int:
 # landmarks
 # ----------------------------------------------------------------------------------------------
 
+def _fake_landmarks(k_rope, chunk_size):
+    b, h, s, d = k_rope.shape
+    return k_rope.new_empty((b, h, s // chunk_size, d))
+
+
+@kernel_op("landmarks", fake=_fake_landmarks)
 def _landmarks(k_rope: torch.Tensor, chunk_size: int) -> torch.Tensor:
     if backend.choose(k_rope.device) == "reference":
         return ref.landmarks(k_rope, chunk_size)
@@ -47,17 +54,6 @@ def _landmarks(k_rope: torch.Tensor, chunk_size: int) -> torch.Tensor:
     chunks = k_rope[:, :, :c * chunk_size].reshape(b, h, c, chunk_size, d)
     # mean(dtype=float32) accumulates in float32 without a float32 copy of the whole cache.
     return chunks.mean(dim=3, dtype=torch.float32).to(k_rope.dtype)
-
-
-@torch.library.custom_op("kernelhub::landmarks", mutates_args=())
-def _landmarks_op(k_rope: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    return _landmarks(k_rope, chunk_size)
-
-
-@_landmarks_op.register_fake
-def _(k_rope, chunk_size):
-    b, h, s, d = k_rope.shape
-    return k_rope.new_empty((b, h, s // chunk_size, d))
 
 
 def landmarks(k_rope: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
@@ -76,8 +72,6 @@ def landmarks(k_rope: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
     if k_rope.shape[2] < chunk_size:
         raise ValueError(f"k_rope: S = {k_rope.shape[2]} tokens is fewer than chunk_size = {chunk_size}, "
                          "so there is no full chunk")
-    if torch.compiler.is_compiling():
-        return _landmarks_op(k_rope, chunk_size)
     return _landmarks(k_rope, chunk_size)
 
 
@@ -85,6 +79,11 @@ def landmarks(k_rope: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
 # outlier chunks
 # ----------------------------------------------------------------------------------------------
 
+def _fake_outlier_chunks(k_rope, landmarks, n, chunk_size):
+    return landmarks.new_empty((landmarks.shape[0], landmarks.shape[1], n), dtype=torch.int64)
+
+
+@kernel_op("outlier_chunks", fake=_fake_outlier_chunks)
 def _outlier_chunks(k_rope: torch.Tensor, landmarks: torch.Tensor, n: int, chunk_size: int) -> torch.Tensor:
     if backend.choose(k_rope.device) == "reference":
         return ref.outlier_chunks(k_rope, landmarks, n, chunk_size)
@@ -92,16 +91,6 @@ def _outlier_chunks(k_rope: torch.Tensor, landmarks: torch.Tensor, n: int, chunk
     keys = k_rope[:, :, :c * chunk_size].reshape(b, h, c, chunk_size, d).to(torch.float32)
     cos = F.cosine_similarity(keys, landmarks.to(torch.float32).unsqueeze(3), dim=-1, eps=1e-8)
     return torch.topk(cos.amin(dim=-1), n, dim=-1, largest=False, sorted=True).indices
-
-
-@torch.library.custom_op("kernelhub::outlier_chunks", mutates_args=())
-def _outlier_chunks_op(k_rope: torch.Tensor, landmarks: torch.Tensor, n: int, chunk_size: int) -> torch.Tensor:
-    return _outlier_chunks(k_rope, landmarks, n, chunk_size)
-
-
-@_outlier_chunks_op.register_fake
-def _(k_rope, landmarks, n, chunk_size):
-    return landmarks.new_empty((landmarks.shape[0], landmarks.shape[1], n), dtype=torch.int64)
 
 
 def outlier_chunks(k_rope: torch.Tensor, landmarks: torch.Tensor, n: int, *, chunk_size: int = 8) -> torch.Tensor:
@@ -128,8 +117,6 @@ def outlier_chunks(k_rope: torch.Tensor, landmarks: torch.Tensor, n: int, *, chu
     if not 0 <= _check_int("n", n) <= c:
         raise ValueError(f"n: expected 0 <= n <= C = {c}, got {n}")
     validation.same_device(k_rope=k_rope, landmarks=landmarks)
-    if torch.compiler.is_compiling():
-        return _outlier_chunks_op(k_rope, landmarks, n, chunk_size)
     return _outlier_chunks(k_rope, landmarks, n, chunk_size)
 
 
@@ -190,7 +177,13 @@ def _cpu_landmark_topk(q, landmarks, k, exclude) -> torch.Tensor:
     return torch.topk(score, k, dim=-1, sorted=True).indices
 
 
-def _landmark_topk(q, landmarks, k, exclude, out) -> torch.Tensor:
+def _fake_landmark_topk(q, landmarks, k, exclude):
+    return q.new_empty((q.shape[0], landmarks.shape[1], k), dtype=torch.int64)
+
+
+@kernel_op("landmark_topk", fake=_fake_landmark_topk)
+def _landmark_topk(q: torch.Tensor, landmarks: torch.Tensor, k: int, exclude: torch.Tensor | None,
+                   out: torch.Tensor | None) -> torch.Tensor:
     _check_k_after_exclude(k, exclude, landmarks.shape[2])
     path = backend.choose(q.device)
     if path in ("reference", "cpu"):
@@ -206,17 +199,6 @@ def _landmark_topk(q, landmarks, k, exclude, out) -> torch.Tensor:
     shape = (b, h_q, h_kv, c, d, k)
     config = configs.best_config(LANDMARK_TOPK, shape, validation.dtype_name(q.dtype), device_for_tensor(q))
     return landmark_topk_triton(q, landmarks, k, config=config, out=out, exclude=exclude)
-
-
-@torch.library.custom_op("kernelhub::landmark_topk", mutates_args=())
-def _landmark_topk_op(q: torch.Tensor, landmarks: torch.Tensor, k: int,
-                      exclude: torch.Tensor | None) -> torch.Tensor:
-    return _landmark_topk(q, landmarks, k, exclude, None)
-
-
-@_landmark_topk_op.register_fake
-def _(q, landmarks, k, exclude):
-    return q.new_empty((q.shape[0], landmarks.shape[1], k), dtype=torch.int64)
 
 
 def landmark_topk(q: torch.Tensor, landmarks: torch.Tensor, k: int, *, exclude: torch.Tensor | None = None,
@@ -243,7 +225,4 @@ def landmark_topk(q: torch.Tensor, landmarks: torch.Tensor, k: int, *, exclude: 
     b, h_kv, _ = _check_topk_arguments(q, landmarks, k, exclude)
     validation.out_tensor(out, shape=(b, h_kv, k), dtype=torch.int64, device=q.device,
                           inputs={"q": q, "landmarks": landmarks, "exclude": exclude})
-    if torch.compiler.is_compiling():
-        result = _landmark_topk_op(q, landmarks, k, exclude)
-        return result if out is None else out.copy_(result)
     return _landmark_topk(q, landmarks, k, exclude, out)

@@ -25,11 +25,13 @@ most one stage + the scratch allowance + 1 KiB above it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from kernelhub import device
+from kernelhub.kernels.common.buckets import doubling_distance, pow2_bucket
+from kernelhub.kernels.common.constraints import MIN_DOT, blocks_fit_problem, registers_fit, splits_have_work
 from kernelhub.kernels.common.shared_memory import SharedMemory, fits
+from kernelhub.kernels.common.sizes import element_bytes, next_pow2
 from kernelhub.space import SearchSpace
 
 SHAPE_NAMES = ("B", "H_q", "H_kv", "C", "D", "k")
@@ -44,7 +46,7 @@ PARAMS = {
     "num_stages": (1, 2, 3, 4),
 }
 
-ELEMENT_BYTES = 4  # float32, the largest input dtype (constraints see no dtype)
+ELEMENT_BYTES = element_bytes("float32")  # the largest input dtype (constraints see no dtype)
 # Registers per thread for the [G_PAD, BLOCK_C] float32 logits (and their exponentials) plus the
 # [BLOCK_C, D_PAD] landmark tile, above which the kernel spills.
 MAX_REGS_PER_THREAD = 160
@@ -52,19 +54,15 @@ MAX_REGS_PER_THREAD = 160
 DEFAULT_SMEM_BYTES = device.DEFAULT_SMEM_BYTES
 
 
-def next_pow2(x: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, x))))
-
-
 def padded_group(shape: tuple[int, ...]) -> int:
     """G_PAD: query heads per KV head, padded to a power of two >= 16 (the M dimension of tl.dot)."""
     _, h_q, h_kv, _, _, _ = shape
-    return max(16, next_pow2(h_q // max(1, h_kv)))
+    return next_pow2(h_q // max(1, h_kv), minimum=MIN_DOT)
 
 
 def padded_head_dim(shape: tuple[int, ...]) -> int:
     """D_PAD: the head dimension padded to a power of two >= 16 (the K dimension of tl.dot)."""
-    return max(16, next_pow2(shape[4]))
+    return next_pow2(shape[4], minimum=MIN_DOT)
 
 
 def shared_memory(config: Mapping[str, int], shape: tuple[int, ...]) -> SharedMemory:
@@ -84,45 +82,21 @@ def shared_memory(config: Mapping[str, int], shape: tuple[int, ...]) -> SharedMe
                         resident=g_pad * d_pad * ELEMENT_BYTES + reductions, scratch_allowance=reductions)
 
 
-def shared_memory_bytes(config: Mapping[str, int], shape: tuple[int, ...]) -> int:
-    return shared_memory(config, shape).bytes
-
-
 def _fits_shared_memory(config, shape, smem_bytes):
     return fits(shared_memory(config, shape), smem_bytes)
 
 
-def registers_per_thread(config: Mapping[str, int], shape: tuple[int, ...]) -> int:
-    """32-bit registers per thread for the logits, their exponentials and the landmark tile."""
-    tiles = 2 * padded_group(shape) * config["BLOCK_C"] + config["BLOCK_C"] * padded_head_dim(shape)
-    return tiles // (32 * config["num_warps"])
+def _register_elements(config: Mapping[str, int], shape: tuple[int, ...]) -> int:
+    """32-bit values the logits, their exponentials and the landmark tile hold in registers."""
+    return 2 * padded_group(shape) * config["BLOCK_C"] + config["BLOCK_C"] * padded_head_dim(shape)
 
 
-def _fits_registers(config, shape, smem_bytes):
-    per_thread = registers_per_thread(config, shape)
-    if per_thread > MAX_REGS_PER_THREAD:
-        return (f"logits and landmark tile need {per_thread} registers per thread with {config['num_warps']} "
-                f"warps (> {MAX_REGS_PER_THREAD})")
-    return None
-
-
-def _block_fits_problem(config, shape, smem_bytes):
-    size = max(16, next_pow2(shape[3]))
-    if config["BLOCK_C"] > size:
-        return f"BLOCK_C={config['BLOCK_C']} exceeds the padded number of chunks {size}"
-    return None
-
-
-def _splits_have_work(config, shape, smem_bytes):
-    blocks = -(-shape[3] // config["BLOCK_C"])
-    if config["SPLIT_C"] > blocks:
-        return f"SPLIT_C={config['SPLIT_C']} exceeds the {blocks} blocks of C={shape[3]}"
-    return None
-
-
+_fits_registers = registers_fit("logits and landmark tile", _register_elements, limit=MAX_REGS_PER_THREAD)
 SPACE = SearchSpace(
     params=PARAMS,
-    constraints=(_fits_shared_memory, _fits_registers, _block_fits_problem, _splits_have_work),
+    constraints=(_fits_shared_memory, _fits_registers,
+                 blocks_fit_problem(PARAMS, lambda shape: {"BLOCK_C": shape[3]}, what="padded number of chunks"),
+                 splits_have_work("SPLIT_C", "BLOCK_C", axis=3, axis_name="C")),
 )
 
 # Long contexts are split along C so that B * H_kv programs (8 for Llama-3-8B at batch 1) become
@@ -160,21 +134,14 @@ def default_config(shape: tuple[int, ...], dtype: str) -> dict[str, int]:
 
 
 def bucket(shape: tuple[int, ...]) -> tuple[int, ...]:
-    b, h_q, h_kv, c, d, k = shape
-    return (b, h_q, h_kv, next_pow2(c), d, k)
+    """C rounded up to a power of two; every other size exact."""
+    return pow2_bucket(shape, axes=(3,))
 
 
 def bucket_distance(a: tuple[int, ...], b: tuple[int, ...]) -> float | None:
-    """Doublings of C between two buckets equal in everything else; None if not reusable.
-
-    The tie-break towards the larger C is a small bonus, so `min` picks it.
-    """
-    if a[:3] != b[:3] or a[4:] != b[4:]:
-        return None
-    doublings = abs(math.log2(a[3]) - math.log2(b[3]))
-    if doublings > MAX_C_DOUBLINGS:
-        return None
-    return doublings - (0.25 if b[3] > a[3] else 0.0)
+    """Doublings of C between two buckets equal in everything else (the larger C wins a tie); None
+    if not reusable."""
+    return doubling_distance(a, b, axes=(3,), max_doublings=MAX_C_DOUBLINGS)
 
 
 # Attention geometry (H_q, H_kv, D) of the models the tune and bench sets use.
@@ -210,5 +177,5 @@ def flops(shape: tuple[int, ...]) -> int:
 def bytes_moved(shape: tuple[int, ...], dtype: str) -> int:
     """Landmarks and queries read once, the int64 indices written once (bytes dominate)."""
     b, h_q, h_kv, c, d, k = shape
-    element = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    element = element_bytes(dtype)
     return b * h_kv * c * d * element + b * h_q * d * element + 8 * b * h_kv * k

@@ -36,10 +36,11 @@ Notation: k [B, H_kv, S, D] pre-RoPE keys; the merged key matrix of sequence b i
    x2 = x[D/2:], and applies RoPE in the epilogue: out1 = x1 * cos1 - x2 * sin1,
    out2 = x2 * cos2 + x1 * sin2. The post-RoPE keys never exist outside registers before the store.
 
-float32 operands use `input_precision="ieee"` (a TF32 dot would round them to 10 mantissa bits);
-float16/bfloat16 products are exact in float32, and every dot accumulates in float32. (In Triton's
-interpreter a float32 -> bfloat16 store truncates where a GPU rounds to nearest: the families'
-tolerances allow one unit in the last place of the output dtype.)
+Every dot is the toolbox's `float32_dot` (kernels/common/triton_helpers.py): float32 operands use
+`input_precision="ieee"` (a TF32 dot would round them to 10 mantissa bits); float16/bfloat16
+products are exact in float32, and every dot accumulates in float32. (In Triton's interpreter a
+float32 -> bfloat16 store truncates where a GPU rounds to nearest: the families' tolerances allow
+one unit in the last place of the output dtype.)
 """
 
 from __future__ import annotations
@@ -48,32 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernelhub.kernels.lowrank_keys.space import half_block
-
-
-def _dot_args(t: torch.Tensor) -> dict:
-    """The `_dot` flags for operands like `t`.
-
-    float32 operands need input_precision="ieee" (the default would be TF32 on NVIDIA GPUs).
-    Triton's interpreter (CPU tensors) multiplies bfloat16 operands as their raw uint16 bit
-    patterns (triton 3.9, `InterpreterBuilder.create_dot`), so there they are upcast to float32
-    first; bfloat16 products are exact in float32, so the result is the same.
-    """
-    upcast = t.dtype == torch.bfloat16 and t.device.type == "cpu"
-    return {"IEEE_FP32": t.dtype == torch.float32 or upcast, "UPCAST_BF16": upcast}
-
-
-@triton.jit
-def _dot(x, y, acc, IEEE_FP32: tl.constexpr, UPCAST_BF16: tl.constexpr):
-    """acc + x @ y, accumulated in float32 (see `_dot_args` for the flags)."""
-    if UPCAST_BF16:
-        x = x.to(tl.float32)
-        y = y.to(tl.float32)
-    if IEEE_FP32:
-        acc = tl.dot(x, y, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(x, y, acc)
-    return acc
+from kernelhub.kernels.common.triton_helpers import dot_flags, float32_dot, grouped_tile
+from kernelhub.kernels.lowrank_keys.reconstruct_space import half_block
 
 
 @triton.jit
@@ -94,14 +71,11 @@ def gram_kernel(
     # Meta-parameters.
     HEAD_DIM: tl.constexpr,
     BLOCK_HD: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_S: tl.constexpr,
-    IEEE_FP32: tl.constexpr, UPCAST_BF16: tl.constexpr,  # see _dot_args
+    IEEE_FP32: tl.constexpr, UPCAST_TO_FP32: tl.constexpr,  # dot_flags
 ):
-    pid_tile = tl.program_id(axis=0)
     pid_split = tl.program_id(axis=1)
     pid_b = tl.program_id(axis=2)
-    num_tiles = tl.cdiv(HD, BLOCK_HD)
-    pid_m = pid_tile // num_tiles
-    pid_n = pid_tile % num_tiles
+    pid_m, pid_n = grouped_tile(tl.program_id(axis=0), HD, HD, BLOCK_HD, BLOCK_HD, 1)  # row-major
     if pid_m > pid_n:  # below the diagonal: mirrored from tile (pid_n, pid_m)
         return
 
@@ -126,7 +100,7 @@ def gram_kernel(
                        other=0.0)
         k_sn = tl.load(k_base + (rows[:, None] + cols_n[None, :]), mask=mask_s[:, None] & mask_n[None, :],
                        other=0.0)
-        acc = _dot(k_mt, k_sn, acc, IEEE_FP32, UPCAST_BF16)
+        acc = float32_dot(k_mt, k_sn, acc, IEEE_FP32, UPCAST_TO_FP32)
 
     g_base = g_ptr + pid_b.to(tl.int64) * stride_gb + pid_split.to(tl.int64) * stride_gsplit
     row_m = offs_m.to(tl.int64)[:, None]  # [BLOCK_HD, 1]
@@ -149,14 +123,11 @@ def project_kernel(
     # Meta-parameters.
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    IEEE_FP32: tl.constexpr, UPCAST_BF16: tl.constexpr,  # see _dot_args
+    IEEE_FP32: tl.constexpr, UPCAST_TO_FP32: tl.constexpr,  # dot_flags
 ):
-    pid = tl.program_id(axis=0)
     pid_b = tl.program_id(axis=1)
-    # Neighbouring programs share one block of K rows (all rank tiles of it), read once from memory.
-    num_pid_r = tl.cdiv(RANK, BLOCK_R)
-    pid_s = pid // num_pid_r
-    pid_r = pid % num_pid_r
+    # Row-major: neighbouring programs share one block of K rows (all rank tiles of it), read once from memory.
+    pid_s, pid_r = grouped_tile(tl.program_id(axis=0), S, RANK, BLOCK_S, BLOCK_R, 1)
 
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)  # [BLOCK_S]
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
@@ -175,7 +146,7 @@ def project_kernel(
                          mask=mask_s[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_S, BLOCK_C]
         basis_t = tl.load(basis_base + offs_c.to(tl.int64)[:, None] * stride_bc,
                           mask=mask_c[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_C, BLOCK_R]
-        acc = _dot(k_tile, basis_t, acc, IEEE_FP32, UPCAST_BF16)
+        acc = float32_dot(k_tile, basis_t, acc, IEEE_FP32, UPCAST_TO_FP32)
 
     a_ptrs = (a_ptr + pid_b.to(tl.int64) * stride_ab + offs_s.to(tl.int64)[:, None] * stride_as
               + offs_r.to(tl.int64)[None, :] * stride_ar)
@@ -201,7 +172,7 @@ def reconstruct_keys_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_HALF: tl.constexpr,  # D / 2 padded to a power of two >= 16
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    IEEE_FP32: tl.constexpr, UPCAST_BF16: tl.constexpr,  # see _dot_args
+    IEEE_FP32: tl.constexpr, UPCAST_TO_FP32: tl.constexpr,  # dot_flags
 ):
     pid_n = tl.program_id(axis=0)
     pid_h = tl.program_id(axis=1)
@@ -236,8 +207,8 @@ def reconstruct_keys_kernel(
         mask_rd = mask_r[:, None] & mask_d[None, :]
         basis_1 = tl.load(basis_base + (rows_r + cols_1[None, :]), mask=mask_rd, other=0.0)  # [BLOCK_R, BLOCK_HALF]
         basis_2 = tl.load(basis_base + (rows_r + cols_2[None, :]), mask=mask_rd, other=0.0)  # [BLOCK_R, BLOCK_HALF]
-        x1 = _dot(a_tile, basis_1, x1, IEEE_FP32, UPCAST_BF16)
-        x2 = _dot(a_tile, basis_2, x2, IEEE_FP32, UPCAST_BF16)
+        x1 = float32_dot(a_tile, basis_1, x1, IEEE_FP32, UPCAST_TO_FP32)
+        x2 = float32_dot(a_tile, basis_2, x2, IEEE_FP32, UPCAST_TO_FP32)
 
     mask_nd = mask_n[:, None] & mask_d[None, :]
     cos_rows = cos_ptr + rope_pos[:, None] * stride_cp  # [BLOCK_N, 1]
@@ -287,7 +258,7 @@ def gram_triton(k: torch.Tensor, *, config: dict, out: torch.Tensor) -> torch.Te
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         g.stride(0), stride_gsplit, g.stride(-2), g.stride(-1),
         HEAD_DIM=head_dim, BLOCK_HD=block_hd, BLOCK_S=block_s, SPLIT_S=split,
-        **_dot_args(k),
+        **dot_flags(k),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if split > 1:
@@ -316,7 +287,7 @@ def project_triton(k: torch.Tensor, basis: torch.Tensor, *, config: dict, out: t
         basis.stride(0), basis.stride(1), basis.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         HEAD_DIM=head_dim, BLOCK_S=block_s, BLOCK_R=block_r, BLOCK_C=config["BLOCK_C"],
-        **_dot_args(k),
+        **dot_flags(k),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out
@@ -354,7 +325,7 @@ def reconstruct_keys_triton(a: torch.Tensor, basis: torch.Tensor, positions: tor
         sin.stride(0), sin.stride(1),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         HEAD_DIM=head_dim, BLOCK_HALF=half_block(head_dim), BLOCK_N=block_n, BLOCK_R=config["BLOCK_R"],
-        **_dot_args(a),
+        **dot_flags(a),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out

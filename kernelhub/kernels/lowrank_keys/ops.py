@@ -22,8 +22,10 @@ import torch
 
 from kernelhub import backend, configs, validation
 from kernelhub.device import device_for_tensor
-from kernelhub.kernels.lowrank_keys import GRAM_SPEC, RECONSTRUCT_SPEC, space
+from kernelhub.kernels.common.library import kernel_op
+from kernelhub.kernels.lowrank_keys.gram_space import PROJECT_CONFIG
 from kernelhub.kernels.lowrank_keys.kernel import gram_triton, project_triton, reconstruct_keys_triton
+from kernelhub.kernels.lowrank_keys.spec import GRAM_SPEC, RECONSTRUCT_SPEC
 from kernelhub.reference import lowrank_keys as lowrank_ref
 from kernelhub.reference.rope import apply_rope
 
@@ -107,10 +109,16 @@ def _lowrank_keys_triton(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     gram = _finite_gram(k, gram_of(k), gram_of)
     basis = _basis_from_gram(gram, rank, k.dtype)
     a = torch.empty((batch, seq, rank), dtype=k.dtype, device=k.device)
-    project_triton(k, basis, config=space.PROJECT_CONFIG, out=a)
+    project_triton(k, basis, config=PROJECT_CONFIG, out=a)
     return a, basis
 
 
+def _fake_lowrank_keys(k, rank):
+    batch, heads, seq, head_dim = k.shape
+    return k.new_empty((batch, seq, rank)), k.new_empty((batch, rank, heads * head_dim))
+
+
+@kernel_op("lowrank_keys", fake=_fake_lowrank_keys)
 def _lowrank_keys(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     path = backend.choose(k.device)
     if path == "reference":
@@ -119,17 +127,6 @@ def _lowrank_keys(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     if path == "cpu":
         return _lowrank_keys_cpu(k, rank)
     return _lowrank_keys_triton(k, rank)
-
-
-@torch.library.custom_op("kernelhub::lowrank_keys", mutates_args=())
-def _lowrank_keys_op(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _lowrank_keys(k, rank)
-
-
-@_lowrank_keys_op.register_fake
-def _(k, rank):
-    batch, heads, seq, head_dim = k.shape
-    return k.new_empty((batch, seq, rank)), k.new_empty((batch, rank, heads * head_dim))
 
 
 def lowrank_keys(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,8 +148,6 @@ def lowrank_keys(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     `a = K @ basis^T` (float32 accumulation). See the module docstring for its accuracy.
     """
     _check_lowrank_args(k, rank)
-    if torch.compiler.is_compiling():
-        return _lowrank_keys_op(k, rank)
     return _lowrank_keys(k, rank)
 
 
@@ -222,7 +217,15 @@ def _reconstruct_keys_cpu(a, basis, positions, cos, sin, rope_positions) -> torc
     return apply_rope(keys, rope_rows, cos, sin).to(a.dtype)
 
 
-def _reconstruct_keys(a, basis, positions, cos, sin, rope_positions, out) -> torch.Tensor:
+def _fake_reconstruct_keys(a, basis, positions, cos, sin, rope_positions):
+    batch, heads, n = positions.shape
+    return a.new_empty((batch, heads, n, basis.shape[2] // heads))
+
+
+@kernel_op("reconstruct_keys", fake=_fake_reconstruct_keys)
+def _reconstruct_keys(a: torch.Tensor, basis: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, rope_positions: torch.Tensor | None,
+                      out: torch.Tensor | None) -> torch.Tensor:
     path = backend.choose(a.device)
     if path in ("reference", "cpu"):
         fn = lowrank_ref.reconstruct_keys if path == "reference" else _reconstruct_keys_cpu
@@ -236,18 +239,6 @@ def _reconstruct_keys(a, basis, positions, cos, sin, rope_positions, out) -> tor
     config = configs.best_config(RECONSTRUCT_SPEC, shape, validation.dtype_name(a.dtype), device_for_tensor(a))
     return reconstruct_keys_triton(a, basis, positions, cos, sin, config=config, out=out,
                                    rope_positions=rope_positions)
-
-
-@torch.library.custom_op("kernelhub::reconstruct_keys", mutates_args=())
-def _reconstruct_keys_op(a: torch.Tensor, basis: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor, rope_positions: torch.Tensor | None) -> torch.Tensor:
-    return _reconstruct_keys(a, basis, positions, cos, sin, rope_positions, None)
-
-
-@_reconstruct_keys_op.register_fake
-def _(a, basis, positions, cos, sin, rope_positions):
-    batch, heads, n = positions.shape
-    return a.new_empty((batch, heads, n, basis.shape[2] // heads))
 
 
 def reconstruct_keys(a: torch.Tensor, basis: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
@@ -279,7 +270,4 @@ def reconstruct_keys(a: torch.Tensor, basis: torch.Tensor, positions: torch.Tens
     validation.out_tensor(out, shape=(batch, heads, n, head_dim), dtype=a.dtype, device=a.device,
                           inputs={"a": a, "basis": basis, "positions": positions, "cos": cos, "sin": sin,
                                   "rope_positions": rope_positions})
-    if torch.compiler.is_compiling():
-        result = _reconstruct_keys_op(a, basis, positions, cos, sin, rope_positions)
-        return result if out is None else out.copy_(result)
     return _reconstruct_keys(a, basis, positions, cos, sin, rope_positions, out)

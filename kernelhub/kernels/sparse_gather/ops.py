@@ -11,7 +11,8 @@ import torch
 
 from kernelhub import backend, configs, validation
 from kernelhub.device import device_for_tensor
-from kernelhub.kernels.sparse_gather import SPEC as SPARSE_GATHER
+from kernelhub.kernels.common.library import kernel_op
+from kernelhub.kernels.sparse_gather.spec import SPEC as SPARSE_GATHER
 from kernelhub.kernels.sparse_gather.kernel import sparse_gather_triton
 from kernelhub.reference import sparse_gather as ref
 
@@ -140,42 +141,36 @@ def _gather_from_host(values, chunk_idx, resident_idx, resident, out, config) ->
     return out.copy_(staging, non_blocking=True)
 
 
-def _sparse_gather(values, chunk_idx, resident_idx, resident, target: torch.device,
-                   out: torch.Tensor | None) -> torch.Tensor:
+def _fake_sparse_gather(values, chunk_idx, resident_idx, resident, device):
+    batch, heads, _, chunk, d = values.shape
+    return values.new_empty((batch, heads, chunk_idx.shape[-1] * chunk, d), device=device)
+
+
+@kernel_op("sparse_gather", fake=_fake_sparse_gather)
+def _sparse_gather(values: torch.Tensor, chunk_idx: torch.Tensor, resident_idx: torch.Tensor | None,
+                   resident: torch.Tensor | None, device: torch.device, out: torch.Tensor | None) -> torch.Tensor:
     batch, heads, num_chunks, chunk, d = values.shape
     k = chunk_idx.shape[-1]
     _check_index_range(chunk_idx, num_chunks)
-    chunk_idx = chunk_idx.to(target)
-    path = backend.choose(target)
+    chunk_idx = chunk_idx.to(device)
+    path = backend.choose(device)
     if path == "reference":  # the reference needs no resident set: it is the same numbers
-        result = ref.sparse_gather(values, chunk_idx).to(target)
+        result = ref.sparse_gather(values, chunk_idx).to(device)
         return result if out is None else out.copy_(result)
     if out is None:
-        out = torch.empty((batch, heads, k * chunk, d), dtype=values.dtype, device=target)
+        out = torch.empty((batch, heads, k * chunk, d), dtype=values.dtype, device=device)
     if path == "cpu":  # host to host: a chunk costs the same copied from `resident` or from `values`
         return _gather_cpu(values, chunk_idx, out) if out.numel() else out
     shape = (batch, heads, num_chunks, chunk, d, k)
     config = configs.best_config(SPARSE_GATHER, shape, validation.dtype_name(values.dtype), device_for_tensor(out))
-    if target.type != "cuda":  # Triton's interpreter on CPU tensors
+    if device.type != "cuda":  # Triton's interpreter on CPU tensors
         return sparse_gather_triton(values, chunk_idx, config=config, out=out, resident_idx=resident_idx,
                                     resident=resident)
-    with torch.cuda.device(target):
-        if values.device != target:
+    with torch.cuda.device(device):
+        if values.device != device:
             return _gather_from_host(values, chunk_idx, resident_idx, resident, out, config)
         return sparse_gather_triton(values, chunk_idx, config=config, out=out, resident_idx=resident_idx,
                                     resident=resident)
-
-
-@torch.library.custom_op("kernelhub::sparse_gather", mutates_args=())
-def _sparse_gather_op(values: torch.Tensor, chunk_idx: torch.Tensor, resident_idx: torch.Tensor | None,
-                      resident: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    return _sparse_gather(values, chunk_idx, resident_idx, resident, device, None)
-
-
-@_sparse_gather_op.register_fake
-def _(values, chunk_idx, resident_idx, resident, device):
-    batch, heads, _, chunk, d = values.shape
-    return values.new_empty((batch, heads, chunk_idx.shape[-1] * chunk, d), device=device)
 
 
 def sparse_gather(
@@ -231,7 +226,4 @@ def sparse_gather(
     `values` it reads before the stream has passed it.
     """
     target = _check_inputs(values, chunk_idx, out, resident_idx, resident, device)
-    if torch.compiler.is_compiling():
-        result = _sparse_gather_op(values, chunk_idx, resident_idx, resident, target)
-        return result if out is None else out.copy_(result)
     return _sparse_gather(values, chunk_idx, resident_idx, resident, target, out)

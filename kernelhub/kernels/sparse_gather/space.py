@@ -20,13 +20,13 @@ passes num_stages=1.
 
 from __future__ import annotations
 
-import math
-
+from kernelhub.kernels.common.buckets import doubling_distance, pow2_bucket
+from kernelhub.kernels.common.constraints import blocks_fit_problem, registers_fit
+from kernelhub.kernels.common.sizes import element_bytes, next_pow2
 from kernelhub.space import SearchSpace
 
 SHAPE_NAMES = ("B", "H_kv", "C", "chunk", "D", "k")
 DTYPES = ("float16", "bfloat16", "float32")
-_ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 MAX_BLOCK_T = 32
 MAX_BLOCK_D = 256
@@ -41,18 +41,14 @@ PARAMS = {
 }
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, x))))
-
-
 def block_t(chunk: int) -> int:
     """Rows of one chunk in a tile: the token block."""
-    return min(_next_pow2(chunk), MAX_BLOCK_T)
+    return min(next_pow2(chunk), MAX_BLOCK_T)
 
 
 def block_d(d: int) -> int:
     """Columns of a tile: the head-dimension block."""
-    return min(_next_pow2(d), MAX_BLOCK_D)
+    return min(next_pow2(d), MAX_BLOCK_D)
 
 
 def tile_elements(block_chunks: int, shape: tuple[int, ...]) -> int:
@@ -60,24 +56,11 @@ def tile_elements(block_chunks: int, shape: tuple[int, ...]) -> int:
     return block_chunks * block_t(chunk) * block_d(d)
 
 
-def _tile_fits_registers(config, shape, smem_bytes):
-    per_thread = tile_elements(config["BLOCK_CHUNKS"], shape) // (32 * config["num_warps"])
-    if per_thread > MAX_ELEMENTS_PER_THREAD:
-        return (f"a tile of {tile_elements(config['BLOCK_CHUNKS'], shape)} elements is {per_thread} per thread "
-                f"with {config['num_warps']} warps (> {MAX_ELEMENTS_PER_THREAD})")
-    return None
-
-
-def _blocks_fit_problem(config, shape, smem_bytes):
-    k = shape[5]
-    if config["BLOCK_CHUNKS"] > _next_pow2(k):
-        return f"BLOCK_CHUNKS={config['BLOCK_CHUNKS']} exceeds the padded number of chunks {_next_pow2(k)}"
-    return None
-
-
 SPACE = SearchSpace(
     params=PARAMS,
-    constraints=(_tile_fits_registers, _blocks_fit_problem),
+    constraints=(registers_fit("the copied tile", lambda config, shape: tile_elements(config["BLOCK_CHUNKS"], shape),
+                               limit=MAX_ELEMENTS_PER_THREAD, unit="elements"),
+                 blocks_fit_problem(PARAMS, lambda shape: {"BLOCK_CHUNKS": shape[5]}, what="padded number of chunks")),
 )
 
 # Four chunks of 8 x 128 per program: 32 elements per thread, four 16-byte loads in 16-bit dtypes
@@ -96,20 +79,14 @@ def default_config(shape: tuple[int, ...], dtype: str) -> dict[str, int]:
 
 
 def bucket(shape: tuple[int, ...]) -> tuple[int, ...]:
-    b, h, c, chunk, d, k = shape
-    return (b, h, _next_pow2(c), chunk, d, _next_pow2(k))
+    """C and k rounded up to powers of two; B, H_kv, chunk and D exact."""
+    return pow2_bucket(shape, axes=(2, 5))
 
 
 def bucket_distance(a: tuple[int, ...], b: tuple[int, ...]) -> float | None:
     """Doublings of k (+ a tenth per doubling of C) between buckets of the same B, H_kv, chunk, D;
-    None if not reusable. The tie-break towards the larger k is a small bonus, so `min` picks it."""
-    if (a[0], a[1], a[3], a[4]) != (b[0], b[1], b[3], b[4]):
-        return None
-    k_doublings = abs(math.log2(a[5]) - math.log2(b[5]))
-    if k_doublings > MAX_K_DOUBLINGS:
-        return None
-    c_doublings = abs(math.log2(a[2]) - math.log2(b[2]))
-    return k_doublings + 0.1 * c_doublings - (0.05 if b[5] > a[5] else 0.0)
+    None if not reusable. The tie-break towards the larger k is a small bonus (below a tenth)."""
+    return doubling_distance(a, b, axes=(5,), weights={2: 0.1}, max_doublings=MAX_K_DOUBLINGS, bonus=0.05)
 
 
 def has_resident(shape: tuple[int, ...]) -> bool:
@@ -153,6 +130,6 @@ def bytes_moved(shape: tuple[int, ...], dtype: str) -> int:
     """Every selected chunk read once (from `values` or `resident`) and written once, plus the int64
     indices (`chunk_idx`, and `resident_idx` where the inputs have a resident set)."""
     b, h, _, chunk, d, k = shape
-    payload = b * h * k * chunk * d * _ITEM_BYTES[dtype]
+    payload = b * h * k * chunk * d * element_bytes(dtype)
     indices = 8 * b * h * k * (2 if has_resident(shape) else 1)
     return 2 * payload + indices

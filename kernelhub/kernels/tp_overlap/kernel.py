@@ -9,12 +9,11 @@ before each chunk leaves (gemm_reduce_scatter), on row slices of larger tensors:
 addressed through its strides, so no chunk is copied.
 
 Each program computes one [BLOCK_M, BLOCK_N] tile of C, visiting tiles in groups of GROUP_M rows
-of tiles so that programs running together share rows of A and columns of B in L2. float32
-operands use `input_precision="ieee"` (the default would be TF32). Triton 3.9's interpreter (CPU
-tensors) multiplies bfloat16 operands as raw bit patterns, so there they are upcast to float32
-first (bfloat16 products are exact in float32: same result), and a float32 -> bfloat16 store
-truncates where a GPU rounds to nearest, so on the CPU the tile goes through a float32 buffer and
-torch rounds it.
+of tiles (`grouped_tile`) so that programs running together share rows of A and columns of B in
+L2. The dot is the toolbox's `float32_dot` (kernels/common/triton_helpers.py: IEEE float32, and
+16-bit operands upcast under Triton's interpreter, whose bfloat16 dot is wrong). The interpreter
+also truncates a float32 -> bfloat16 store where a GPU rounds to nearest, so on the CPU the tile
+goes through a float32 buffer and torch rounds it.
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernelhub.kernels.common.triton_helpers import dot_flags, float32_dot, grouped_tile
 
 
 @triton.jit
@@ -34,16 +35,9 @@ def gemm_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     # Meta-parameters.
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    IEEE_FP32: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    IEEE_FP32: tl.constexpr, UPCAST_TO_FP32: tl.constexpr,  # dot_flags
 ):
-    pid = tl.program_id(axis=0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(axis=0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -58,13 +52,7 @@ def gemm_kernel(
         mask_k = offs_k < K - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-        if UPCAST_BF16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE_FP32:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = float32_dot(a, b, acc, IEEE_FP32, UPCAST_TO_FP32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -76,7 +64,7 @@ def gemm_triton(a: torch.Tensor, b: torch.Tensor, *, config: dict, out: torch.Te
     """`out [M, N] = a [M, K] @ b [K, N]` with float32 accumulation; any strides; returns `out`.
 
     a, b: one float dtype (float32, float16, bfloat16); out: [M, N], any float dtype.
-    `config`: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages (see space.GEMM_SPACE).
+    `config`: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages (see gemm_space.SPACE).
     """
     m, k = a.shape
     n = b.shape[1]
@@ -86,7 +74,6 @@ def gemm_triton(a: torch.Tensor, b: torch.Tensor, *, config: dict, out: torch.Te
     if k == 0:
         return out.zero_()
     interpreted = a.device.type == "cpu"
-    upcast = interpreted and a.dtype == torch.bfloat16
     # On the CPU, 16-bit results are rounded by torch from a float32 tile (see the module docstring).
     target = torch.empty((m, n), dtype=torch.float32, device=out.device) if (
         interpreted and out.dtype != torch.float32) else out
@@ -95,7 +82,7 @@ def gemm_triton(a: torch.Tensor, b: torch.Tensor, *, config: dict, out: torch.Te
         a, b, target, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), target.stride(0), target.stride(1),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        GROUP_M=config["GROUP_M"], IEEE_FP32=a.dtype == torch.float32 or upcast, UPCAST_BF16=upcast,
+        GROUP_M=config["GROUP_M"], **dot_flags(a),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if target is not out:

@@ -6,12 +6,13 @@ transport moves chunk i while the GEMM works on chunk i - 1. Transfers are point
 group and two ranks sending to each other cannot deadlock); step s sends to rank + s and receives
 from rank - s, the ring order.
 
-all_gather_gemm on rank r (a [M_local, K] split into CHUNKS row chunks):
+all_gather_gemm on rank r (a [M_local, K] split into CHUNKS row chunks; b one [K, N] or several
+[K, N_i] sharing the gather, as a fused QKV or gate + up projection does):
 
     post: for step s in 1..W-1, chunk c: send a[c] to r+s, receive chunk c of rank r-s
-    out[rows of r] = a @ b                               # local chunks first: nothing to wait for
+    out_i[rows of r] = a @ b_i for every i               # local chunks first: nothing to wait for
     for (peer, c) in ORDER:                              # peer-major: r-1, r-2, ...; or chunk-major
-        wait for chunk c of peer; out[rows of peer, chunk c] = chunk @ b
+        wait for chunk c of peer; out_i[rows of peer, chunk c] = chunk @ b_i for every i
 
 gemm_reduce_scatter on rank r (a [M, K_local]; destination d owns rows d*M/W ... (d+1)*M/W):
 
@@ -25,21 +26,40 @@ CUDA the same code overlaps without blocking the host: NCCL's `wait()` only make
 stream wait, so every chunk GEMM is queued at once and starts when its chunk lands. Nothing is
 left behind between calls (no flags, no persistent buffers), so calls need no reset.
 
-`gemm(x, b, out)` computes one chunk: `out [m, N] = x [m, K] @ b [K, N]` into a row slice.
+`gemm(x, b, out)` computes one chunk: `out [m, N] = x [m, K] @ b [K, N]` into a row slice;
+`chunk_gemm` chooses it for a call (torch's GEMM on the CPU path, the Triton chunk GEMM tuned as
+`tp_gemm` otherwise).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
+from kernelhub import configs, validation
+from kernelhub.device import device_for_tensor
 from kernelhub.errors import CollectiveError
+from kernelhub.kernels.tp_overlap.all_gather_space import PEER_MAJOR
+from kernelhub.kernels.tp_overlap.kernel import gemm_triton
+from kernelhub.registry import FamilySpec
 
 Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]
 
-PEER_MAJOR, CHUNK_MAJOR = 0, 1
+
+def chunk_gemm(gemm_spec: FamilySpec, a: torch.Tensor, path: str) -> Gemm:
+    """gemm(x, b, out) for the chunks of a call on `a`'s device that runs `path` (the backend the
+    call chose): torch's GEMM on the CPU path, else the Triton kernel with `gemm_spec`'s (tp_gemm's)
+    best config for each chunk's shape."""
+    if path == "cpu":
+        return lambda x, b, out: torch.matmul(x, b, out=out)
+    dtype, identity = validation.dtype_name(a.dtype), device_for_tensor(a)
+
+    def gemm(x, b, out):
+        config = configs.best_config(gemm_spec, (x.shape[0], b.shape[1], x.shape[1]), dtype, identity)
+        return gemm_triton(x, b, config=config, out=out)
+    return gemm
 
 
 def chunk_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
@@ -77,12 +97,16 @@ def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group,
     ])
 
 
-def all_gather_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, gathered: torch.Tensor, *,
+def all_gather_gemm(a: torch.Tensor, b: torch.Tensor | Sequence[torch.Tensor],
+                    out: torch.Tensor | Sequence[torch.Tensor], gathered: torch.Tensor, *,
                     group, chunks: int, order: int, gemm: Gemm, op: str = "all_gather_gemm") -> None:
     """out [W*M_local, N] = all_gather(a) @ b, with the gathered rows landing in `gathered` [W*M_local, K].
 
-    `gathered`'s own rows are filled too (callers that return it need them).
+    b and out may be matching sequences ([K, N_i] and [W*M_local, N_i]): one gather, and every
+    chunk multiplied by each b_i as it lands. `gathered`'s own rows are filled too (callers that
+    return it need them).
     """
+    bs, outs = ([b], [out]) if isinstance(b, torch.Tensor) else (list(b), list(out))
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     m = a.shape[0]
     bounds = chunk_bounds(m, chunks)
@@ -94,7 +118,8 @@ def all_gather_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, gathere
             arriving[(src, c)] = _Transfer(works, f"{op}: rank {rank} exchanging row chunk {c} with ranks {dst}/{src}")
 
     for lo, hi in bounds:
-        gemm(a[lo:hi], b, out[rank * m + lo: rank * m + hi])
+        for b_i, out_i in zip(bs, outs):
+            gemm(a[lo:hi], b_i, out_i[rank * m + lo: rank * m + hi])
     gathered[rank * m: (rank + 1) * m].copy_(a)
 
     peers = [(rank - step) % world for step in range(1, world)]
@@ -105,7 +130,9 @@ def all_gather_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, gathere
     for peer, c in schedule:
         arriving[(peer, c)].wait()
         lo, hi = bounds[c]
-        gemm(gathered[peer * m + lo: peer * m + hi], b, out[peer * m + lo: peer * m + hi])
+        rows = slice(peer * m + lo, peer * m + hi)
+        for b_i, out_i in zip(bs, outs):
+            gemm(gathered[rows], b_i, out_i[rows])
 
 
 def gemm_reduce_scatter(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, group, chunks: int,
