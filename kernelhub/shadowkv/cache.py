@@ -28,7 +28,7 @@ import torch
 
 import kernelhub.ops as ops
 from kernelhub.kernels.lowrank_keys.ops import MAX_HEAD_DIM
-from kernelhub.reference.rope import apply_rope, rope_rows, rope_tables
+from kernelhub.reference.rope import apply_rope, rope_rows, undo_rope
 from kernelhub.validation import dtype_name
 
 
@@ -77,11 +77,18 @@ def _check_float_tensor(name: str, value, ndim: int, meaning: str) -> torch.Tens
     return value
 
 
-def _check_finite_keys(k: torch.Tensor) -> None:
+def _check_finite_keys(name: str, k: torch.Tensor) -> None:
     """The keys are factorised together, so one NaN or Inf would corrupt every reconstructed key."""
     finite = torch.isfinite(k)
     if not bool(finite.all()):
-        raise ValueError(f"k: expected finite keys, found {int((~finite).sum())} NaN or Inf values")
+        raise ValueError(f"{name}: expected finite keys, found {int((~finite).sum())} NaN or Inf values")
+
+
+def _check_positive(name: str, value) -> float:
+    """A finite number > 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    return float(value)
 
 
 class ShadowKVCache:
@@ -90,9 +97,15 @@ class ShadowKVCache:
     rank: rank of the pre-RoPE key factorisation (clamped to what the prefill allows).
     chunk_size: tokens per chunk. budget: tokens selected per KV head per decode step.
     outliers: exact chunks kept per KV head. local: exact trailing tokens kept.
-    rope_theta: the RoPE base (finite, > 0). device: compute device (default: the prefill
-    tensors' device). offload_device: where the candidate chunks' values live ("cpu"; pinned
-    when the compute device is CUDA).
+    rope_theta: the RoPE base (finite, > 0); inv_freq: a model's own inverse frequencies
+    `[D / 2]` instead (Llama-3.1's rescaled ones: `kernelhub.reference.rope`), which then also
+    fix D. scale: the attention's softmax scale (default 1 / sqrt(D)). device: compute device
+    (default: the prefill tensors' device). offload_device: where the candidate chunks' values
+    live ("cpu"; pinned when the compute device is CUDA).
+
+    Keys come in before RoPE (`prefill`, `decode`) or after it (`prefill_post_rope`,
+    `decode_post_rope`: what a transformers model hands its cache; the pre-RoPE keys the
+    factorisation needs are recovered by rotating back, exact up to float32 rounding).
 
     Every argument is checked before anything changes: a `prefill` or `decode` that raises
     leaves the cache exactly as it was (the new state is built aside and installed whole).
@@ -100,61 +113,99 @@ class ShadowKVCache:
 
     def __init__(self, rank: int = 160, chunk_size: int = 8, budget: int = 2048, outliers: int = 48,
                  local: int = 32, rope_theta: float = 500000.0, device: torch.device | str | None = None,
-                 offload_device: torch.device | str = "cpu"):
+                 offload_device: torch.device | str = "cpu", *, inv_freq: torch.Tensor | None = None,
+                 scale: float | None = None):
         self.rank = _check_count("rank", rank, 1)
         self.chunk_size = _check_count("chunk_size", chunk_size, 1)
         self.budget = _check_count("budget", budget, 0)
         self.outliers = _check_count("outliers", outliers, 0)
         self.local = _check_count("local", local, 0)
-        if (isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float))
-                or not (math.isfinite(rope_theta) and rope_theta > 0)):
-            raise ValueError(f"rope_theta: expected a finite number > 0, got {rope_theta!r}")
-        self.rope_theta = float(rope_theta)
+        self.rope_theta = _check_positive("rope_theta", rope_theta)
+        if inv_freq is not None:
+            if not isinstance(inv_freq, torch.Tensor) or inv_freq.dim() != 1 or not inv_freq.is_floating_point():
+                raise ValueError(f"inv_freq: expected a 1-D float tensor [D / 2], got {inv_freq!r:.80}")
+            if not bool(torch.isfinite(inv_freq).all()) or not bool((inv_freq > 0).all()):
+                raise ValueError("inv_freq: expected finite, positive inverse frequencies")
+        self.inv_freq = inv_freq
+        self.scale = None if scale is None else _check_positive("scale", scale)
         self.compute_device = _check_device("device", device)  # None: each prefill's own device
         self.offload_device = _check_device("offload_device", offload_device)
         self.device = self.compute_device
         self._prefilled = False
+
+    # -- RoPE ----------------------------------------------------------------------------------
+
+    def _rope_rows(self, positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (cos, sin) `[n, D]` at `positions [n]`: the model's inverse frequencies, or rope_theta's."""
+        return rope_rows(positions, head_dim, self.rope_theta, inv_freq=self.inv_freq)
+
+    def _rope_at(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        """RoPE of `x [B, H, D]` at one position, float32."""
+        cos, sin = self._rope_rows(torch.tensor([position], device=self.device), self.head_dim)
+        return apply_rope(x, torch.zeros(x.shape[:2], dtype=torch.long, device=self.device), cos, sin)
 
     # -- prefill -----------------------------------------------------------------------------
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Build the cache from pre-RoPE keys `k` and values `v`, both [B, H_kv, S, D] of one float
         dtype (float16, bfloat16 or float32), positions 0..S-1; the keys finite. Replaces any earlier prefill."""
-        _check_float_tensor("k", k, 4, "[B, H_kv, S, D]")
+        self._check_prefill("k", k, v)
+        self._install(self._build(k, None, v, self.compute_device or k.device))
+
+    def prefill_post_rope(self, k_rope: torch.Tensor, v: torch.Tensor) -> None:
+        """`prefill` from post-RoPE keys `k_rope` (RoPE at positions 0..S-1, as this cache applies it),
+        as a transformers model's attention hands them to its cache."""
+        self._check_prefill("k_rope", k_rope, v)
+        self._install(self._build(None, k_rope, v, self.compute_device or k_rope.device))
+
+    def _check_prefill(self, name: str, k: torch.Tensor, v: torch.Tensor) -> None:
+        _check_float_tensor(name, k, 4, "[B, H_kv, S, D]")
         _check_float_tensor("v", v, 4, "[B, H_kv, S, D]")
         if v.dtype != k.dtype:
-            raise TypeError(f"v: expected the dtype of k ({dtype_name(k.dtype)}), got {dtype_name(v.dtype)}")
+            raise TypeError(f"v: expected the dtype of {name} ({dtype_name(k.dtype)}), got {dtype_name(v.dtype)}")
         if v.shape != k.shape:
-            raise ValueError(f"k, v: expected two [B, H_kv, S, D] tensors of one shape, got "
+            raise ValueError(f"{name}, v: expected two [B, H_kv, S, D] tensors of one shape, got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
         if min(k.shape) < 1:
-            raise ValueError(f"k: every dimension of [B, H_kv, S, D] must be >= 1, got {tuple(k.shape)}")
+            raise ValueError(f"{name}: every dimension of [B, H_kv, S, D] must be >= 1, got {tuple(k.shape)}")
         head_dim = k.shape[3]
         if head_dim % 2 or head_dim > MAX_HEAD_DIM:
-            raise ValueError(f"k: head dimension D = {head_dim}; RoPE needs D even, and D must be in "
+            raise ValueError(f"{name}: head dimension D = {head_dim}; RoPE needs D even, and D must be in "
                              f"[2, {MAX_HEAD_DIM}]")
+        if self.inv_freq is not None and 2 * self.inv_freq.numel() != head_dim:
+            raise ValueError(f"{name}: head dimension D = {head_dim}, but inv_freq holds {self.inv_freq.numel()} "
+                             f"frequencies (D / 2)")
         if k.device != v.device:
-            raise ValueError(f"v is on {v.device} but k is on {k.device}: pass both on one device")
-        _check_finite_keys(k)
-        state = self._build(k, v, self.compute_device or k.device)
-        vars(self).update(state)  # installed whole, after every step above succeeded
+            raise ValueError(f"v is on {v.device} but {name} is on {k.device}: pass both on one device")
+        _check_finite_keys(name, k)
+
+    def _install(self, state: dict) -> None:
+        vars(self).update(state)  # installed whole, after every step of the build succeeded
         self._prefilled = True
 
-    def _build(self, k: torch.Tensor, v: torch.Tensor, device: torch.device) -> dict:
-        """The whole per-prefill state, as attribute name -> value; nothing on `self` changes here."""
-        k, v = k.to(device), v.to(device)
-        batch, heads, seq, head_dim = k.shape
-        state = dict(device=device, dtype=k.dtype, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq,
+    def _build(self, k: torch.Tensor | None, k_rope: torch.Tensor | None, v: torch.Tensor,
+               device: torch.device) -> dict:
+        """The whole per-prefill state, as attribute name -> value, from the pre-RoPE keys `k` or the
+        post-RoPE ones `k_rope` (the other is derived); nothing on `self` changes here."""
+        given = k if k is not None else k_rope
+        batch, heads, seq, head_dim = given.shape
+        dtype = given.dtype
+        v = v.to(device)
+        positions = torch.arange(seq, device=device).expand(batch, heads, seq)
+        cos, sin = self._rope_rows(torch.arange(seq, device=device), head_dim)  # prefill only: not kept
+        if k is not None:
+            k = k.to(device)
+            k_rope = apply_rope(k, positions, cos, sin).to(dtype)  # [B, H_kv, S, D]
+        else:
+            k_rope = k_rope.to(device)
+            k = undo_rope(k_rope, positions, cos, sin).to(dtype)
+        del cos, sin
+        state = dict(device=device, dtype=dtype, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq,
                      steps=0, _resident_idx=None, _resident_values=None)
 
         # Candidate chunks end where the local window (at least `local` tokens) begins.
         n_chunks = max(0, seq - self.local) // self.chunk_size
         candidate_end = n_chunks * self.chunk_size
-        positions = torch.arange(seq, device=device).expand(batch, heads, seq)
-        cos, sin = rope_tables(seq, head_dim, self.rope_theta, device=device)  # prefill only: not kept
-        k_rope = apply_rope(k, positions, cos, sin).to(k.dtype)  # [B, H_kv, S, D]
-        del cos, sin
-
         n_outliers = min(self.outliers, n_chunks)
         state.update(n_chunks=n_chunks, n_select=min(self.budget // self.chunk_size, n_chunks - n_outliers),
                      local_k=k_rope[:, :, candidate_end:], local_v=v[:, :, candidate_end:],
@@ -175,18 +226,18 @@ class ShadowKVCache:
         exclude.scatter_(2, outlier_idx, True)
 
         values = v[:, :, :candidate_end].reshape(batch, heads, n_chunks, self.chunk_size, head_dim)
-        values = values.to(self.offload_device).contiguous()  # chunk-major: a selected chunk is one block
-        if device.type == "cuda" and self.offload_device.type == "cpu":
-            values = values.pin_memory()
         state.update(effective_rank=effective_rank, a=a, basis=basis, landmarks=landmarks, exclude=exclude,
-                     values=values, outlier_idx=outlier_idx, outlier_k=_gather_tokens(k_rope, outlier_tokens),
-                     outlier_v=_gather_tokens(v, outlier_tokens))
+                     values=self._offloaded(values, device), outlier_idx=outlier_idx,
+                     outlier_k=_gather_tokens(k_rope, outlier_tokens), outlier_v=_gather_tokens(v, outlier_tokens))
         return state
 
-    def _rope_at(self, x: torch.Tensor, position: int) -> torch.Tensor:
-        """RoPE of `x [B, H, D]` at one position, float32."""
-        cos, sin = rope_rows(torch.tensor([position], device=self.device), self.head_dim, self.rope_theta)
-        return apply_rope(x, torch.zeros(x.shape[:2], dtype=torch.long, device=self.device), cos, sin)
+    def _offloaded(self, values: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Chunk-major values `[B, H_kv, C, chunk, D]` in offload memory, for a cache computing on
+        `device`: a selected chunk is one block, pinned host memory when the device is a GPU."""
+        values = values.to(self.offload_device).contiguous()
+        if device.type == "cuda" and self.offload_device.type == "cpu":
+            values = values.pin_memory()
+        return values
 
     # -- decode ------------------------------------------------------------------------------
 
@@ -194,21 +245,34 @@ class ShadowKVCache:
         """Attention output `[B, H_q, D]` in q's dtype of the next token: pre-RoPE query `q [B, H_q, D]`,
         its pre-RoPE key and value `k`, `v [B, H_kv, D]` (float16, bfloat16 or float32), at position
         S + (decode calls so far)."""
+        self._check_decode("q", q, "k", k, v)
+        q, k, v = q.to(self.device), k.to(self.device), v.to(self.device)
+        position = self.seq_len + self.steps
+        return self._attend(self._rope_at(q, position), self._rope_at(k, position), v, q.dtype)
+
+    def decode_post_rope(self, q_rope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`decode` from the post-RoPE query and key at position S + (decode calls so far), as a
+        transformers model's attention holds them."""
+        self._check_decode("q_rope", q_rope, "k_rope", k_rope, v)
+        dtype = q_rope.dtype
+        return self._attend(q_rope.to(self.device, torch.float32), k_rope.to(self.device, torch.float32),
+                            v.to(self.device), dtype)
+
+    def _check_decode(self, q_name: str, q: torch.Tensor, k_name: str, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self._prefilled:
             raise RuntimeError("ShadowKVCache.decode: call prefill(k, v) first")
         batch, heads, head_dim = self.batch, self.heads, self.head_dim
-        _check_float_tensor("q", q, 3, "[B, H_q, D]")
+        _check_float_tensor(q_name, q, 3, "[B, H_q, D]")
         if q.shape[0] != batch or q.shape[2] != head_dim or q.shape[1] < 1 or q.shape[1] % heads:
-            raise ValueError(f"q: expected [B={batch}, H_q, D={head_dim}] with H_q a multiple of "
+            raise ValueError(f"{q_name}: expected [B={batch}, H_q, D={head_dim}] with H_q a multiple of "
                              f"H_kv={heads}, got {tuple(q.shape)}")
-        for name, t in (("k", k), ("v", v)):
+        for name, t in ((k_name, k), ("v", v)):
             _check_float_tensor(name, t, 3, "[B, H_kv, D]")
             if tuple(t.shape) != (batch, heads, head_dim):
                 raise ValueError(f"{name}: expected [B, H_kv, D] = {(batch, heads, head_dim)}, got {tuple(t.shape)}")
-        q, k, v = q.to(self.device), k.to(self.device), v.to(self.device)
 
-        position = self.seq_len + self.steps
-        q_rope, k_rope = self._rope_at(q, position), self._rope_at(k, position)
+    def _attend(self, q_rope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """One decode step from the post-RoPE float32 query and key; advances the cache only once it succeeded."""
         gen_k = torch.cat([self.gen_k, k_rope.to(self.dtype)[:, :, None]], dim=2)
         gen_v = torch.cat([self.gen_v, v.to(self.dtype)[:, :, None]], dim=2)
 
@@ -221,7 +285,7 @@ class ShadowKVCache:
             tokens = _chunk_tokens(chunk_idx, self.chunk_size)  # [B, H_kv, n]
             # Only the RoPE rows of the selected tokens are built, not a table of every position:
             # at 128K context the tables would outweigh the rest of the resident cache.
-            cos, sin = rope_rows(tokens.flatten(), self.head_dim, self.rope_theta)
+            cos, sin = self._rope_rows(tokens.flatten(), self.head_dim)
             rows = torch.arange(tokens.numel(), device=self.device).view(tokens.shape)
             parts_k.append(ops.reconstruct_keys(self.a, self.basis, tokens, cos, sin, rope_positions=rows))
             resident_values = ops.sparse_gather(self.values, chunk_idx, resident_idx=resident_idx,
@@ -232,7 +296,7 @@ class ShadowKVCache:
         parts_v.append(gen_v)
         keys = torch.cat(parts_k, dim=2).to(torch.float32)  # [B, H_kv, T, D]
         values = torch.cat(parts_v, dim=2).to(torch.float32)
-        out = gqa_attention(q_rope, keys, values).to(q.dtype)
+        out = gqa_attention(q_rope, keys, values, self.scale).to(dtype)
         # The step is complete: only now does the cache advance.
         self.gen_k, self.gen_v, self.steps = gen_k, gen_v, self.steps + 1
         self._resident_idx, self._resident_values = resident_idx, resident_values
@@ -242,6 +306,40 @@ class ShadowKVCache:
     def selected_chunks(self) -> torch.Tensor | None:
         """int64 [B, H_kv, budget // chunk_size]: the chunks the last decode step selected."""
         return self._resident_idx if self._prefilled else None
+
+    @property
+    def length(self) -> int:
+        """Tokens the cache holds: the prefill and every decoded token (0 before a prefill)."""
+        return self.seq_len + self.steps if self._prefilled else 0
+
+    # -- what generation asks of a cache -------------------------------------------------------
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) the sequences `indices [B']` of the batch: beam search's reorder."""
+        if not self._prefilled:
+            return
+        indices = indices.to(torch.int64)
+        if indices.dim() != 1 or (indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.batch)):
+            raise ValueError(f"indices: expected a 1-D tensor of sequence indices in [0, {self.batch}), got "
+                             f"{indices.tolist()}")
+        state = {}
+        for name in ("a", "basis", "landmarks", "exclude", "outlier_idx", "outlier_k", "outlier_v", "local_k",
+                     "local_v", "gen_k", "gen_v", "_resident_idx", "_resident_values", "values"):
+            t = getattr(self, name)
+            state[name] = None if t is None else t.index_select(0, indices.to(t.device))
+        if state["values"] is not None:
+            state["values"] = self._offloaded(state["values"], self.device)
+        state["batch"] = indices.numel()
+        vars(self).update(state)
+
+    def crop_generated(self, tokens: int) -> None:
+        """Forget the last `tokens` decoded tokens (assisted generation's rollback); the prefill stays."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= self.steps:
+            raise ValueError(f"tokens: expected an int in [0, {self.steps}] (the decoded tokens; the prefill of a "
+                             f"ShadowKV cache cannot be cropped), got {tokens!r}")
+        if tokens:
+            self.gen_k, self.gen_v = self.gen_k[:, :, :-tokens], self.gen_v[:, :, :-tokens]
+            self.steps -= tokens
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -258,13 +356,14 @@ class ShadowKVCache:
         return _nbytes(self.values) if self._prefilled else 0
 
 
-def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v for one query token per head, in float32.
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(scale * q k^T) v for one query token per head, in float32 (scale default 1 / sqrt(D)).
 
     q [B, H_q, D] post-RoPE, k and v [B, H_kv, T, D]; query head j reads KV head j // (H_q // H_kv).
     """
     batch, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     q = q.to(torch.float32).view(batch, kv_heads, q_heads // kv_heads, head_dim)  # [B, H_kv, G, D]
-    scores = torch.matmul(q, k.to(torch.float32).transpose(-1, -2)) / math.sqrt(head_dim)  # [B, H_kv, G, T]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    scores = torch.matmul(q, k.to(torch.float32).transpose(-1, -2)) * scale  # [B, H_kv, G, T]
     return torch.matmul(scores.softmax(dim=-1), v.to(torch.float32)).view(batch, q_heads, head_dim)

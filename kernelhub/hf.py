@@ -1,0 +1,309 @@
+"""ShadowKV inside transformers' `generate()`: `shadowkv_cache(model)`.
+
+    from kernelhub.hf import shadowkv_cache
+    cache = shadowkv_cache(model)                       # one ShadowKVCache per decoder layer
+    out = model.generate(input_ids, cache=cache, max_new_tokens=64)  # past_key_values= in older releases
+    cache.resident_bytes(), cache.offloaded_bytes()
+
+What it arranges, and why:
+
+- The cache (`ShadowKVModelCache`, a transformers `Cache`) holds one `ShadowKVCacheLayer` per
+  decoder layer. transformers hands a cache's `update()` the post-RoPE keys of the new tokens and
+  never the query. The prefill's keys are kept as they come, and their pre-RoPE form, which the
+  low-rank factorisation needs (RoPE makes keys high-rank), is recovered by rotating them back by
+  the same angles (`ShadowKVCache.prefill_post_rope`): a rotation is exactly invertible, so this
+  costs one elementwise pass and float32 rounding, where capturing the keys before RoPE would need
+  a hook inside every attention module of every architecture.
+- Decode needs the query, so the model's attention is switched to `kernelhub_shadowkv_<impl>`, an
+  attention function registered through transformers' `AttentionInterface` (and its mask function
+  through `AttentionMaskInterface`) that wraps the model's own (`sdpa` or `eager`). It runs the
+  model's own attention for the prompt (dense and exact) and whenever no ShadowKV layer asked for
+  the call; for a decode step whose `update()` this cache answered, it runs ShadowKV's sparse
+  attention on the query. The switch stays on the model: to undo it, call
+  `model.set_attn_implementation(<impl>)`.
+- RoPE comes from the model: its rotary embedding's inverse frequencies (`rope_theta`, and
+  Llama-3.1's `llama3` rescaling already applied, in the float32 transformers computes them in),
+  so the keys ShadowKV rebuilds at decode are rotated exactly as the model rotates. Rope types
+  other than `default` and `llama3` (their cos/sin carry an attention factor or depend on the
+  sequence length) are refused with a message naming them.
+- Prompts shorter than `dense_below` (default: budget + local + outliers * chunk_size, the number
+  of tokens a ShadowKV step attends to anyway, so below it sparsity saves nothing) stay dense and
+  exact: the layer keeps every key and value, as DynamicCache does.
+
+Limits, each a clear error: batches must be of equal-length prompts (a left-padded batch has
+per-sequence positions ShadowKV's shared chunk layout cannot hold); one prefill, then decoding one
+token per step (no chunked prefill, no speculative multi-token steps); `crop` removes decoded
+tokens only; beam search works (`reorder_cache`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections.abc import Callable
+
+import torch
+
+from kernelhub.shadowkv.cache import ShadowKVCache
+
+try:
+    from transformers import AttentionInterface
+    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+except ImportError as exc:  # the `hf` extra
+    raise ImportError("kernelhub.hf needs transformers 5: pip install 'kernelhub[hf]'") from exc
+
+ATTENTION_PREFIX = "kernelhub_shadowkv_"
+SUPPORTED_ROPE = ("default", "llama3")  # rotations whose cos/sin carry no extra factor
+WRAPPED_ATTENTION = ("sdpa", "eager")
+
+
+class ShadowKVError(ValueError):
+    """A model, batch or generation setting ShadowKV cannot serve (the message says which and why)."""
+
+
+# -- the model's RoPE and shapes ---------------------------------------------------------------------
+
+def _rotary_embedding(model) -> torch.nn.Module:
+    """The model's rotary embedding module (the one holding `inv_freq`)."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
+            return module
+    raise ShadowKVError(f"{type(model).__name__}: no rotary embedding module with inv_freq found; ShadowKV "
+                        "needs a RoPE model (Llama, Mistral, Qwen2, ...)")
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default")) or "default"
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+# -- attention: the model's own, or ShadowKV's for a decode step --------------------------------------
+
+class _Pending(threading.local):
+    """What the last `update()` answered: (its returned key tensor, the layer), read by the attention
+    function right after (the two run back to back in every decoder layer)."""
+
+    key: torch.Tensor | None = None
+    layer: ShadowKVCacheLayer | None = None
+
+
+_pending = _Pending()
+
+
+def _own_attention(name: str, module) -> Callable:
+    if name == "eager":  # each model file has its own eager function, in its own module
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return AttentionInterface._global_mapping[name]
+
+
+def _attention_for(wrapped: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = _pending.layer if _pending.key is key else None
+        _pending.key = _pending.layer = None
+        if layer is not None and layer.shadow is not None:
+            _refuse_padding(attention_mask)
+            if layer.decoding:
+                return layer.attend(query, key, value, scaling), None
+        return _own_attention(wrapped, module)(module, query, key, value, attention_mask, scaling=scaling,
+                                               dropout=dropout, **kwargs)
+
+    attention.__name__ = attention.__qualname__ = f"{ATTENTION_PREFIX}{wrapped}"
+    return attention
+
+
+def _refuse_padding(mask: torch.Tensor | None) -> None:
+    """A left-padded batch (the last query row masks some keys: bool False, or an additive -inf) has
+    per-sequence positions that ShadowKV's shared chunk layout cannot hold; a dense layer serves it."""
+    if mask is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return
+    last = mask[:, :, -1, :]
+    padded = bool((~last).any()) if mask.dtype == torch.bool else bool((last != 0).any())
+    if padded:
+        raise ShadowKVError("the attention mask pads some sequences of the batch: a ShadowKV cache needs "
+                            "prompts of one length (batch them by length, or generate them one at a time)")
+
+
+def _install_attention(model) -> str:
+    """Register `kernelhub_shadowkv_<impl>` for the model's attention `impl` and switch the model to it."""
+    config = _text_config(model)
+    current = config._attn_implementation
+    wrapped = current.removeprefix(ATTENTION_PREFIX) if current else "eager"
+    if wrapped not in WRAPPED_ATTENTION:
+        raise ShadowKVError(f"the model's attention implementation is {current!r}; ShadowKV wraps "
+                            f"{' or '.join(WRAPPED_ATTENTION)} (load the model with attn_implementation='sdpa')")
+    name = ATTENTION_PREFIX + wrapped
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _attention_for(wrapped))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[wrapped])
+    if current != name:
+        model.set_attn_implementation(name)
+    return name
+
+
+# -- the cache ---------------------------------------------------------------------------------------------
+
+class ShadowKVCacheLayer(CacheLayerMixin):
+    """One decoder layer's cache: dense while the prompt is short, else a `ShadowKVCache`."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True  # decoded tokens only (`crop`)
+
+    def __init__(self, make_cache: Callable[[], ShadowKVCache], dense_below: int):
+        super().__init__()
+        self._make_cache = make_cache
+        self.dense_below = dense_below
+        self.shadow: ShadowKVCache | None = None  # set by a prefill of at least dense_below tokens
+        self.decoding = False  # the last update was a decode step of `shadow`
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store the new tokens' post-RoPE keys and values `[B, H_kv, q, D]`; returns what the
+        attention reads: every key and value (prompt, dense mode) or the new token's (decode)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[2]
+        if self.shadow is not None:
+            if new != 1:
+                raise ShadowKVError(f"a ShadowKV cache decodes one token per step, got {new} (no chunked "
+                                    "prefill or multi-token steps after the prompt)")
+            self.decoding = True
+        elif self.keys is None and new >= self.dense_below:
+            shadow = self._make_cache()
+            shadow.prefill_post_rope(key_states, value_states)
+            self.shadow, self.decoding = shadow, False
+        else:  # dense: the prompt is short, or this layer stays dense
+            self.keys = key_states if self.keys is None else torch.cat([self.keys, key_states], dim=-2)
+            self.values = value_states if self.values is None else torch.cat([self.values, value_states], dim=-2)
+            key_states, value_states = self.keys, self.values
+            self.decoding = False
+        _pending.key, _pending.layer = key_states, self
+        return key_states, value_states
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None):
+        """ShadowKV attention of one decode step: query `[B, H_q, 1, D]` post-RoPE -> `[B, 1, H_q, D]`."""
+        if scaling is not None and not math.isclose(scaling, self.shadow.scale or 0.0, rel_tol=1e-9):
+            raise ShadowKVError(f"the model scales attention by {scaling}, the ShadowKV cache by {self.shadow.scale}")
+        if query.shape[2] != 1:
+            raise ShadowKVError(f"a ShadowKV cache decodes one token per step, got {query.shape[2]} queries")
+        out = self.shadow.decode_post_rope(query[:, :, 0], key[:, :, 0], value[:, :, 0])  # [B, H_q, D]
+        return out[:, None]
+
+    # -- what transformers asks of a layer --------------------------------------------------------------
+
+    def get_seq_length(self) -> int:
+        if self.shadow is not None:
+            return self.shadow.length
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.shadow is not None:
+            self.shadow.select_batch(indices)
+        elif self.keys is not None:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.shadow is not None:
+            self.shadow.select_batch(torch.arange(self.shadow.batch).repeat_interleave(repeats))
+        elif self.keys is not None:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens (transformers passes a negative count)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0:
+            return
+        if self.shadow is not None:
+            try:
+                self.shadow.crop_generated(-tokens_to_remove)
+            except ValueError as exc:
+                raise ShadowKVError(f"crop: {exc}") from None
+        elif self.keys is not None:
+            self.keys, self.values = self.keys[..., :tokens_to_remove, :], self.values[..., :tokens_to_remove, :]
+
+    def reset(self) -> None:
+        self.keys = self.values = self.shadow = None
+        self.decoding = self.is_initialized = False
+
+    def resident_bytes(self) -> int:
+        if self.shadow is not None:
+            return self.shadow.resident_bytes()
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+    def offloaded_bytes(self) -> int:
+        return 0 if self.shadow is None else self.shadow.offloaded_bytes()
+
+
+class ShadowKVModelCache(Cache):
+    """A transformers `Cache` of one `ShadowKVCacheLayer` per decoder layer (see `shadowkv_cache`)."""
+
+    def __init__(self, layers: list[ShadowKVCacheLayer]):
+        super().__init__(layers=layers)
+
+    def resident_bytes(self) -> int:
+        """Bytes every layer keeps on the compute device."""
+        return sum(layer.resident_bytes() for layer in self.layers)
+
+    def offloaded_bytes(self) -> int:
+        """Bytes of values every layer keeps in offload (host) memory."""
+        return sum(layer.offloaded_bytes() for layer in self.layers)
+
+
+def shadowkv_cache(model, *, rank: int = 160, chunk_size: int = 8, budget: int = 2048, outliers: int = 48,
+                   local: int = 32, dense_below: int | None = None,
+                   offload_device: torch.device | str = "cpu") -> ShadowKVModelCache:
+    """A cache to pass to `model.generate(..., cache=)` (`past_key_values=` in earlier transformers 5
+    releases, and in a forward loop), holding
+    one `kernelhub.shadowkv.ShadowKVCache` per decoder layer, with the model's RoPE, head dimension,
+    GQA groups and attention scale. Switches the model's attention to ShadowKV's wrapper of its own
+    (module docstring). rank, chunk_size, budget, outliers, local, offload_device: as
+    `ShadowKVCache`; dense_below: prompts shorter than this stay dense and exact (default
+    budget + local + outliers * chunk_size)."""
+    config = _text_config(model)
+    rope_type = _rope_type(config)
+    if rope_type not in SUPPORTED_ROPE:
+        raise ShadowKVError(f"rope_scaling type {rope_type!r} is not supported yet: ShadowKV here supports "
+                            f"{', '.join(SUPPORTED_ROPE)}")
+    rotary = _rotary_embedding(model)
+    if getattr(rotary, "attention_scaling", 1.0) != 1.0:
+        raise ShadowKVError(f"the model's RoPE scales cos/sin by {rotary.attention_scaling}; ShadowKV supports "
+                            "pure rotations only")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    inv_freq = rotary.inv_freq.detach().clone()
+    if 2 * inv_freq.numel() != head_dim:
+        raise ShadowKVError(f"the model rotates {2 * inv_freq.numel()} of its head dimension's {head_dim} "
+                            "channels (partial RoPE): not supported")
+    scale = getattr(config, "query_pre_attn_scalar", None)
+    scale = head_dim ** -0.5 if scale is None else scale ** -0.5
+    if dense_below is None:
+        dense_below = budget + local + outliers * chunk_size
+    if isinstance(dense_below, bool) or not isinstance(dense_below, int) or dense_below < 0:
+        raise ValueError(f"dense_below: expected an int >= 0, got {dense_below!r}")
+    settings = dict(rank=rank, chunk_size=chunk_size, budget=budget, outliers=outliers, local=local,
+                    offload_device=offload_device, inv_freq=inv_freq, scale=scale)
+    ShadowKVCache(**settings)  # checks every argument now, not at the first prefill
+    _install_attention(model)
+    return ShadowKVModelCache([ShadowKVCacheLayer(lambda: ShadowKVCache(**settings), dense_below)
+                               for _ in range(config.num_hidden_layers)])

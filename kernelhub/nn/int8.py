@@ -1,0 +1,89 @@
+"""W8A8 linear layers: int8 weights quantised once, int8 activations quantised per call.
+
+    y = x W^T + b   ~=   (q_x @ q_W^T) * s_x[:, None] * s_W[None, :] + b
+
+with `q_W, s_W = quantize_int8(W)` per output channel (once, at conversion) and
+`q_x, s_x = quantize_int8(x)` per token (every call), through `kernelhub.ops` (the Triton kernels
+on a GPU, oneDNN's int8 GEMM on the CPU). Per-token activation scales are about twice as accurate
+as torch.ao's per-tensor dynamic ones on LLM activations, whose rows differ widely in range.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernelhub.ops as ops
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` with int8 weights and dynamic per-token int8 activations (W8A8).
+
+    Input `[*, in_features]` of float32, float16 or bfloat16, any leading dimensions; output
+    `[*, out_features]` in the input's dtype. Buffers (in the state dict): `weight_q` int8
+    `[out_features, in_features]`, `weight_scale` float32 `[out_features]`, `bias` `[out_features]`
+    (float32, or None). Build one with `from_float(linear)`; inference only (no backward: call the
+    model under `torch.no_grad()` or `torch.inference_mode()`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> Int8Linear:
+        """The W8A8 form of `linear` (its weight quantised per output channel, its bias kept in float32)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        if weight.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"linear: expected a float32, float16 or bfloat16 weight, got {weight.dtype}")
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=weight.device)
+        with torch.no_grad():
+            q, scale = ops.quantize_int8(weight)
+            layer.weight_q.copy_(q)
+            layer.weight_scale.copy_(scale)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach().to(torch.float32))
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"x: expected a float32, float16 or bfloat16 tensor, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected shape [*, in_features = {self.in_features}], got {tuple(x.shape)}")
+        rows = x.reshape(-1, self.in_features)  # [M, K]: the tokens of every leading dimension
+        q, scale = ops.quantize_int8(rows)
+        y = ops.int8_scaled_gemm(q, self.weight_q.t(), scale, self.weight_scale, self.bias, out_dtype=x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, W8A8"
+
+
+def quantize_linear_layers(model: nn.Module, *, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """Replace every `nn.Linear` of `model` by its `Int8Linear`, in place, and return `model`.
+
+    skip: linears left as they are, named by their attribute name (`lm_head`) or full dotted name
+    (`model.layers.0.mlp.down_proj`). The output head stays float by default: its logits decide
+    every token, and it is one layer of many.
+    """
+    if isinstance(skip, str):
+        skip = (skip,)
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip and name not in skip]
+    for name, module in targets:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attribute, Int8Linear.from_float(module))
+    return model

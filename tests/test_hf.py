@@ -1,0 +1,152 @@
+"""kernelhub.hf: ShadowKV inside transformers' generate(), on tiny random-weight Llamas.
+
+No weights can be downloaded here: every model is built from a config with random weights, which
+runs every code path (RoPE, GQA, the cache protocol) but says nothing about a trained model's
+accuracy under ShadowKV's approximations.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")  # the `hf` extra, part of the test extra
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from kernelhub.hf import ShadowKVError, shadowkv_cache  # noqa: E402
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+
+
+def tiny_llama(attn="sdpa", rope=None, seed=0) -> LlamaForCausalLM:
+    """2 layers, 4 query heads over 2 KV heads (GQA), head_dim 64; random weights."""
+    torch.manual_seed(seed)
+    extra = {"rope_parameters": rope} if rope else {}
+    config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
+                         attn_implementation=attn, eos_token_id=None, pad_token_id=0, **extra)
+    return LlamaForCausalLM(config).eval()
+
+
+def generate(model, ids, cache, **kwargs):
+    """Greedy generation (no EOS: every step runs) with its logits."""
+    kwargs.setdefault("attention_mask", torch.ones_like(ids))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # past_key_values= is being renamed cache= in 5.x
+        return model.generate(ids, max_new_tokens=kwargs.pop("max_new_tokens", 6), do_sample=False, cache=cache,
+                              output_logits=True, return_dict_in_generate=True, **kwargs)
+
+
+def exact_settings(**overrides):
+    """Full rank (H_kv * D = 128) and a budget over every chunk: ShadowKV then attends to every token."""
+    return dict(dict(rank=128, budget=4096, outliers=2, local=16, dense_below=0), **overrides)
+
+
+@pytest.mark.parametrize("rope", [None, LLAMA3_ROPE], ids=["default-rope", "llama3-rope"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_full_rank_full_budget_generates_what_dynamic_cache_does(attn, rope):
+    model = tiny_llama(attn, rope)
+    ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(1))
+    dense = generate(model, ids, DynamicCache(config=model.config))
+    cache = shadowkv_cache(model, **exact_settings())
+    shadow = generate(model, ids, cache)
+    assert torch.equal(shadow.sequences, dense.sequences)
+    assert all(layer.shadow is not None for layer in cache.layers)  # ShadowKV served every step after the prompt
+    for step, (a, b) in enumerate(zip(shadow.logits, dense.logits)):
+        assert float((a - b).norm() / b.norm()) < 1e-4, step
+    assert cache.get_seq_length() == 300 + 6 - 1  # the last token is generated, not yet cached
+    assert model.config._attn_implementation == f"kernelhub_shadowkv_{attn}"
+
+
+def test_default_settings_on_a_long_prompt_at_batch_two_run_and_report_their_memory():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 3000), generator=torch.Generator().manual_seed(2))
+    cache = shadowkv_cache(model)
+    out = generate(model, ids, cache, max_new_tokens=4)
+    assert all(bool(torch.isfinite(logits).all()) for logits in out.logits)
+    assert all(layer.shadow is not None for layer in cache.layers)  # 3000 tokens >= dense_below (2464)
+    # The values of the candidate chunks live in host memory; the rest is resident. (At this tiny
+    # H_kv * D = 128 the default rank 160 is full rank: the memory saving shows at real shapes,
+    # benchmarks/cpu_hf_shadowkv.py.)
+    shadow = cache.layers[0].shadow
+    candidate_values = 2 * 2 * shadow.n_chunks * shadow.chunk_size * 64 * 4  # [B, H_kv, C, chunk, D] float32
+    assert cache.offloaded_bytes() == 2 * candidate_values
+    assert cache.resident_bytes() == sum(layer.shadow.resident_bytes() for layer in cache.layers) > 0
+    assert shadow.n_select == 2048 // 8 and shadow.effective_rank == 128
+
+
+def test_a_prompt_below_dense_below_stays_dense_and_exact():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    dense = generate(model, ids, DynamicCache(config=model.config))
+    cache = shadowkv_cache(model, dense_below=41)
+    out = generate(model, ids, cache)
+    assert all(layer.shadow is None for layer in cache.layers)
+    assert torch.equal(out.sequences, dense.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, dense.logits))
+
+
+def test_beam_search_reorders_the_cache():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(4))
+    dense = generate(model, ids, DynamicCache(config=model.config), num_beams=3)
+    shadow = generate(model, ids, shadowkv_cache(model, **exact_settings()), num_beams=3)
+    assert torch.equal(shadow.sequences, dense.sequences)
+
+
+def test_a_left_padded_batch_is_refused_with_a_clear_message():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 300, dtype=torch.long)
+    mask[1, :7] = 0
+    with pytest.raises(ShadowKVError, match="pads some sequences of the batch.*one length"):
+        generate(model, ids, shadowkv_cache(model, **exact_settings()), attention_mask=mask)
+    # A short padded batch stays dense, where padding is fine.
+    short = generate(model, ids[:, :40], shadowkv_cache(model), attention_mask=mask[:, :40])
+    assert short.sequences.shape == (2, 46)
+
+
+def test_crop_removes_decoded_tokens_only():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(6))
+    cache = shadowkv_cache(model, **exact_settings())
+    generate(model, ids, cache)
+    assert cache.get_seq_length() == 105
+    cache.crop(-3)
+    assert cache.get_seq_length() == 102
+    with pytest.raises(ShadowKVError, match="prefill of a ShadowKV cache cannot be cropped"):
+        cache.crop(-10)
+    assert cache.get_seq_length() == 102  # a refused crop changes nothing
+
+
+def test_the_model_still_runs_without_a_shadowkv_cache():
+    """After the switch, a call without a ShadowKV cache runs the model's own attention: same tokens."""
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(7))
+    before = generate(model, ids, DynamicCache(config=model.config))
+    shadowkv_cache(model)
+    after = generate(model, ids, DynamicCache(config=model.config))
+    assert torch.equal(before.sequences, after.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(before.logits, after.logits))
+
+
+@pytest.mark.parametrize("rope, message", [
+    ({"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}, "rope_scaling type 'linear' is not supported"),
+    ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 256},
+     "rope_scaling type 'yarn' is not supported"),
+], ids=["linear", "yarn"])
+def test_unsupported_rope_scaling_is_refused(rope, message):
+    model = tiny_llama(rope=rope)
+    with pytest.raises(ShadowKVError, match=message):
+        shadowkv_cache(model)
+    assert model.config._attn_implementation == "sdpa"  # a refused call changes nothing
+
+
+def test_bad_settings_are_refused_before_anything_changes():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="rank"):
+        shadowkv_cache(model, rank=0)
+    with pytest.raises(ValueError, match="dense_below"):
+        shadowkv_cache(model, dense_below=-1)
+    assert model.config._attn_implementation == "sdpa"

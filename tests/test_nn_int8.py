@@ -1,0 +1,103 @@
+"""kernelhub.nn.Int8Linear and quantize_linear_layers: W8A8 layers, alone and in a random-weight Llama."""
+
+import pytest
+import torch
+from torch import nn
+
+from kernelhub.nn import Int8Linear, quantize_linear_layers
+from kernelhub.reference import int8_gemm as ref
+
+
+def _linear(k=96, n=40, bias=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(7, 96), (2, 5, 96), (3, 1, 4, 96)], ids=["2d", "3d", "4d"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_int8_linear_is_the_w8a8_computation_over_any_leading_dims(shape, bias):
+    linear = _linear(bias=bias)
+    layer = Int8Linear.from_float(linear)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        y = layer(x)
+        q_w, s_w = ref.quantize_int8(linear.weight)
+        q_x, s_x = ref.quantize_int8(x.reshape(-1, 96))
+        expected = ref.int8_scaled_gemm(q_x, q_w.t(), s_x, s_w, linear.bias, torch.float32).view(*shape[:-1], 40)
+        exact = linear(x)
+    assert y.shape == (*shape[:-1], 40) and y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    assert float((y - exact).norm() / exact.norm()) < 2e-2  # W8A8 rounding, per token and channel
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_linear_returns_the_input_dtype(dtype):
+    layer = Int8Linear.from_float(_linear(dtype=dtype))
+    with torch.no_grad():
+        y = layer(torch.randn(4, 96).to(dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+
+
+def test_state_dict_round_trip_is_bit_exact():
+    layer = Int8Linear.from_float(_linear())
+    state = layer.state_dict()
+    assert set(state) == {"weight_q", "weight_scale", "bias"}
+    assert state["weight_q"].dtype == torch.int8 and state["weight_scale"].dtype == torch.float32
+    again = Int8Linear(96, 40)
+    again.load_state_dict(state)
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        assert torch.equal(again(x), layer(x))
+
+
+def test_torch_compile_traces_the_layer_without_graph_breaks():
+    layer = Int8Linear.from_float(_linear())
+    compiled = torch.compile(layer, fullgraph=True)  # a graph break would raise
+    x = torch.randn(2, 3, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+def test_bad_input_is_a_clear_error():
+    layer = Int8Linear.from_float(_linear())
+    with pytest.raises(ValueError, match=r"x: expected shape \[\*, in_features = 96\]"):
+        layer(torch.randn(3, 95))
+    with pytest.raises(TypeError, match="x: expected a float32, float16 or bfloat16"):
+        layer(torch.ones(3, 96, dtype=torch.int32))
+    with pytest.raises(TypeError, match="requires grad.*no_grad"):  # inference only: no backward
+        layer(torch.randn(3, 96, requires_grad=True))
+    with pytest.raises(TypeError, match="linear: expected a torch.nn.Linear"):
+        Int8Linear.from_float(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="in_features"):
+        Int8Linear(0, 4)
+
+
+def test_quantize_linear_layers_replaces_every_linear_but_the_skipped():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)))
+    quantize_linear_layers(model, skip=("2.1",))
+    assert isinstance(model[0], Int8Linear) and isinstance(model[2][0], Int8Linear)
+    assert type(model[2][1]) is nn.Linear  # skipped by its dotted name
+
+
+def test_a_random_llama_quantised():
+    """A tiny random-weight Llama (2 layers: 7 linears each): 14 Int8Linear, lm_head untouched,
+    logits within 5e-2 of float32 (random weights: a statement about the arithmetic, not about a
+    trained model's accuracy), state dict round trip bit-exact."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = model(ids).logits
+        quantize_linear_layers(model)
+        logits = model(ids).logits
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 14
+    assert type(model.lm_head) is nn.Linear
+    assert float((logits - exact).norm() / exact.norm()) < 5e-2
+    copy = quantize_linear_layers(transformers.LlamaForCausalLM(config).eval())
+    copy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(copy(ids).logits, logits)
