@@ -39,8 +39,8 @@ def rope_rows(positions: torch.Tensor, head_dim: int | None = None, theta: float
         inv_freq = inverse_frequencies(head_dim, theta, device=positions.device)
     inv_freq = inv_freq.to(positions.device)
     angle = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]  # [n, D/2]
-    angle = torch.cat([angle, angle], dim=-1)  # [n, D]
-    return angle.cos().to(torch.float32), angle.sin().to(torch.float32)
+    half_cos, half_sin = angle.cos().to(torch.float32), angle.sin().to(torch.float32)
+    return torch.cat([half_cos, half_cos], dim=-1), torch.cat([half_sin, half_sin], dim=-1)  # each half repeated
 
 
 def rope_tables(max_position: int, head_dim: int | None = None, theta: float = 500000.0,

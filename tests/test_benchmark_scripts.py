@@ -188,6 +188,14 @@ def test_cpu_shadowkv_end_to_end_writes_its_page(tmp_path, capsys):
     assert "| S | key_rel_error | oracle_recall | mass_covered | output_rel_error | needles_found |" in page
 
 
+def test_cpu_w8a8_end_to_end_writes_its_page(tmp_path):
+    path = tmp_path / "w8a8.md"
+    _load("cpu_w8a8").main(["--quick", "--ms", "3", "--quantize-ms", "5", "--reps", "1", "--markdown", str(path)])
+    page = path.read_text()
+    assert "| llama3-8b | o | 3 | 4096 | 4096 |" in page and "| qwen2-7b | o | 3 | 3584 | 3584 |" in page
+    assert "| all | " in page and "\n| 5 | 4096 | " in page
+
+
 def test_gpu_int8_rows_and_table_on_cpu():
     gpu_int8 = _load("gpu_int8")
     calls = []

@@ -234,10 +234,10 @@ def test_cpu_int8_gemm_operands_onednn_cannot_describe(shape, strides):
 
 
 def test_the_onednn_rule_holds_for_every_layout_it_passes_through():
-    """The measured rule of `_onednn_operand`, checked against torch._int_mm itself: every operand
+    """The measured rule of `onednn_operand`, checked against torch._int_mm itself: every operand
     it hands over uncopied (as is, or with a size-1 dimension's stride normalised) is computed
     right, as a and as b, into a fresh output and into a contiguous `out=`."""
-    from kernelhub.kernels.int8_gemm.ops import _onednn_operand
+    from kernelhub.kernels.int8_gemm.cpu import onednn_operand
 
     gen = torch.Generator().manual_seed(1)
     buf = torch.randint(-128, 128, (4096,), dtype=torch.int8, generator=gen)
@@ -247,7 +247,7 @@ def test_the_onednn_rule_holds_for_every_layout_it_passes_through():
         for stride_r in candidates:
             for stride_c in candidates:
                 t = buf.as_strided((rows, cols), (stride_r, stride_c), 3)
-                operand = _onednn_operand(t)
+                operand = onednn_operand(t)
                 if operand.data_ptr() != t.data_ptr():
                     continue  # copied: nothing to trust oneDNN with
                 passed_through += 1

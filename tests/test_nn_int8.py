@@ -54,8 +54,31 @@ def test_torch_compile_traces_the_layer_without_graph_breaks():
     layer = Int8Linear.from_float(_linear())
     compiled = torch.compile(layer, fullgraph=True)  # a graph break would raise
     x = torch.randn(2, 3, 96)
+    with torch.no_grad():  # traced: int8_scaled_gemm; eager on a CPU: fbgemm for few rows (same int32 sums)
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 256, 257])
+def test_the_prepacked_cpu_path_is_the_same_w8a8_computation(rows, monkeypatch):
+    import kernelhub.ops as ops
+
+    layer = Int8Linear.from_float(_linear(k=300, n=70))
+    x = torch.randn(rows, 300) * torch.rand(rows, 1) * 10
+    x[0] = 0.0  # an all-zero row: scale 0, the bias alone
+    if rows > 1:
+        x[1, 3] = float("nan")  # scale NaN: NaN throughout, as the reference has it
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+        q, s = ops.quantize_int8(x)
+        expected = ops.int8_scaled_gemm(q, layer.weight_q.t(), s, layer.weight_scale, layer.bias, torch.float32)
+        y = layer(x)
+        torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert torch.equal(y[0], layer.bias) and (rows == 1 or bool(y[1].isnan().all()))
+        # new weights (load_state_dict copies into the buffers): the packed form follows them
+        other = Int8Linear.from_float(_linear(k=300, n=70, seed=1))
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x[2:]), other(x[2:]), rtol=0, atol=0)
+        monkeypatch.setenv("KERNELHUB_BACKEND", "reference")  # another backend: never fbgemm
+        assert not layer._prepacked_path(x)
 
 
 def test_bad_input_is_a_clear_error():

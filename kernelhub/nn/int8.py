@@ -4,18 +4,46 @@
 
 with `q_W, s_W = quantize_int8(W)` per output channel (once, at conversion) and
 `q_x, s_x = quantize_int8(x)` per token (every call), through `kernelhub.ops` (the Triton kernels
-on a GPU, oneDNN's int8 GEMM on the CPU). Per-token activation scales are about twice as accurate
+on a GPU, oneDNN's int8 GEMM on the CPU). A CPU call of at most FBGEMM_MAX_ROWS tokens (decode,
+short prefills) multiplies the same int8 values with fbgemm's prepacked weight instead, where
+fbgemm sums exactly (VNNI or AMX): the int32 sums are the same, and the float epilogue agrees
+within float32 rounding. Per-token activation scales are about twice as accurate
 as torch.ao's per-tensor dynamic ones on LLM activations, whose rows differ widely in range.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 from torch import nn
 
 import kernelhub.ops as ops
+from kernelhub import backend
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Up to this many rows (tokens) a CPU call multiplies with fbgemm's prepacked int8 GEMM, which at
+# decode sizes is up to 4x faster than oneDNN's unpacked `torch._int_mm` (measured on the 2-core
+# AVX512-VNNI VM at K, N of 4096 and 3584 x 18944: fbgemm ahead up to M = 96, oneDNN from M = 384);
+# beyond it `int8_scaled_gemm`'s oneDNN path is as fast. benchmarks/cpu_w8a8.py measures the layer.
+FBGEMM_MAX_ROWS = 256
+
+
+@functools.cache
+def _fbgemm_is_exact() -> bool:
+    """Whether fbgemm's u8 x s8 GEMM sums exactly here: with VNNI (or AMX) it accumulates products
+    in int32; without, its AVX2 kernel adds pairs in saturating int16, which full-range activations
+    can overflow (torch.ao's `reduce_range` exists for that)."""
+    if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
+        return False
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 class Int8Linear(nn.Module):
@@ -64,8 +92,41 @@ class Int8Linear(nn.Module):
             raise ValueError(f"x: expected shape [*, in_features = {self.in_features}], got {tuple(x.shape)}")
         rows = x.reshape(-1, self.in_features)  # [M, K]: the tokens of every leading dimension
         q, scale = ops.quantize_int8(rows)
-        y = ops.int8_scaled_gemm(q, self.weight_q.t(), scale, self.weight_scale, self.bias, out_dtype=x.dtype)
+        if self._prepacked_path(rows):
+            y = self._fbgemm_gemm(q, scale).to(x.dtype)
+        else:
+            y = ops.int8_scaled_gemm(q, self.weight_q.t(), scale, self.weight_scale, self.bias, out_dtype=x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _prepacked_path(self, rows: torch.Tensor) -> bool:
+        """Whether this call multiplies with fbgemm's prepacked weight: an eager CPU call (not traced,
+        not forced to another backend) of at most FBGEMM_MAX_ROWS rows, where fbgemm sums exactly."""
+        return (rows.shape[0] <= FBGEMM_MAX_ROWS and rows.device.type == "cpu" and not torch.compiler.is_compiling()
+                and backend.choose(rows.device) == "cpu" and _fbgemm_is_exact())
+
+    def _fbgemm_gemm(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """float32 `(q @ weight_q^T) * scale[:, None] * weight_scale + bias` through fbgemm: q is handed
+        over as exact integer floats with input scale 1 and zero point 128, so fbgemm's own
+        quantisation of them is the identity and its int32 sums are those of `int8_scaled_gemm`."""
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            q.to(torch.float32), 1.0, 128, self._prepacked_weight())  # acc * weight_scale, float32 [M, N]
+        return y.mul_(scale[:, None]) if self.bias is None else torch.addcmul(self.bias, y, scale[:, None], out=y)
+
+    def _prepacked_weight(self):
+        """fbgemm's packed form of (weight_q, weight_scale), made at first use and again whenever
+        either buffer changed (load_state_dict, a copy into them); not part of the state dict."""
+        key = (self.weight_q.data_ptr(), self.weight_q._version, self.weight_scale.data_ptr(),
+               self.weight_scale._version)
+        packed = getattr(self, "_packed", None)
+        if packed is None or packed[0] != key:
+            zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+            with warnings.catch_warnings():  # quantized tensors are deprecated in torch; fbgemm still takes them
+                warnings.simplefilter("ignore")
+                weight = torch._make_per_channel_quantized_tensor(self.weight_q, self.weight_scale.double(),
+                                                                  zero_points, 0)
+                packed = (key, torch.ops.quantized.linear_prepack(weight, None))
+            self._packed = packed
+        return packed[1]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, W8A8"

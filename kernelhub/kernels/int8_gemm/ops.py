@@ -10,6 +10,7 @@ import torch
 from kernelhub import backend, configs, validation
 from kernelhub.device import device_for_tensor
 from kernelhub.kernels.common.library import kernel_op
+from kernelhub.kernels.int8_gemm.cpu import cpu_int8_scaled_gemm, int_mm_cpu, quantize_int8_cpu
 from kernelhub.kernels.int8_gemm.spec import SPEC as INT8_GEMM
 from kernelhub.kernels.int8_gemm.kernel import int8_gemm_triton
 from kernelhub.kernels.int8_gemm.quantize import quantize_int8_triton
@@ -48,7 +49,7 @@ def _int8_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> to
         result = int8_ref.int8_gemm(a, b)
         return result if out is None else out.copy_(result)
     if path == "cpu":
-        return _int_mm_cpu(a, b, out)
+        return int_mm_cpu(a, b, out)
     m, k = a.shape
     n = b.shape[1]
     if out is None:
@@ -71,63 +72,6 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = No
     return _int8_gemm(a, b, out)
 
 
-def _onednn_operand(t: torch.Tensor) -> torch.Tensor:
-    """int8 `t [R, C]` as an operand oneDNN reads right: `t` itself, `t` with the stride of a size-1
-    dimension set to its row-major value (same memory, no copy), or a contiguous copy.
-
-    On the CPU `torch._int_mm` is oneDNN, which takes strides literally. Measured on torch 2.13
-    over every stride pair in {0, 1, 2, 3, R, C, R + 1, C + 1, 2R, 2C} at several shapes
-    (tests/test_layouts.py keeps the cases that matter): it computes right for a row-major-like
-    operand, `stride(1) == 1 and stride(0) >= max(1, C)`, and a column-major-like one,
-    `stride(0) == 1 and stride(1) >= max(1, R)`; torch copies an operand with no unit stride itself.
-    Any other operand with a unit stride (a zero stride from `expand`, rows that overlap) makes
-    oneDNN give up ("could not construct a memory descriptor") and torch's fallback leaves the
-    output unwritten, so it is copied here. The stride of a size-1 dimension addresses nothing, yet
-    oneDNN misreads some (`w.t()` of a `[N, 1]` weight has strides (1, 1)): it is normalised first.
-    """
-    rows, cols = t.shape
-    stride_r, stride_c = t.stride()
-    if rows == 1:
-        stride_r = max(1, cols)
-    if cols == 1:
-        stride_c = 1
-    if (stride_r, stride_c) != t.stride():
-        t = t.as_strided((rows, cols), (stride_r, stride_c))
-    row_major = stride_c == 1 and stride_r >= max(1, cols)
-    column_major = stride_r == 1 and stride_c >= max(1, rows)
-    return t if row_major or column_major else t.contiguous()
-
-
-def _int_mm_cpu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`torch._int_mm` on operands it reads right, into `out` (any strides) if given."""
-    a, b = _onednn_operand(a), _onednn_operand(b)
-    if out is None:
-        return torch._int_mm(a, b)
-    if out.is_contiguous():  # torch._int_mm(out=) refuses any other layout
-        return torch._int_mm(a, b, out=out)
-    return out.copy_(torch._int_mm(a, b))
-
-
-def _cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
-    """`torch._int_mm`, then the dequantisation as in-place float32 passes over its result.
-
-    torch has no fused int32 -> scaled float op, and its mixed-dtype elementwise kernels are
-    about 3x slower than same-dtype ones, so: convert in place (the float32 view of the int32
-    buffer), scale rows, scale columns and add the bias in one `addcmul`, then round once to
-    out_dtype. See benchmarks/cpu_int8.py for what this costs over bare `_int_mm`.
-    """
-    acc = _int_mm_cpu(a, b)  # int32 [M, N]
-    y = acc.view(torch.float32).copy_(acc)  # same bytes, now float32 values: no new allocation
-    y.mul_(scale_a[:, None])
-    if bias is None:
-        y.mul_(scale_b)
-    else:
-        torch.addcmul(bias.to(torch.float32), y, scale_b, out=y)
-    if out is not None:
-        return out.copy_(y)
-    return y if out_dtype == torch.float32 else y.to(out_dtype)
-
-
 def _fake_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
@@ -140,7 +84,7 @@ def _int8_scaled_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, s
         result = int8_ref.int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype)
         return result if out is None else out.copy_(result)
     if path == "cpu":
-        return _cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out)
+        return cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out)
     m, k = a.shape
     n = b.shape[1]
     if out is None:
@@ -198,8 +142,10 @@ def _fake_quantize_int8(x):
 @kernel_op("quantize_int8", fake=_fake_quantize_int8)
 def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     path = backend.choose(x.device)
-    if path in ("reference", "cpu"):  # the reference is already the fastest exact CPU form
+    if path == "reference":
         return int8_ref.quantize_int8(x)
+    if path == "cpu":
+        return quantize_int8_cpu(x)
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     return quantize_int8_triton(x, q_out=q, scale_out=scale)

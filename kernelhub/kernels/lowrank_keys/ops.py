@@ -27,7 +27,6 @@ from kernelhub.kernels.lowrank_keys.gram_space import PROJECT_CONFIG
 from kernelhub.kernels.lowrank_keys.kernel import gram_triton, project_triton, reconstruct_keys_triton
 from kernelhub.kernels.lowrank_keys.spec import GRAM_SPEC, RECONSTRUCT_SPEC
 from kernelhub.reference import lowrank_keys as lowrank_ref
-from kernelhub.reference.rope import apply_rope
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -204,17 +203,37 @@ def _check_reconstruct_args(a, basis, positions, cos, sin, rope_positions) -> tu
     return batch, seq, heads, n, head_dim, rank
 
 
+def _in_order(rows: torch.Tensor, table_rows: int) -> bool:
+    """Whether `rows` is 0, 1, ..., table_rows - 1 (then indexing a table by it is a view of it)."""
+    return (rows.numel() == table_rows
+            and torch.equal(rows.flatten(), torch.arange(table_rows, device=rows.device)))
+
+
 def _reconstruct_keys_cpu(a, basis, positions, cos, sin, rope_positions) -> torch.Tensor:
-    """Gather + batched float32 matmul + `apply_rope`, all torch."""
+    """Gather + batched float32 matmul + RoPE, all torch; the reference's arithmetic bit for bit.
+
+    RoPE is applied half by half, `x1 * cos1 - x2 * sin1` and `x2 * cos2 + x1 * sin2` (1, 2: the
+    halves of the D channels), which is `x * cos + rotate_half(x) * sin` exactly (adding a negated
+    product is subtracting it) without building rotate_half(x).
+    """
     batch, heads, _ = positions.shape
     rank = a.shape[2]
     head_dim = basis.shape[2] // heads
+    half = head_dim // 2
     positions = positions.to(torch.int64)
     rows = a[torch.arange(batch, device=a.device)[:, None, None], positions]  # [B, H_kv, n, rank]
     per_head = basis.reshape(batch, rank, heads, head_dim).transpose(1, 2)  # [B, H_kv, rank, D]
     keys = torch.matmul(rows.to(torch.float32), per_head.to(torch.float32))  # [B, H_kv, n, D]
     rope_rows = positions if rope_positions is None else rope_positions.to(torch.int64)
-    return apply_rope(keys, rope_rows, cos, sin).to(a.dtype)
+    if _in_order(rope_rows, cos.shape[0]):  # tables of exactly these tokens' rows, in order (ShadowKV's)
+        c, s = cos.view(*rope_rows.shape, head_dim), sin.view(*rope_rows.shape, head_dim)
+    else:
+        c, s = cos[rope_rows], sin[rope_rows]  # [B, H_kv, n, D]
+    x1, x2 = keys[..., :half], keys[..., half:]
+    out = torch.empty_like(keys)
+    torch.sub(x1 * c[..., :half], x2 * s[..., :half], out=out[..., :half])
+    torch.add(x2 * c[..., half:], x1 * s[..., half:], out=out[..., half:])
+    return out.to(a.dtype)
 
 
 def _fake_reconstruct_keys(a, basis, positions, cos, sin, rope_positions):

@@ -1,0 +1,120 @@
+"""W8A8 on the CPU against what a CPU user picks instead: a kernelhub `Int8Linear` against torch.ao's
+dynamic int8 Linear (`quantize_dynamic`), and `quantize_int8` against the plain torch expression.
+
+    python benchmarks/cpu_w8a8.py --markdown benchmarks/results/cpu_w8a8.md --json benchmarks/results/cpu_w8a8.json
+    python benchmarks/cpu_w8a8.py --quick             # one layer, M = 1 and 96: checks the script works
+
+Linear: every linear shape of Llama-3-8B and Qwen2-7B (qkv and gate_up fused), random weights, at M
+tokens; the layer's whole call (quantise the activations, int8 GEMM, scales and bias) against
+torch.ao's (which quantises per tensor; kernelhub per token). `error`: ||y - y_fp32|| / ||y_fp32||
+of each on the same input, activations with rows of different ranges as LLM activations have.
+Quantise: float32 `[M, 4096]`; the plain expression is `round(x / (absmax / 127)).clamp(-127, 127)`
+with absmax per row, to int8 (what one writes without kernelhub; it is not bit-exact with the
+reference on non-finite rows, kernelhub's is). Medians of `--reps` calls after warm-up, the
+contenders interleaved shape by shape in one process.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+import kernelhub.ops as ops
+from kernelhub.nn import Int8Linear
+
+from harness import BenchmarkParser, gbs, markdown_table, publish, ratio, time_cpu, times, write_json
+
+# (N, K) of each linear; qkv and gate_up are the fused projections.
+MODELS = {
+    "llama3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
+    "qwen2-7b": {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)},
+}
+
+
+def torch_ao(linear: nn.Linear) -> nn.Module:
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated, and still what CPU users run
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
+
+
+def activations(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows of different ranges (a few large tokens, as LLM activations have)."""
+    return torch.randn(m, k, generator=gen) * torch.exp(2 * torch.rand(m, 1, generator=gen))
+
+
+def linear_rows(ms: list[int], models: dict, reps: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for model, layers in models.items():
+        for layer, (n, k) in layers.items():
+            linear = nn.Linear(k, n)
+            ours, theirs = Int8Linear.from_float(linear), torch_ao(linear)
+            for m in ms:
+                x = activations(m, k, gen)
+                with torch.inference_mode():
+                    exact = linear(x)
+                    errors = [float((f(x) - exact).norm() / exact.norm()) for f in (ours, theirs)]
+                    ours_ms = time_cpu(lambda: ours(x), reps=reps, warmup=2).median_ms
+                    ao_ms = time_cpu(lambda: theirs(x), reps=reps, warmup=2).median_ms
+                rows.append({"model": model, "layer": layer, "M": m, "N": n, "K": k, "kernelhub ms": ours_ms,
+                             "torch.ao ms": ao_ms, "speedup": ratio(ao_ms, ours_ms), "kernelhub error": errors[0],
+                             "torch.ao error": errors[1]})
+    return rows
+
+
+def plain_quantize(x: torch.Tensor) -> torch.Tensor:
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8)
+
+
+def quantize_rows(ms: list[int], reps: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for m in ms:
+        x = activations(m, 4096, gen)
+        ours = time_cpu(lambda: ops.quantize_int8(x), reps=reps).median_ms
+        plain = time_cpu(lambda: plain_quantize(x), reps=reps).median_ms
+        nbytes = x.numel() * (4 + 1) + m * 4  # read x, write q and the scales
+        rows.append({"M": m, "K": 4096, "kernelhub ms": ours, "plain torch ms": plain, "speedup": ratio(plain, ours),
+                     "kernelhub GB/s": gbs(nbytes, ours)})
+    return rows
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def main(argv=None) -> None:
+    parser = BenchmarkParser(__file__, __doc__, reps=5,
+                             quick={"ms": [1, 96], "quantize_ms": [1, 640], "layers": ["o"], "reps": 2})
+    parser.add_argument("--ms", type=int, nargs="+", default=[1, 8, 16, 96, 384, 1536, 2048], help="tokens M")
+    parser.add_argument("--quantize-ms", type=int, nargs="+", default=[1, 16, 128, 512, 640, 2048, 3000])
+    parser.add_argument("--layers", nargs="+", default=None, help="only these layers (qkv, o, gate_up, down)")
+    parser.add_argument("--json", help="also write the raw rows here")
+    args = parser.parse_args(argv)
+    models = {name: {l: s for l, s in layers.items() if args.layers is None or l in args.layers}
+              for name, layers in MODELS.items()}
+    linear = linear_rows(args.ms, models, args.reps)
+    quantize = quantize_rows(args.quantize_ms, args.reps)
+    per_m = {m: geomean([r["speedup"] for r in linear if r["M"] == m]) for m in args.ms}
+    summary = [{"M": m, "speedup (geomean over layers)": s} for m, s in per_m.items()]
+    summary.append({"M": "all", "speedup (geomean over layers)": geomean([r["speedup"] for r in linear])})
+    text = "\n\n".join([
+        "W8A8 linear: kernelhub Int8Linear vs torch.ao dynamic int8 Linear (speedup = torch.ao ms / kernelhub ms)",
+        markdown_table(linear, ["model", "layer", "M", "N", "K", "kernelhub ms", "torch.ao ms", "speedup",
+                                "kernelhub error", "torch.ao error"],
+                       {"speedup": times, "kernelhub error": lambda v: f"{v:.3g}", "torch.ao error": lambda v: f"{v:.3g}"}),
+        markdown_table(summary, ["M", "speedup (geomean over layers)"], {"speedup (geomean over layers)": times}),
+        "quantize_int8 (bit-exact with the reference) vs the plain torch expression, float32 [M, 4096]",
+        markdown_table(quantize, ["M", "K", "kernelhub ms", "plain torch ms", "speedup", "kernelhub GB/s"],
+                       {"speedup": times}),
+    ])
+    publish(text, args)
+    write_json(args.json, args, linear=linear, quantize=quantize)
+
+
+if __name__ == "__main__":
+    main()

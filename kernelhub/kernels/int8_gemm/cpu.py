@@ -1,0 +1,139 @@
+"""The CPU paths of the int8 family (`KERNELHUB_BACKEND=auto` on a CPU tensor): oneDNN's int8 GEMM
+(`torch._int_mm`) on operands it reads right, the dequantising epilogue, and a quantiser without
+large temporaries. Each is bit-exact with `kernelhub.reference.int8_gemm` (the GEMM and quantiser) or
+within its stated tolerance (the scaled GEMM); tests/test_int8_kernels.py and tests/test_layouts.py
+hold them to it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from kernelhub.reference import int8_gemm as int8_ref
+
+
+def onednn_operand(t: torch.Tensor) -> torch.Tensor:
+    """int8 `t [R, C]` as an operand oneDNN reads right: `t` itself, `t` with the stride of a size-1
+    dimension set to its row-major value (same memory, no copy), or a contiguous copy.
+
+    On the CPU `torch._int_mm` is oneDNN, which takes strides literally. Measured on torch 2.13
+    over every stride pair in {0, 1, 2, 3, R, C, R + 1, C + 1, 2R, 2C} at several shapes
+    (tests/test_layouts.py keeps the cases that matter): it computes right for a row-major-like
+    operand, `stride(1) == 1 and stride(0) >= max(1, C)`, and a column-major-like one,
+    `stride(0) == 1 and stride(1) >= max(1, R)`; torch copies an operand with no unit stride itself.
+    Any other operand with a unit stride (a zero stride from `expand`, rows that overlap) makes
+    oneDNN give up ("could not construct a memory descriptor") and torch's fallback leaves the
+    output unwritten, so it is copied here. The stride of a size-1 dimension addresses nothing, yet
+    oneDNN misreads some (`w.t()` of a `[N, 1]` weight has strides (1, 1)): it is normalised first.
+    """
+    rows, cols = t.shape
+    stride_r, stride_c = t.stride()
+    if rows == 1:
+        stride_r = max(1, cols)
+    if cols == 1:
+        stride_c = 1
+    if (stride_r, stride_c) != t.stride():
+        t = t.as_strided((rows, cols), (stride_r, stride_c))
+    row_major = stride_c == 1 and stride_r >= max(1, cols)
+    column_major = stride_r == 1 and stride_c >= max(1, rows)
+    return t if row_major or column_major else t.contiguous()
+
+
+def int_mm_cpu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch._int_mm` on operands it reads right, into `out` (any strides) if given."""
+    a, b = onednn_operand(a), onednn_operand(b)
+    if out is None:
+        return torch._int_mm(a, b)
+    if out.is_contiguous():  # torch._int_mm(out=) refuses any other layout
+        return torch._int_mm(a, b, out=out)
+    return out.copy_(torch._int_mm(a, b))
+
+
+def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
+    """`torch._int_mm`, then the dequantisation as in-place float32 passes over its result.
+
+    torch has no fused int32 -> scaled float op, and its mixed-dtype elementwise kernels are
+    about 3x slower than same-dtype ones, so: convert in place (the float32 view of the int32
+    buffer), scale rows, scale columns and add the bias in one `addcmul`, then round once to
+    out_dtype. See benchmarks/cpu_int8.py for what this costs over bare `_int_mm`.
+    """
+    acc = int_mm_cpu(a, b)  # int32 [M, N]
+    y = acc.view(torch.float32).copy_(acc)  # same bytes, now float32 values: no new allocation
+    y.mul_(scale_a[:, None])
+    if bias is None:
+        y.mul_(scale_b)
+    else:
+        torch.addcmul(bias.to(torch.float32), y, scale_b, out=y)
+    if out is not None:
+        return out.copy_(y)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+# -- quantize_int8 -------------------------------------------------------------------------------
+#
+# Measured on the 2-core CI VM (benchmarks/cpu_w8a8.py): a fresh float32 tensor of tens of MB costs
+# more than the arithmetic on it (its pages are faulted in on first touch), and `torch.aminmax` is
+# far slower than `amax` and `amin` apart. So: the row maxima from `amax` and `amin` (no |x|
+# tensor), then the quotients block by block in one reused scratch buffer, written straight into
+# the int8 result. Small problems go through numpy, whose per-operation cost is a fraction of
+# torch's (beyond about 16K elements its single thread loses to torch's two).
+
+_BLOCK_ELEMENTS = 1 << 20  # float32 quotients per block: 4 MiB
+_NUMPY_MAX_ELEMENTS = 1 << 14
+_INF = np.float32(np.inf)
+_scratch = threading.local()
+
+
+def _scratch_block(rows: int, cols: int) -> torch.Tensor:
+    """A float32 [rows, cols] scratch view, reused across calls of this thread."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < rows * cols:
+        buffer = _scratch.buffer = torch.empty(rows * cols, dtype=torch.float32)
+    return buffer[:rows * cols].view(rows, cols)
+
+
+def _quantize_numpy(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.detach().to(torch.float32).numpy()
+    with np.errstate(all="ignore"):  # non-finite rows are defined (q = 0), not warned of
+        scale = np.abs(xf).max(axis=1) / np.float32(127.0)  # NaN propagates
+        q = np.rint(xf / scale[:, None])  # rounds half to even
+        np.clip(q, -127, 127, out=q)
+        usable = (scale > 0) & (scale < _INF)
+        if not usable.all():
+            q[~usable] = 0.0
+        return torch.from_numpy(q.astype(np.int8)), torch.from_numpy(scale)
+
+
+def quantize_int8_cpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernelhub.reference.int8_gemm.quantize_int8` of a CPU `x [M, K]` (any strides), bit for bit.
+
+    A row whose scale is positive and finite has finite quotients of at most 191 in magnitude (see
+    quantize.py), so only the other rows (all zero, or holding NaN or Inf) need the reference's
+    NaN handling, and there q is 0 throughout.
+    """
+    m, k = x.shape
+    if m == 0 or k == 0:
+        return int8_ref.quantize_int8(x)
+    if m * k <= _NUMPY_MAX_ELEMENTS:
+        return _quantize_numpy(x)
+    absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_()).to(torch.float32)  # max |x|; NaN propagates
+    scale = absmax / torch.full_like(absmax, 127.0)  # a tensor divisor, as the reference's
+    rows = max(1, _BLOCK_ELEMENTS // k)
+    if m <= rows:  # one block: small enough that its temporaries cost nothing
+        q = torch.div(x, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    else:
+        q = torch.empty((m, k), dtype=torch.int8)
+        block = _scratch_block(rows, k)
+        for start in range(0, m, rows):
+            stop = min(m, start + rows)
+            quotient = block[:stop - start]
+            torch.div(x[start:stop], scale[start:stop, None], out=quotient)
+            quotient.round_().clamp_(-127, 127)  # rounds half to even
+            q[start:stop].copy_(quotient)
+    lowest, highest = torch.aminmax(scale)
+    if not (float(lowest) > 0 and float(highest) < float("inf")):  # NaN fails both
+        q[~((scale > 0) & (scale < float("inf")))] = 0
+    return q, scale
