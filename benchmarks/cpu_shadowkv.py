@@ -4,7 +4,7 @@
     python benchmarks/cpu_shadowkv.py --seqs 32768 --markdown benchmarks/results/cpu_shadowkv.md
     python benchmarks/cpu_shadowkv.py --quick                          # S = 4096, 3 reps
 
-Shapes: B = 1, H_q = 32, H_kv = 8, D = 128, float32, ShadowKV's defaults (rank 160, chunks of 8,
+Shapes: B = 1 (`--batch`), H_q = 32, H_kv = 8, D = 128, float32, ShadowKV's defaults (rank 160, chunks of 8,
 budget 2048, 48 outlier chunks, 32 local tokens), caches from `kernelhub.shadowkv.synthetic`.
 - decode: median time of one `ShadowKVCache.decode` step against
   `scaled_dot_product_attention` (GQA) over the full exact post-RoPE cache (the baseline does no
@@ -31,10 +31,11 @@ from kernelhub.shadowkv.synthetic import make_synthetic_cache
 
 from harness import BenchmarkParser, markdown_table, publish, ratio, time_cpu
 
-B, H_Q, H_KV, D = 1, 32, 8, 128
+H_Q, H_KV, D = 32, 8, 128
 
 
-def run(seq: int, reps: int, svd: bool) -> dict:
+def run(seq: int, reps: int, svd: bool, batch: int = 1) -> dict:
+    B = batch
     synth = make_synthetic_cache(B, H_KV, H_Q, seq, D, steps=reps + 2, seed=seq)
     cache = ShadowKVCache()
     start = time.perf_counter()
@@ -57,13 +58,13 @@ def run(seq: int, reps: int, svd: bool) -> dict:
 
     merged = synth.k.transpose(1, 2).reshape(B, seq, H_KV * D)
     lowrank_s = time_cpu(lambda: ops.lowrank_keys(synth.k, 160), warmup=0, reps=1).median_ms / 1e3
-    svd_s = (time_cpu(lambda: torch.linalg.svd(merged[0], full_matrices=False), warmup=0, reps=1).median_ms / 1e3
+    svd_s = (time_cpu(lambda: torch.linalg.svd(merged, full_matrices=False), warmup=0, reps=1).median_ms / 1e3
              if svd else None)
 
     fidelity = decode_fidelity(ShadowKVCache(), synth.k, synth.v, synth.queries[:1], synth.new_k[:1],
                                synth.new_v[:1], needles=synth.needles)
     full_kv = 2 * synth.k.numel() * synth.k.element_size()
-    return {"S": seq, "prefill s": prefill_s, "decode ms": decode_ms, "dense SDPA ms": dense_ms,
+    return {"B": batch, "S": seq, "prefill s": prefill_s, "decode ms": decode_ms, "dense SDPA ms": dense_ms,
             "speedup": ratio(dense_ms, decode_ms), "resident MB": cache.resident_bytes() / 2**20,
             "full KV MB": full_kv / 2**20, "memory ratio": ratio(full_kv, cache.resident_bytes()),
             "offloaded MB": cache.offloaded_bytes() / 2**20, "lowrank_keys s": lowrank_s, "svd s": svd_s,
@@ -74,14 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = BenchmarkParser(__file__, __doc__, reps=10, quick={"seqs": [4096], "reps": 3})
     parser.add_argument("--seqs", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--no-svd", action="store_true", help="skip the torch.linalg.svd baseline (slow)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes B (default 1)")
     args = parser.parse_args(argv)
-    rows = [run(seq, args.reps, not args.no_svd) for seq in args.seqs]
+    rows = [run(seq, args.reps, not args.no_svd, batch) for batch in args.batch for seq in args.seqs]
     publish("\n\n".join([
-        f"B={B}, H_q={H_Q}, H_kv={H_KV}, D={D}, float32",
-        markdown_table(rows, ["S", "decode ms", "dense SDPA ms", "speedup", "resident MB", "full KV MB", "memory ratio",
+        f"H_q={H_Q}, H_kv={H_KV}, D={D}, float32",
+        markdown_table(rows, ["B", "S", "decode ms", "dense SDPA ms", "speedup", "resident MB", "full KV MB", "memory ratio",
                      "offloaded MB", "prefill s"]),
-        markdown_table(rows, ["S", "lowrank_keys s", "svd s"]),
-        markdown_table(rows, ["S", "key_rel_error", "oracle_recall", "mass_covered", "output_rel_error", "needles_found"]),
+        markdown_table(rows, ["B", "S", "lowrank_keys s", "svd s"]),
+        markdown_table(rows, ["B", "S", "key_rel_error", "oracle_recall", "mass_covered", "output_rel_error", "needles_found"]),
     ]), args)
     return 0
 

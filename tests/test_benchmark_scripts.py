@@ -184,8 +184,8 @@ def test_cpu_shadowkv_end_to_end_writes_its_page(tmp_path, capsys):
     page = path.read_text()
     assert page.startswith(f"Command: `python benchmarks/cpu_shadowkv.py --quick --seqs 1024 --reps 2 --no-svd "
                            f"--markdown {path}`\n\nDevice: CPU ")
-    assert "| S | decode ms | dense SDPA ms | speedup |" in page and "\n| 1024 | " in page
-    assert "| S | key_rel_error | oracle_recall | mass_covered | output_rel_error | needles_found |" in page
+    assert "| B | S | decode ms | dense SDPA ms | speedup |" in page and "\n| 1 | 1024 | " in page
+    assert "| B | S | key_rel_error | oracle_recall | mass_covered | output_rel_error | needles_found |" in page
 
 
 def test_cpu_w8a8_end_to_end_writes_its_page(tmp_path):
