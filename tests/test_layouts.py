@@ -149,6 +149,21 @@ def test_reconstruct_keys(backend, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_reconstruct_keys_with_tables_of_the_chosen_rows_in_order(backend, kind):
+    """ShadowKV's call: tables holding exactly the chosen tokens' rows, rope_positions 0, 1, ...
+    (the CPU path then reads the tables as views instead of gathering them)."""
+    _, normal, _, below, _ = _draws(6)
+    batch, seq, rank, heads, head_dim, n = 2, 6, 3, 2, 4, 5
+    inputs = dict(a=structured(normal, (batch, seq, rank), kind),
+                  basis=structured(normal, (batch, rank, heads * head_dim), kind),
+                  positions=structured(below(seq), (batch, heads, n), kind),
+                  cos=structured(normal, (batch * heads * n, head_dim), kind),
+                  sin=structured(normal, (batch * heads * n, head_dim), kind),
+                  rope_positions=torch.arange(batch * heads * n).view(batch, heads, n))
+    assert assert_layout_independent(ops.reconstruct_keys, inputs, takes_out=True) > 10
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_landmarks(backend, kind):
     _, normal, *_ = _draws(6)
     inputs = dict(k_rope=structured(normal, (2, 2, 9, 4), kind), chunk_size=4)

@@ -25,9 +25,9 @@ from kernelhub import backend
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Up to this many rows (tokens) a CPU call multiplies with fbgemm's prepacked int8 GEMM, which at
-# decode sizes is up to 4x faster than oneDNN's unpacked `torch._int_mm` (measured on the 2-core
-# AVX512-VNNI VM at K, N of 4096 and 3584 x 18944: fbgemm ahead up to M = 96, oneDNN from M = 384);
-# beyond it `int8_scaled_gemm`'s oneDNN path is as fast. benchmarks/cpu_w8a8.py measures the layer.
+# decode sizes is faster than oneDNN's unpacked `torch._int_mm` (on the 2-core AVX512-VNNI VM fbgemm
+# led up to M = 96 and oneDNN from M = 384); beyond it `int8_scaled_gemm`'s oneDNN path is as fast.
+# benchmarks/cpu_w8a8.py measures the layer against torch.ao.
 FBGEMM_MAX_ROWS = 256
 
 
