@@ -76,7 +76,9 @@ def _check_shared_results(url: str, families_module, outputs: list[str]) -> None
     for name, (bucket, dtype) in studies.items():
         study = optuna.load_study(study_name=name, storage=storage)
         every = study.get_trials()
-        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in every), "a trial was left unfinished"
+        unfinished = [(t.number, t.state.name, t.params, t.user_attrs, t.system_attrs) for t in every
+                      if t.state != optuna.trial.TrialState.COMPLETE]
+        assert not unfinished, f"trials left unfinished in {name}: {unfinished}"
         trials = tried_trials(study)
         assert len(trials) >= TRIALS
         by_number = {t.number: t for t in every}

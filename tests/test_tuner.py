@@ -3,6 +3,7 @@
 import dataclasses
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from kernelhub.errors import KernelhubError
 from kernelhub.kernels.int8_gemm.spec import SPEC as INT8
 from kernelhub.registry import FamilySpec
 from kernelhub.space import SearchSpace
-from kernelhub.tuning.tuner import Tuner, study_storage
+from kernelhub.tuning.tuner import REPEAT_ATTR, Tuner, study_storage
 
 TEST_DEVICE = dataclasses.replace(current_device(), key="test-cpu")
 
@@ -114,6 +115,26 @@ def test_rerun_resumes_the_same_study(private_config_db):
     assert best.median_ms == min(completed) and best.trials == 5
     # A third run with the same budget has nothing left to do.
     assert _tuner(private_config_db, seed=1).tune(spec, (7,), "int32", n_trials=5).trials == 5
+
+
+def test_a_queued_copy_of_a_tried_config_is_answered_not_left_waiting(private_config_db):
+    """What a worker that opened the study with others can leave: the DEFAULT queued again after
+    the study tried it (Optuna's check for a queued copy and the enqueue are not one step)."""
+    spec, tuner = _doubling_family(), _tuner(private_config_db, seed=1)
+    first = tuner.tune(spec, (7,), "int32", n_trials=3)
+    study = optuna.load_study(study_name=tuner.study_name(spec, (7,), "int32"), storage=tuner.storage)
+    default = spec.default_config((7,), "int32")
+    study.enqueue_trial(default)
+    study.enqueue_trial(default)
+    assert tuner.tune(spec, (7,), "int32", n_trials=3).trials == first.trials == 3  # nothing more to try
+    every = study.get_trials()
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in every)
+    copies = every[-2:]
+    (original,) = [t for t in every if t.params == default and REPEAT_ATTR not in t.user_attrs]
+    assert all(t.user_attrs[REPEAT_ATTR] == original.number and (t.params, t.value) == (default, original.value)
+               for t in copies)
+    with ConfigStore(private_config_db) as store:  # a repeat is not a trial of its own
+        assert len(store.trials(family="test_doubling")) == 3
 
 
 def test_interrupted_run_resumes_where_it_stopped(private_config_db):

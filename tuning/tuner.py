@@ -56,6 +56,10 @@ on a process group) get no check, nor do launches that compile no Triton kernel.
 Shared studies: several tuner processes may run one study (the storage below); each stops when
 the study holds `n_trials` configs. Two workers that draw the same untried config at the same
 moment both measure it (Optuna has no lock for that); a config with an outcome is never run again.
+Workers that open a fresh study together may each queue its starting configs (Optuna's check for
+a queued copy and the enqueue are not one step), and a copy can be queued after the study is done.
+So each worker, when its run of a study ends, answers every queued copy of a config the study has
+tried as a repeat of it (`_drain_tried_from_queue`): a finished study keeps no stale queue.
 
 Resume: studies live in an Optuna storage that outlives the process (see `study_storage`);
 the study name holds the kernel version, so re-running continues the same study, its tried
@@ -286,10 +290,32 @@ class Tuner:
         if not budget.done(study):
             study.optimize(lambda trial: self._objective(spec, shape, dtype, name, trial),
                            n_trials=budget.trial_bound(study), timeout=timeout, callbacks=[after_trial])
+        self._drain_tried_from_queue(spec, study)
         if budget.stopped_because:
             self.progress(f"{self._label(spec, shape, dtype)} done after {len(tried_trials(study))} configs: "
                           f"{budget.stopped_because}")
         return self._record_best(spec, shape, dtype, study, default)
+
+    def _drain_tried_from_queue(self, spec: FamilySpec, study: optuna.Study) -> None:
+        """Answer each queued trial whose config `study` has already tried as a repeat of that trial
+        (module docstring, "Shared studies"). A copy another worker claims first is left to it."""
+        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        tried = {_config_key(t.params): t for t in tried_trials(study)}
+        stale = [(t, tried[key]) for t in waiting
+                 if (key := _config_key(t.system_attrs.get("fixed_params", {}))) in tried]
+        if not stale:
+            return
+        study_id = self.storage.get_study_id_from_name(study.study_name)
+        for queued, earlier in stale:
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, queued.number)
+            try:
+                if not self.storage.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING):
+                    continue  # another worker popped it
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            trial = optuna.Trial(study, trial_id)
+            spec.space.suggest(trial)  # records the queued values as the trial's params
+            study.tell(trial, answer_repeat(trial, earlier))
 
     def _enumerated_configs(self, spec: FamilySpec, shape: Shape, dtype: str, n_trials: int) -> list[Config] | None:
         """Every config a study of `shape` can try, the DEFAULT first, then each one the constraints
