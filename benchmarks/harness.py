@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,23 @@ def time_cpu(fn: Callable[[], object], *, reps: int, warmup: int = 3) -> Timing:
     """`fn` on the CPU: `warmup` untimed calls, then `reps` calls each timed with time.perf_counter."""
     t = time_wall_clock(fn, warmup=warmup, reps=reps)
     return Timing(t.median_ms, t.p20_ms, t.p80_ms, reps, torch.get_num_threads())
+
+
+def time_cpu_interleaved(fns: Mapping[str, Callable[[], object]], *, reps: int, warmup: int = 2) -> dict[str, Timing]:
+    """Each of `fns` on the CPU, one call of each in turn, `reps` rounds after `warmup` untimed
+    rounds: a drift of the machine (a noisy 2-core VM, a frequency change) hits every contender
+    alike, and no contender's data is left in the cache by its own previous call."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: Timing(statistics.median(ms), *_percentiles(ms), reps, torch.get_num_threads())
+            for name, ms in samples.items()}
 
 
 # Larger than any GPU's L2 cache (H100: 50 MB, H200: 60 MB, B200: 126 MB).

@@ -47,6 +47,24 @@ def test_time_cpu_reports_median_and_percentiles_of_the_timed_calls(monkeypatch)
     assert t.reps == 5 and t.threads == torch.get_num_threads()
 
 
+def test_time_cpu_interleaved_alternates_the_contenders_and_times_each(monkeypatch):
+    clock, calls = [0.0], []
+    durations_ms = {"a": iter([9.0, 1.0, 3.0, 2.0]), "b": iter([9.0, 10.0, 30.0, 20.0])}  # one warm-up round
+
+    def contender(name):
+        def fn():
+            calls.append(name)
+            clock[0] += next(durations_ms[name]) / 1e3
+        return fn
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    timed = harness.time_cpu_interleaved({"a": contender("a"), "b": contender("b")}, reps=3, warmup=1)
+    monkeypatch.undo()
+    assert calls == ["a", "b"] * 4  # one call of each in turn, warm-up round first
+    assert (timed["a"].median_ms, timed["b"].median_ms) == (pytest.approx(2.0), pytest.approx(20.0))
+    assert timed["a"].reps == timed["b"].reps == 3
+
+
 def test_time_cpu_of_a_sleep_is_sane():
     t = harness.time_cpu(lambda: time.sleep(0.002), reps=5, warmup=1)
     assert 2.0 <= t.median_ms < 200.0
@@ -194,6 +212,16 @@ def test_cpu_w8a8_end_to_end_writes_its_page(tmp_path):
     page = path.read_text()
     assert "| llama3-8b | o | 3 | 4096 | 4096 |" in page and "| qwen2-7b | o | 3 | 3584 | 3584 |" in page
     assert "| all | " in page and "\n| 5 | 4096 | " in page
+
+
+def test_cpu_lowrank_keys_end_to_end_writes_its_page(tmp_path):
+    path = tmp_path / "lowrank.md"
+    _load("cpu_lowrank_keys").main(["--seqs", "700", "--reps", "1", "--markdown", str(path)])
+    page = path.read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| 700 | "))
+    cells = row.strip("|").split("|")
+    ours, optimum, randomized = (float(c) for c in cells[-3:])
+    assert optimum <= ours <= optimum * 1.01 and randomized >= optimum  # errors of each, the SVD's the least
 
 
 def test_gpu_int8_rows_and_table_on_cpu():

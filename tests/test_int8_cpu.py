@@ -1,5 +1,6 @@
 """The CPU quantiser (kernelhub/kernels/int8_gemm/cpu.py): bit-exact with the reference on both of
-its paths (numpy for small problems, blocked torch above), every dtype, layout and special row."""
+its paths (numpy for small problems, blocked torch above), every dtype, layout and special row, in
+each form it gives q in (int8; uint8 holding q + 128; float32 holding q)."""
 
 import pytest
 import torch
@@ -11,18 +12,26 @@ from kernelhub.reference import int8_gemm as ref
 SHAPES = [(1, 1), (1, 4096), (7, 129), (16, 4096), (17, 4096), (129, 1000), (300, 4097), (3, 70001), (4, 4096), (5, 4096)]
 
 
-def _same(x):
-    q, scale = cpu.quantize_int8_cpu(x)
+def _as_int8(q: torch.Tensor) -> torch.Tensor:
+    """q of any form back in int8 (exact: a form that is not exact fails the comparison after it)."""
+    return (q.to(torch.int16) - 128).to(torch.int8) if q.dtype == torch.uint8 else q.to(torch.int8)
+
+
+def _same(x, form=torch.int8):
+    q, scale = cpu.quantize_int8_cpu(x, form)
     q_ref, scale_ref = ref.quantize_int8(x)
-    assert q.dtype == torch.int8 and scale.dtype == torch.float32
-    assert torch.equal(q, q_ref)
+    assert q.dtype == form and scale.dtype == torch.float32
+    if form == torch.float32:
+        assert torch.equal(q, q.round())
+    assert torch.equal(_as_int8(q), q_ref)
     assert torch.equal(scale.isnan(), scale_ref.isnan())
     assert torch.equal(scale.nan_to_num(0.0), scale_ref.nan_to_num(0.0))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_matches_the_reference_on_rows_of_every_kind(shape, dtype):
+@pytest.mark.parametrize("form", cpu.Q_FORMS, ids=str)
+def test_matches_the_reference_on_rows_of_every_kind(shape, dtype, form):
     m, k = shape
     gen = torch.Generator().manual_seed(m * k)
     x = torch.randn(m, k, generator=gen) * torch.exp(4 * torch.rand(m, 1, generator=gen))
@@ -34,20 +43,27 @@ def test_matches_the_reference_on_rows_of_every_kind(shape, dtype):
         x[4, 0] = -float("inf")
         x[5] = x[5] * 1e-41 if dtype == torch.float32 else x[5]  # a subnormal scale
         x[6] = torch.arange(k, dtype=torch.float32).remainder(5).sub(2).mul(63.5).to(dtype)  # ties at .5
-    _same(x)
+    _same(x, form)
 
 
 @pytest.mark.parametrize("view", ["transposed", "expanded", "sliced", "overlapping"])
 @pytest.mark.parametrize("m", [5, 400])
-def test_any_view_is_read_as_its_contiguous_copy(view, m):
+@pytest.mark.parametrize("form", cpu.Q_FORMS, ids=str)
+def test_any_view_is_read_as_its_contiguous_copy(view, m, form):
     base = torch.randn(m + 3, 600)
     x = {"transposed": torch.randn(600, m).t(), "expanded": base[:1].expand(m, 600),
          "sliced": base[1:m + 1, ::2], "overlapping": base.flatten().as_strided((m, 600), (1, 1))}[view]
-    q, scale = cpu.quantize_int8_cpu(x)
+    q, scale = cpu.quantize_int8_cpu(x, form)
     q_copy, scale_copy = ref.quantize_int8(x.contiguous())
-    assert torch.equal(q, q_copy) and torch.equal(scale, scale_copy)
+    assert q.dtype == form and torch.equal(_as_int8(q), q_copy) and torch.equal(scale, scale_copy)
 
 
-def test_empty_inputs():
+@pytest.mark.parametrize("form", cpu.Q_FORMS, ids=str)
+def test_empty_inputs(form):
     for shape in ((0, 7), (3, 0)):
-        _same(torch.empty(shape))
+        _same(torch.empty(shape), form)
+
+
+def test_an_unknown_form_is_refused():
+    with pytest.raises(ValueError, match="form: expected one of"):
+        cpu.quantize_int8_cpu(torch.ones(2, 3), torch.int32)

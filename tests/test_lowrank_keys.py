@@ -262,6 +262,7 @@ LOWRANK_CASES = [  # (B, H_kv, S, D, rank, dtype)
     (1, 8, 100, 16, 12, torch.float16),  # H_kv = 8, D = 16
     (2, 1, 77, 128, 40, torch.float32),
     (1, 8, 130, 64, 100, torch.bfloat16),  # H_kv * D = 512 > S: the rank limit is S
+    (1, 5, 300, 120, 48, torch.float32),  # H_kv * D = 600: the CPU Gram's block rows, the last partial
 ]
 
 

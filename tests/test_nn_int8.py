@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from kernelhub.nn import Int8Linear, quantize_linear_layers
+from kernelhub.nn.int8 import FBGEMM_MAX_ROWS, _prepacked_gemms_are_exact
 from kernelhub.reference import int8_gemm as ref
 
 
@@ -54,11 +55,11 @@ def test_torch_compile_traces_the_layer_without_graph_breaks():
     layer = Int8Linear.from_float(_linear())
     compiled = torch.compile(layer, fullgraph=True)  # a graph break would raise
     x = torch.randn(2, 3, 96)
-    with torch.no_grad():  # traced: int8_scaled_gemm; eager on a CPU: fbgemm for few rows (same int32 sums)
+    with torch.no_grad():  # traced: int8_scaled_gemm; eager on a CPU: a prepacked GEMM (same int32 sums)
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [1, 7, 256, 257])
+@pytest.mark.parametrize("rows", [1, 7, FBGEMM_MAX_ROWS, FBGEMM_MAX_ROWS + 1, 63, 257])  # fbgemm, then oneDNN
 def test_the_prepacked_cpu_path_is_the_same_w8a8_computation(rows, monkeypatch):
     import kernelhub.ops as ops
 
@@ -70,6 +71,7 @@ def test_the_prepacked_cpu_path_is_the_same_w8a8_computation(rows, monkeypatch):
     with torch.no_grad():
         q, s = ops.quantize_int8(x)
         expected = ops.int8_scaled_gemm(q, layer.weight_q.t(), s, layer.weight_scale, layer.bias, torch.float32)
+        assert layer._prepacked_path(x) == _prepacked_gemms_are_exact()  # taken wherever it is exact
         y = layer(x)
         torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
         assert torch.equal(y[0], layer.bias) and (rows == 1 or bool(y[1].isnan().all()))
@@ -77,8 +79,21 @@ def test_the_prepacked_cpu_path_is_the_same_w8a8_computation(rows, monkeypatch):
         other = Int8Linear.from_float(_linear(k=300, n=70, seed=1))
         layer.load_state_dict(other.state_dict())
         torch.testing.assert_close(layer(x[2:]), other(x[2:]), rtol=0, atol=0)
-        monkeypatch.setenv("KERNELHUB_BACKEND", "reference")  # another backend: never fbgemm
+        monkeypatch.setenv("KERNELHUB_BACKEND", "reference")  # another backend: never a prepacked GEMM
         assert not layer._prepacked_path(x)
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_input_view_gives_the_result_of_its_contiguous_copy(rows, dtype):
+    layer = Int8Linear.from_float(_linear(k=96, n=40))
+    base = torch.randn(2, 96, rows + 1).to(dtype)
+    views = {"transposed": base[0].t()[:rows], "expanded": base[0, :, :1].t().expand(rows, 96),
+             "sliced": torch.randn(rows, 200).to(dtype)[:, 5:101],
+             "overlapping": base.flatten().as_strided((rows, 96), (1, 1))}
+    with torch.no_grad():
+        for name, x in views.items():
+            assert torch.equal(layer(x), layer(x.contiguous())), name
 
 
 def test_bad_input_is_a_clear_error():

@@ -4,11 +4,12 @@
 
 with `q_W, s_W = quantize_int8(W)` per output channel (once, at conversion) and
 `q_x, s_x = quantize_int8(x)` per token (every call), through `kernelhub.ops` (the Triton kernels
-on a GPU, oneDNN's int8 GEMM on the CPU). A CPU call of at most FBGEMM_MAX_ROWS tokens (decode,
-short prefills) multiplies the same int8 values with fbgemm's prepacked weight instead, where
-fbgemm sums exactly (VNNI or AMX): the int32 sums are the same, and the float epilogue agrees
-within float32 rounding. Per-token activation scales are about twice as accurate
-as torch.ao's per-tensor dynamic ones on LLM activations, whose rows differ widely in range.
+on a GPU, oneDNN's int8 GEMM on the CPU). An eager CPU call where the prepacked int8 GEMMs sum
+exactly (VNNI or AMX) multiplies the same int8 values with a prepacked copy of q_W instead:
+fbgemm's for at most FBGEMM_MAX_ROWS tokens (decode), oneDNN's u8 x s8 above (q_x + 128 with zero
+point 128); the int32 sums are those of `int8_scaled_gemm`, and the float epilogue agrees within
+float32 rounding. Per-token activation scales are about twice as accurate as torch.ao's
+per-tensor dynamic ones on LLM activations, whose rows differ widely in range.
 """
 
 from __future__ import annotations
@@ -20,23 +21,26 @@ import torch
 from torch import nn
 
 import kernelhub.ops as ops
-from kernelhub import backend
+from kernelhub import backend, validation
+from kernelhub.kernels.int8_gemm.cpu import quantize_int8_cpu
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Up to this many rows (tokens) a CPU call multiplies with fbgemm's prepacked int8 GEMM, which at
-# decode sizes is faster than oneDNN's unpacked `torch._int_mm` (on the 2-core AVX512-VNNI VM fbgemm
-# led up to M = 96 and oneDNN from M = 384); beyond it `int8_scaled_gemm`'s oneDNN path is as fast.
-# benchmarks/cpu_w8a8.py measures the layer against torch.ao.
-FBGEMM_MAX_ROWS = 256
+# Up to this many rows (tokens) a CPU call multiplies with fbgemm's prepacked weight, above it with
+# oneDNN's: timing the two GEMMs alone at Llama/Qwen shapes on the 2-core AVX512-VNNI VM, fbgemm led
+# at M <= 8 and oneDNN from M = 16, and both beat the unpacked `torch._int_mm` of `int8_scaled_gemm`.
+# benchmarks/cpu_w8a8.py measures the layer, and the GEMM it calls alone, against torch.ao.
+FBGEMM_MAX_ROWS = 8
 
 
 @functools.cache
-def _fbgemm_is_exact() -> bool:
-    """Whether fbgemm's u8 x s8 GEMM sums exactly here: with VNNI (or AMX) it accumulates products
-    in int32; without, its AVX2 kernel adds pairs in saturating int16, which full-range activations
-    can overflow (torch.ao's `reduce_range` exists for that)."""
+def _prepacked_gemms_are_exact() -> bool:
+    """Whether fbgemm's and oneDNN's u8 x s8 GEMMs are here and sum exactly: with VNNI (or AMX) they
+    accumulate products in int32; without, their AVX2 kernels add pairs in saturating int16, which
+    full-range activations can overflow (torch.ao's `reduce_range` exists for that)."""
     if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
+        return False
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
         return False
     try:
         with open("/proc/cpuinfo") as info:
@@ -90,43 +94,54 @@ class Int8Linear(nn.Module):
                             f"{getattr(x, 'dtype', type(x).__name__)}")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected shape [*, in_features = {self.in_features}], got {tuple(x.shape)}")
+        validation.refuse_autograd("x", x)
         rows = x.reshape(-1, self.in_features)  # [M, K]: the tokens of every leading dimension
-        q, scale = ops.quantize_int8(rows)
         if self._prepacked_path(rows):
-            y = self._fbgemm_gemm(q, scale).to(x.dtype)
+            y = self._prepacked_gemm(rows).to(x.dtype)
         else:
+            q, scale = ops.quantize_int8(rows)
             y = ops.int8_scaled_gemm(q, self.weight_q.t(), scale, self.weight_scale, self.bias, out_dtype=x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _prepacked_path(self, rows: torch.Tensor) -> bool:
-        """Whether this call multiplies with fbgemm's prepacked weight: an eager CPU call (not traced,
-        not forced to another backend) of at most FBGEMM_MAX_ROWS rows, where fbgemm sums exactly."""
-        return (rows.shape[0] <= FBGEMM_MAX_ROWS and rows.device.type == "cpu" and not torch.compiler.is_compiling()
-                and backend.choose(rows.device) == "cpu" and _fbgemm_is_exact())
+        """Whether this call multiplies with a prepacked weight: an eager CPU call (not traced, not
+        forced to another backend) of at least one row, where the prepacked GEMMs sum exactly."""
+        return (rows.shape[0] > 0 and rows.device.type == "cpu" and not torch.compiler.is_compiling()
+                and backend.choose(rows.device) == "cpu" and _prepacked_gemms_are_exact())
 
-    def _fbgemm_gemm(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """float32 `(q @ weight_q^T) * scale[:, None] * weight_scale + bias` through fbgemm: q is handed
-        over as exact integer floats with input scale 1 and zero point 128, so fbgemm's own
-        quantisation of them is the identity and its int32 sums are those of `int8_scaled_gemm`."""
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            q.to(torch.float32), 1.0, 128, self._prepacked_weight())  # acc * weight_scale, float32 [M, N]
+    def _prepacked_gemm(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 `(q @ weight_q^T) * scale[:, None] * weight_scale + bias` of `rows`' per-token
+        quantisation. Each GEMM gets q in the form it takes, so its own input quantisation (scale 1,
+        zero point 128) is the identity, and scales its int32 sums by weight_scale itself."""
+        if rows.shape[0] <= FBGEMM_MAX_ROWS:
+            q, scale = quantize_int8_cpu(rows, torch.float32)
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(q, 1.0, 128, self._packed("fbgemm"))
+        else:
+            q, scale = quantize_int8_cpu(rows, torch.uint8)
+            weight, zero_points = self._packed("onednn")
+            y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, weight, self.weight_scale, zero_points, None,
+                                                   1.0, 0, torch.float32, "none", [], "")
         return y.mul_(scale[:, None]) if self.bias is None else torch.addcmul(self.bias, y, scale[:, None], out=y)
 
-    def _prepacked_weight(self):
-        """fbgemm's packed form of (weight_q, weight_scale), made at first use and again whenever
-        either buffer changed (load_state_dict, a copy into them); not part of the state dict."""
+    def _packed(self, library: str):
+        """The `library`'s ("fbgemm", "onednn") packed form of (weight_q, weight_scale), made at first
+        use and again whenever either buffer changed (load_state_dict, a copy into them); not part of
+        the state dict. A layer called at both sizes holds both: two more copies of the int8 weight."""
         key = (self.weight_q.data_ptr(), self.weight_q._version, self.weight_scale.data_ptr(),
                self.weight_scale._version)
-        packed = getattr(self, "_packed", None)
-        if packed is None or packed[0] != key:
+        packs = self.__dict__.setdefault("_packs", {})
+        if library not in packs or packs[library][0] != key:
             zero_points = torch.zeros(self.out_features, dtype=torch.int64)
-            with warnings.catch_warnings():  # quantized tensors are deprecated in torch; fbgemm still takes them
-                warnings.simplefilter("ignore")
-                weight = torch._make_per_channel_quantized_tensor(self.weight_q, self.weight_scale.double(),
-                                                                  zero_points, 0)
-                packed = (key, torch.ops.quantized.linear_prepack(weight, None))
-            self._packed = packed
-        return packed[1]
+            if library == "onednn":
+                packed = (torch.ops.onednn.qlinear_prepack(self.weight_q, None), zero_points)
+            else:
+                with warnings.catch_warnings():  # quantized tensors are deprecated in torch; fbgemm still takes them
+                    warnings.simplefilter("ignore")
+                    weight = torch._make_per_channel_quantized_tensor(self.weight_q, self.weight_scale.double(),
+                                                                      zero_points, 0)
+                    packed = torch.ops.quantized.linear_prepack(weight, None)
+            packs[library] = (key, packed)
+        return packs[library][1]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, W8A8"

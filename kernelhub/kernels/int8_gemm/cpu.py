@@ -84,6 +84,11 @@ def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.
 _BLOCK_ELEMENTS = 1 << 20  # float32 quotients per block: 4 MiB
 _NUMPY_MAX_ELEMENTS = 1 << 14
 _INF = np.float32(np.inf)
+_NUMPY_FORMS = {torch.int8: np.int8, torch.uint8: np.uint8}
+# The forms `quantize_int8_cpu` can give q in: the int8 values, the same values plus 128 as uint8
+# (what oneDNN's u8 x s8 GEMM takes, zero point 128), or the same values as exact float32 (what
+# fbgemm's linear takes and quantises again with scale 1 and zero point 128).
+Q_FORMS = (torch.int8, torch.uint8, torch.float32)
 _scratch = threading.local()
 
 
@@ -95,7 +100,7 @@ def _scratch_block(rows: int, cols: int) -> torch.Tensor:
     return buffer[:rows * cols].view(rows, cols)
 
 
-def _quantize_numpy(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_numpy(x: torch.Tensor, form: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.detach().to(torch.float32).numpy()
     with np.errstate(all="ignore"):  # non-finite rows are defined (q = 0), not warned of
         scale = np.abs(xf).max(axis=1) / np.float32(127.0)  # NaN propagates
@@ -104,36 +109,46 @@ def _quantize_numpy(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         usable = (scale > 0) & (scale < _INF)
         if not usable.all():
             q[~usable] = 0.0
-        return torch.from_numpy(q.astype(np.int8)), torch.from_numpy(scale)
+    if form == torch.uint8:
+        q += np.float32(128.0)
+    return torch.from_numpy(q if form == torch.float32 else q.astype(_NUMPY_FORMS[form])), torch.from_numpy(scale)
 
 
-def quantize_int8_cpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kernelhub.reference.int8_gemm.quantize_int8` of a CPU `x [M, K]` (any strides), bit for bit.
+def quantize_int8_cpu(x: torch.Tensor, form: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernelhub.reference.int8_gemm.quantize_int8` of a CPU `x [M, K]` (any strides), bit for bit:
+    q `[M, K]` in `form` (Q_FORMS: int8; uint8 holding q + 128; float32 holding q), scale float32 `[M]`.
 
     A row whose scale is positive and finite has finite quotients of at most 191 in magnitude (see
     quantize.py), so only the other rows (all zero, or holding NaN or Inf) need the reference's
     NaN handling, and there q is 0 throughout.
     """
+    if form not in Q_FORMS:
+        raise ValueError(f"form: expected one of {Q_FORMS}, got {form}")
     m, k = x.shape
     if m == 0 or k == 0:
-        return int8_ref.quantize_int8(x)
+        q, scale = int8_ref.quantize_int8(x)
+        return q.to(form), scale  # q has no elements
     if m * k <= _NUMPY_MAX_ELEMENTS:
-        return _quantize_numpy(x)
+        return _quantize_numpy(x, form)
     absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_()).to(torch.float32)  # max |x|; NaN propagates
     scale = absmax / torch.full_like(absmax, 127.0)  # a tensor divisor, as the reference's
     rows = max(1, _BLOCK_ELEMENTS // k)
+    shift = 128.0 if form == torch.uint8 else 0.0
     if m <= rows:  # one block: small enough that its temporaries cost nothing
-        q = torch.div(x, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        quotient = torch.div(x, scale[:, None]).round_().clamp_(-127, 127)
+        q = (quotient.add_(shift) if shift else quotient).to(form)
     else:
-        q = torch.empty((m, k), dtype=torch.int8)
+        q = torch.empty((m, k), dtype=form)
         block = _scratch_block(rows, k)
         for start in range(0, m, rows):
             stop = min(m, start + rows)
             quotient = block[:stop - start]
             torch.div(x[start:stop], scale[start:stop, None], out=quotient)
             quotient.round_().clamp_(-127, 127)  # rounds half to even
+            if shift:
+                quotient.add_(shift)
             q[start:stop].copy_(quotient)
     lowest, highest = torch.aminmax(scale)
     if not (float(lowest) > 0 and float(highest) < float("inf")):  # NaN fails both
-        q[~((scale > 0) & (scale < float("inf")))] = 0
+        q[~((scale > 0) & (scale < float("inf")))] = shift
     return q, scale

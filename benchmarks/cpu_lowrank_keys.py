@@ -1,0 +1,67 @@
+"""`lowrank_keys` on the CPU against what a user picks instead: `torch.linalg.svd` (what ShadowKV
+itself runs) and `torch.svd_lowrank`, on the same merged keys, with the error of each.
+
+    python benchmarks/cpu_lowrank_keys.py --markdown benchmarks/results/cpu_lowrank_keys.md
+    python benchmarks/cpu_lowrank_keys.py --quick          # S = 4096: checks the script works
+
+Keys: B = 1, H_kv = 8, D = 128, float32 `[B, H_kv, S, D]` with a decaying spectrum
+(`kernelhub.shadowkv.synthetic`'s keys: ShadowKV's observation that pre-RoPE keys are low rank), rank
+160. `error`: ||K - A B|| / ||K|| of each factorisation over the merged `[S, H_kv * D]` keys; the
+truncated SVD's is the optimum (Eckart-Young). `svd_lowrank` runs with q = rank and niter = 2
+(torch's default), the setting whose cost is comparable. Medians of `--reps` calls (the SVD: one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernelhub.ops as ops
+from kernelhub.reference.lowrank_keys import merge_heads
+from kernelhub.shadowkv.synthetic import make_synthetic_cache
+
+from harness import BenchmarkParser, markdown_table, publish, ratio, time_cpu, times
+
+H_KV, D, RANK = 8, 128, 160
+
+
+def relative_error(merged: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((merged - a @ b).norm() / merged.norm())
+
+
+def run(seq: int, reps: int) -> dict:
+    keys = make_synthetic_cache(1, H_KV, 32, seq, D, seed=0).k  # [1, H_kv, S, D] pre-RoPE
+    merged = merge_heads(keys)[0].float()  # [S, H_kv * D]
+    with torch.inference_mode():
+        ours_s = time_cpu(lambda: ops.lowrank_keys(keys, RANK), reps=reps, warmup=1).median_ms / 1e3
+        a, basis = ops.lowrank_keys(keys, RANK)
+        svd_s = time_cpu(lambda: torch.linalg.svd(merged, full_matrices=False), reps=1, warmup=0).median_ms / 1e3
+        u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+        randomized_s = time_cpu(lambda: torch.svd_lowrank(merged, q=RANK, niter=2), reps=reps, warmup=1).median_ms / 1e3
+        u_r, s_r, v_r = torch.svd_lowrank(merged, q=RANK, niter=2)
+    return {
+        "S": seq, "lowrank_keys s": ours_s, "svd s": svd_s, "svd_lowrank s": randomized_s,
+        "vs svd": ratio(svd_s, ours_s), "vs svd_lowrank": ratio(randomized_s, ours_s),
+        "lowrank_keys error": relative_error(merged, a[0].float(), basis[0].float()),
+        "svd error (optimum)": relative_error(merged, u[:, :RANK] * s[:RANK], vh[:RANK]),
+        "svd_lowrank error": relative_error(merged, u_r * s_r, v_r.t()),
+    }
+
+
+def main(argv=None) -> None:
+    parser = BenchmarkParser(__file__, __doc__, reps=3, quick={"seqs": [4096], "reps": 1})
+    parser.add_argument("--seqs", type=int, nargs="+", default=[32768, 65536, 131072], help="tokens S")
+    args = parser.parse_args(argv)
+    rows = [run(seq, args.reps) for seq in args.seqs]
+    error = lambda v: f"{v:.4g}"  # noqa: E731
+    text = "\n\n".join([
+        f"lowrank_keys vs torch.linalg.svd and torch.svd_lowrank: B=1, H_kv={H_KV}, D={D}, rank {RANK}, float32",
+        markdown_table(rows, ["S", "lowrank_keys s", "svd s", "svd_lowrank s", "vs svd", "vs svd_lowrank",
+                              "lowrank_keys error", "svd error (optimum)", "svd_lowrank error"],
+                       {"vs svd": times, "vs svd_lowrank": times, "lowrank_keys error": error,
+                        "svd error (optimum)": error, "svd_lowrank error": error}),
+    ])
+    publish(text, args)
+
+
+if __name__ == "__main__":
+    main()
