@@ -76,10 +76,11 @@ def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.
 #
 # Measured on the 2-core CI VM (benchmarks/cpu_w8a8.py): a fresh float32 tensor of tens of MB costs
 # more than the arithmetic on it (its pages are faulted in on first touch), and `torch.aminmax` is
-# far slower than `amax` and `amin` apart. So: the row maxima from `amax` and `amin` (no |x|
-# tensor), then the quotients block by block in one reused scratch buffer, written straight into
-# the int8 result. Small problems go through numpy, whose per-operation cost is a fraction of
-# torch's (beyond about 16K elements its single thread loses to torch's two).
+# far slower than `amax` and `amin` apart. So, block of rows by block: the row maxima from `amax`
+# and `amin` (no |x| tensor), then the quotients in one reused scratch buffer, written straight into
+# the result; the block's later passes find it in the cache. Small problems go through numpy, whose
+# per-operation cost is a fraction of torch's (beyond about 16K elements its single thread loses to
+# torch's two).
 
 _BLOCK_ELEMENTS = 1 << 20  # float32 quotients per block: 4 MiB
 _NUMPY_MAX_ELEMENTS = 1 << 14
@@ -114,6 +115,12 @@ def _quantize_numpy(x: torch.Tensor, form: torch.dtype) -> tuple[torch.Tensor, t
     return torch.from_numpy(q if form == torch.float32 else q.astype(_NUMPY_FORMS[form])), torch.from_numpy(scale)
 
 
+def _row_scales(x: torch.Tensor) -> torch.Tensor:
+    """float32 `max |x| / 127` of each row of `x [M, K]`, as the reference computes it (NaN propagates)."""
+    absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_()).to(torch.float32)
+    return absmax / torch.full_like(absmax, 127.0)  # a tensor divisor, as the reference's
+
+
 def quantize_int8_cpu(x: torch.Tensor, form: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
     """`kernelhub.reference.int8_gemm.quantize_int8` of a CPU `x [M, K]` (any strides), bit for bit:
     q `[M, K]` in `form` (Q_FORMS: int8; uint8 holding q + 128; float32 holding q), scale float32 `[M]`.
@@ -130,18 +137,19 @@ def quantize_int8_cpu(x: torch.Tensor, form: torch.dtype = torch.int8) -> tuple[
         return q.to(form), scale  # q has no elements
     if m * k <= _NUMPY_MAX_ELEMENTS:
         return _quantize_numpy(x, form)
-    absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_()).to(torch.float32)  # max |x|; NaN propagates
-    scale = absmax / torch.full_like(absmax, 127.0)  # a tensor divisor, as the reference's
     rows = max(1, _BLOCK_ELEMENTS // k)
     shift = 128.0 if form == torch.uint8 else 0.0
-    if m <= rows:  # one block: small enough that its temporaries cost nothing
+    if m <= rows:  # one block: small enough that its temporaries cost nothing, and the fewest ops
+        scale = _row_scales(x)
         quotient = torch.div(x, scale[:, None]).round_().clamp_(-127, 127)
         q = (quotient.add_(shift) if shift else quotient).to(form)
     else:
         q = torch.empty((m, k), dtype=form)
+        scale = torch.empty(m, dtype=torch.float32)
         block = _scratch_block(rows, k)
-        for start in range(0, m, rows):
+        for start in range(0, m, rows):  # each block of x is read from memory once, then from the cache
             stop = min(m, start + rows)
+            scale[start:stop] = _row_scales(x[start:stop])
             quotient = block[:stop - start]
             torch.div(x[start:stop], scale[start:stop, None], out=quotient)
             quotient.round_().clamp_(-127, 127)  # rounds half to even
