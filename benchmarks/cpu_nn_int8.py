@@ -6,7 +6,8 @@ with `--layers` decoder layers and a small vocabulary, random weights (no weight
 downloaded here: the accuracy column says how close each variant's logits are to float32's on
 random weights, not how a trained model fares). Every linear but lm_head is quantised in both
 int8 variants. Prefill: one sequence of M tokens; decode: M sequences of one token each (the
-linears see M rows either way). Time per forward call, median over `--reps` calls.
+linears see M rows either way). Time per forward call, median over `--reps` rounds in which the
+variants' calls alternate (`time_cpu_interleaved`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from harness import BenchmarkParser, markdown_table, publish, ratio, time_cpu, times, write_json
+from harness import BenchmarkParser, markdown_table, publish, ratio, time_cpu_interleaved, times, write_json
 
 try:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -59,8 +60,10 @@ def main(argv=None) -> None:
         for phase, m, ids in cases:
             row = {"phase": phase, "M": m}
             exact = fp32(ids, use_cache=False).logits.float()
+            timed = time_cpu_interleaved({name: (lambda model=model: model(ids, use_cache=False))
+                                          for name, model in variants.items()}, reps=args.reps)
             for name, model in variants.items():
-                row[f"{name} ms"] = time_cpu(lambda: model(ids, use_cache=False), reps=args.reps).median_ms
+                row[f"{name} ms"] = timed[name].median_ms
                 logits = model(ids, use_cache=False).logits.float()
                 row[f"{name} error"] = float((logits - exact).norm() / exact.norm())
             row["kernelhub vs torch.ao"] = ratio(row["torch.ao int8 ms"], row["kernelhub int8 ms"])
