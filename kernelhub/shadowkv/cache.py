@@ -47,6 +47,20 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _appended(seq: torch.Tensor, buffer: torch.Tensor | None, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seq + token, its buffer): `seq [B, H, n, D]` with `token [B, H, D]` after it, written into
+    the spare room of `buffer` when seq is a prefix view of it, else into a new buffer of twice the
+    length (seq copied once): over a long generation each token is copied O(1) times, not every step.
+    Nothing is written inside seq, so seq stays valid whatever happens after."""
+    batch, heads, n, dim = seq.shape
+    if (buffer is None or buffer.shape[2] <= n or buffer.data_ptr() != seq.data_ptr()
+            or buffer.shape[:2] != seq.shape[:2] or buffer.dtype != seq.dtype or buffer.device != seq.device):
+        buffer = seq.new_empty(batch, heads, max(16, 2 * (n + 1)), dim)
+        buffer[:, :, :n] = seq
+    buffer[:, :, n] = token
+    return buffer[:, :, :n + 1], buffer
+
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -132,6 +146,10 @@ class ShadowKVCache:
         self.offload_device = _check_device("offload_device", offload_device)
         self.device = self.compute_device
         self._prefilled = False
+        # On the CPU, the selected values are written into the same tensor step after step: a fresh
+        # tensor of tens of MB costs more than the copy into it there (its pages are faulted in on
+        # first touch; a GPU's caching allocator has no such cost).
+        self._scratch: dict[str, torch.Tensor] = {}
 
     # -- RoPE ----------------------------------------------------------------------------------
 
@@ -201,7 +219,7 @@ class ShadowKVCache:
             k = undo_rope(k_rope, positions, cos, sin).to(dtype)
         del cos, sin
         state = dict(device=device, dtype=dtype, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq,
-                     steps=0, _resident_idx=None, _resident_values=None)
+                     steps=0, _resident_idx=None, _resident_values=None, _gen_k_buffer=None, _gen_v_buffer=None)
 
         # Candidate chunks end where the local window (at least `local` tokens) begins.
         n_chunks = max(0, seq - self.local) // self.chunk_size
@@ -273,8 +291,8 @@ class ShadowKVCache:
 
     def _attend(self, q_rope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """One decode step from the post-RoPE float32 query and key; advances the cache only once it succeeded."""
-        gen_k = torch.cat([self.gen_k, k_rope.to(self.dtype)[:, :, None]], dim=2)
-        gen_v = torch.cat([self.gen_v, v.to(self.dtype)[:, :, None]], dim=2)
+        gen_k, gen_k_buffer = _appended(self.gen_k, self._gen_k_buffer, k_rope.to(self.dtype))
+        gen_v, gen_v_buffer = _appended(self.gen_v, self._gen_v_buffer, v.to(self.dtype))
 
         parts_k = [self.outlier_k, self.local_k]
         parts_v = [self.outlier_v, self.local_v]
@@ -287,20 +305,33 @@ class ShadowKVCache:
             # at 128K context the tables would outweigh the rest of the resident cache.
             cos, sin = self._rope_rows(tokens.flatten(), self.head_dim)
             rows = torch.arange(tokens.numel(), device=self.device).view(tokens.shape)
+            shape = (*tokens.shape, self.head_dim)
+            on_cpu = self.device.type == "cpu"
             parts_k.append(ops.reconstruct_keys(self.a, self.basis, tokens, cos, sin, rope_positions=rows))
-            resident_values = ops.sparse_gather(self.values, chunk_idx, resident_idx=resident_idx,
-                                                resident=resident_values, device=self.device)
+            if on_cpu:  # the values are in the compute device's memory already: no transfer to save
+                selected_v = ops.sparse_gather(self.values, chunk_idx, device=self.device,
+                                               out=self._scratch_tensor("selected_v", shape, self.values.dtype))
+                resident_values = None  # nothing kept for the next step
+            else:  # chunks the last step selected too are not transferred again
+                selected_v = resident_values = ops.sparse_gather(self.values, chunk_idx, resident_idx=resident_idx,
+                                                                 resident=resident_values, device=self.device)
             resident_idx = chunk_idx
-            parts_v.append(resident_values)
+            parts_v.append(selected_v)
         parts_k.append(gen_k)
         parts_v.append(gen_v)
-        keys = torch.cat(parts_k, dim=2).to(torch.float32)  # [B, H_kv, T, D]
-        values = torch.cat(parts_v, dim=2).to(torch.float32)
-        out = gqa_attention(q_rope, keys, values, self.scale).to(dtype)
+        out = _gqa_attention_over_parts(q_rope, parts_k, parts_v, self.scale).to(dtype)
         # The step is complete: only now does the cache advance.
         self.gen_k, self.gen_v, self.steps = gen_k, gen_v, self.steps + 1
+        self._gen_k_buffer, self._gen_v_buffer = gen_k_buffer, gen_v_buffer
         self._resident_idx, self._resident_values = resident_idx, resident_values
         return out
+
+    def _scratch_tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The reused per-step tensor `name` of `shape` and `dtype` on the compute device."""
+        t = self._scratch.get(name)
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != self.device:
+            t = self._scratch[name] = torch.empty(shape, dtype=dtype, device=self.device)
+        return t
 
     @property
     def selected_chunks(self) -> torch.Tensor | None:
@@ -329,7 +360,7 @@ class ShadowKVCache:
             state[name] = None if t is None else t.index_select(0, indices.to(t.device))
         if state["values"] is not None:
             state["values"] = self._offloaded(state["values"], self.device)
-        state["batch"] = indices.numel()
+        state.update(batch=indices.numel(), _gen_k_buffer=None, _gen_v_buffer=None)
         vars(self).update(state)
 
     def crop_generated(self, tokens: int) -> None:
@@ -347,13 +378,35 @@ class ShadowKVCache:
         """Bytes the cache keeps on the compute device."""
         if not self._prefilled:
             return 0
+        generated = [buffer if buffer is not None and buffer.data_ptr() == seq.data_ptr() else seq
+                     for seq, buffer in ((self.gen_k, self._gen_k_buffer), (self.gen_v, self._gen_v_buffer))]
         return _nbytes(self.a, self.basis, self.landmarks, self.exclude, self.outlier_k, self.outlier_v,
-                       self.local_k, self.local_v, self.gen_k, self.gen_v, self._resident_idx,
-                       self._resident_values)
+                       self.local_k, self.local_v, *generated, self._resident_idx, self._resident_values,
+                       *self._scratch.values())  # on the CPU: the selected values
 
     def offloaded_bytes(self) -> int:
         """Bytes of values kept in `offload_device` memory."""
         return _nbytes(self.values) if self._prefilled else 0
+
+
+def _gqa_attention_over_parts(q: torch.Tensor, parts_k: list[torch.Tensor], parts_v: list[torch.Tensor],
+                              scale: float | None) -> torch.Tensor:
+    """`gqa_attention(q, cat(parts_k), cat(parts_v))` without building the concatenations: the
+    scores of each part side by side, one softmax, then each part's share of the output summed."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads = parts_k[0].shape[1]
+    parts_k = [k for k in parts_k if k.shape[2]]
+    parts_v = [v for v in parts_v if v.shape[2]]
+    q = q.to(torch.float32).view(batch, kv_heads, q_heads // kv_heads, head_dim)  # [B, H_kv, G, D]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    scores = torch.cat([torch.matmul(q, k.to(torch.float32).transpose(-1, -2)) for k in parts_k], dim=-1)
+    weights = scores.mul_(scale).softmax(dim=-1)  # [B, H_kv, G, T]
+    out, start = None, 0
+    for v in parts_v:
+        share = torch.matmul(weights[..., start:start + v.shape[2]], v.to(torch.float32))  # [B, H_kv, G, D]
+        out = share if out is None else out.add_(share)
+        start += v.shape[2]
+    return out.view(batch, q_heads, head_dim)
 
 
 def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
