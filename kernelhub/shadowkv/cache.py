@@ -219,7 +219,8 @@ class ShadowKVCache:
             k = undo_rope(k_rope, positions, cos, sin).to(dtype)
         del cos, sin
         state = dict(device=device, dtype=dtype, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq,
-                     steps=0, _resident_idx=None, _resident_values=None, _gen_k_buffer=None, _gen_v_buffer=None)
+                     steps=0, _resident_idx=None, _resident_values=None, _gen_k_buffer=None, _gen_v_buffer=None,
+                     _scratch={})
 
         # Candidate chunks end where the local window (at least `local` tokens) begins.
         n_chunks = max(0, seq - self.local) // self.chunk_size
