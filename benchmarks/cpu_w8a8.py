@@ -79,14 +79,8 @@ def linear_rows(ms: list[int], models: dict, reps: int) -> list[dict]:
 def prepacked_gemm_alone(layer: Int8Linear, x: torch.Tensor):
     """The prepacked GEMM `layer` calls for `x` (fbgemm's or oneDNN's), on q made once: what the
     layer's own per-call work (quantising, scaling, Python) comes on top of."""
-    if x.shape[0] <= FBGEMM_MAX_ROWS:
-        q, _ = quantize_int8_cpu(x, torch.float32)
-        weight = layer._packed("fbgemm")
-        return lambda: torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(q, 1.0, 128, weight)
-    q, _ = quantize_int8_cpu(x, torch.uint8)
-    weight, zero_points = layer._packed("onednn")
-    return lambda: torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, weight, layer.weight_scale, zero_points, None,
-                                                      1.0, 0, torch.float32, "none", [], "")
+    q, _ = quantize_int8_cpu(x, torch.float32 if x.shape[0] <= FBGEMM_MAX_ROWS else torch.uint8)
+    return lambda: layer._prepacked_product(q)
 
 
 def plain_quantize(x: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,8 @@ from kernelhub.kernels.int8_gemm.cpu import quantize_int8_cpu
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Up to this many rows (tokens) a CPU call multiplies with fbgemm's prepacked weight, above it with
-# oneDNN's: timing the two GEMMs alone at Llama/Qwen shapes on the 2-core AVX512-VNNI VM, fbgemm led
-# at M <= 8 and oneDNN from M = 16, and both beat the unpacked `torch._int_mm` of `int8_scaled_gemm`.
+# oneDNN's. Chosen by timing the two GEMMs alone at Llama/Qwen shapes on the 2-core AVX512-VNNI VM
+# (an ad-hoc comparison, not kept as a benchmark): fbgemm led at M <= 8, oneDNN from M = 16.
 # benchmarks/cpu_w8a8.py measures the layer, and the GEMM it calls alone, against torch.ao.
 FBGEMM_MAX_ROWS = 8
 
@@ -111,17 +111,20 @@ class Int8Linear(nn.Module):
 
     def _prepacked_gemm(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 `(q @ weight_q^T) * scale[:, None] * weight_scale + bias` of `rows`' per-token
-        quantisation. Each GEMM gets q in the form it takes, so its own input quantisation (scale 1,
-        zero point 128) is the identity, and scales its int32 sums by weight_scale itself."""
-        if rows.shape[0] <= FBGEMM_MAX_ROWS:
-            q, scale = quantize_int8_cpu(rows, torch.float32)
-            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(q, 1.0, 128, self._packed("fbgemm"))
-        else:
-            q, scale = quantize_int8_cpu(rows, torch.uint8)
-            weight, zero_points = self._packed("onednn")
-            y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, weight, self.weight_scale, zero_points, None,
-                                                   1.0, 0, torch.float32, "none", [], "")
+        quantisation, through the prepacked GEMM for its number of rows (`_prepacked_product`)."""
+        q, scale = quantize_int8_cpu(rows, torch.float32 if rows.shape[0] <= FBGEMM_MAX_ROWS else torch.uint8)
+        y = self._prepacked_product(q)
         return y.mul_(scale[:, None]) if self.bias is None else torch.addcmul(self.bias, y, scale[:, None], out=y)
+
+    def _prepacked_product(self, q: torch.Tensor) -> torch.Tensor:
+        """float32 `(q @ weight_q^T) * weight_scale` for q `[M, K]` as `_prepacked_gemm` makes it (exact
+        float32 values for fbgemm, up to FBGEMM_MAX_ROWS rows; uint8 q + 128 for oneDNN, above). Each
+        GEMM's own input quantisation (scale 1, zero point 128) is then the identity."""
+        if q.shape[0] <= FBGEMM_MAX_ROWS:
+            return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(q, 1.0, 128, self._packed("fbgemm"))
+        weight, zero_points = self._packed("onednn")
+        return torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, weight, self.weight_scale, zero_points, None,
+                                                  1.0, 0, torch.float32, "none", [], "")
 
     def _packed(self, library: str):
         """The `library`'s ("fbgemm", "onednn") packed form of (weight_q, weight_scale), made at first

@@ -390,14 +390,20 @@ class ShadowKVCache:
         return _nbytes(self.values) if self._prefilled else 0
 
 
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(scale * q k^T) v for one query token per head, in float32 (scale default 1 / sqrt(D)).
+
+    q [B, H_q, D] post-RoPE, k and v [B, H_kv, T, D]; query head j reads KV head j // (H_q // H_kv).
+    """
+    return _gqa_attention_over_parts(q, [k], [v], scale)
+
+
 def _gqa_attention_over_parts(q: torch.Tensor, parts_k: list[torch.Tensor], parts_v: list[torch.Tensor],
                               scale: float | None) -> torch.Tensor:
     """`gqa_attention(q, cat(parts_k), cat(parts_v))` without building the concatenations: the
     scores of each part side by side, one softmax, then each part's share of the output summed."""
     batch, q_heads, head_dim = q.shape
     kv_heads = parts_k[0].shape[1]
-    parts_k = [k for k in parts_k if k.shape[2]]
-    parts_v = [v for v in parts_v if v.shape[2]]
     q = q.to(torch.float32).view(batch, kv_heads, q_heads // kv_heads, head_dim)  # [B, H_kv, G, D]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     scores = torch.cat([torch.matmul(q, k.to(torch.float32).transpose(-1, -2)) for k in parts_k], dim=-1)
@@ -408,16 +414,3 @@ def _gqa_attention_over_parts(q: torch.Tensor, parts_k: list[torch.Tensor], part
         out = share if out is None else out.add_(share)
         start += v.shape[2]
     return out.view(batch, q_heads, head_dim)
-
-
-def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(scale * q k^T) v for one query token per head, in float32 (scale default 1 / sqrt(D)).
-
-    q [B, H_q, D] post-RoPE, k and v [B, H_kv, T, D]; query head j reads KV head j // (H_q // H_kv).
-    """
-    batch, q_heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    q = q.to(torch.float32).view(batch, kv_heads, q_heads // kv_heads, head_dim)  # [B, H_kv, G, D]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    scores = torch.matmul(q, k.to(torch.float32).transpose(-1, -2)) * scale  # [B, H_kv, G, T]
-    return torch.matmul(scores.softmax(dim=-1), v.to(torch.float32)).view(batch, q_heads, head_dim)
