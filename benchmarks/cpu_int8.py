@@ -19,9 +19,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 import kernelhub.ops as ops
+from kernelhub.kernels.int8_gemm.cpu import cpu_int8_scaled_gemm, quantize_int8_cpu
 from kernelhub.kernels.int8_gemm.space import LLAMA3_8B
 
-from harness import BenchmarkParser, fixed, markdown_table, percent_change, publish, ratio, time_cpu, times
+from harness import (BenchmarkParser, fixed, markdown_table, percent_change, publish, ratio, time_cpu,
+                     time_cpu_interleaved, times)
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:
@@ -48,26 +50,41 @@ def gemm_rows(ms: Sequence[int], reps: int) -> list[dict]:
 
 
 def overhead_rows(reps: int) -> list[dict]:
-    """Per-call microseconds on [8, 64] @ [64, 8]: what the Python layer and the registration add."""
+    """Per-call microseconds on tiny operands (an [8, 64] @ [64, 8] GEMM, an [8, 64] quantisation),
+    where the kernel itself costs almost nothing: each public op against the kernel it dispatches
+    to, and the registered torch.library op (which eager calls bypass) beside them."""
     a = torch.randint(-128, 128, (8, 64), dtype=torch.int8)
     b = torch.randint(-128, 128, (8, 64), dtype=torch.int8).t()
-    calls = 2000
+    scale_a, scale_b, x = torch.rand(8), torch.rand(8), torch.randn(8, 64)
+    calls = 1000
 
-    def per_call_us(fn):
-        def loop():
+    def loop(fn):
+        def run():
             for _ in range(calls):
                 fn()
-        return median_ms(loop, max(3, reps // 4)) * 1e3 / calls
+        return run
 
-    bare = per_call_us(lambda: torch._int_mm(a, b))
-    eager = per_call_us(lambda: ops.int8_gemm(a, b))
-    dispatcher = per_call_us(lambda: torch.ops.kernelhub.int8_gemm(a, b))
-    return [
-        {"path": "torch._int_mm (bare)", "us per call": bare, "added us": 0.0},
-        {"path": "kernelhub.ops.int8_gemm (eager: validate + dispatch)", "us per call": eager, "added us": eager - bare},
-        {"path": "torch.ops.kernelhub.int8_gemm (registered op)", "us per call": dispatcher,
-         "added us": dispatcher - bare},
-    ]
+    contenders = {  # op -> (what it dispatches to on the CPU, the public op)
+        "int8_gemm": ("torch._int_mm (bare)", lambda: torch._int_mm(a, b), lambda: ops.int8_gemm(a, b)),
+        "int8_scaled_gemm": ("cpu_int8_scaled_gemm (its CPU path)",
+                             lambda: cpu_int8_scaled_gemm(a, b, scale_a, scale_b, None, torch.float32, None),
+                             lambda: ops.int8_scaled_gemm(a, b, scale_a, scale_b, None, torch.float32)),
+        "quantize_int8": ("quantize_int8_cpu (its CPU path)", lambda: quantize_int8_cpu(x),
+                          lambda: ops.quantize_int8(x)),
+    }
+    fns = {}
+    for op, (_, kernel, public) in contenders.items():
+        fns[(op, "kernel")], fns[(op, "op")] = loop(kernel), loop(public)
+    fns[("int8_gemm", "registered")] = loop(lambda: torch.ops.kernelhub.int8_gemm(a, b))
+    us = {key: t.median_ms * 1e3 / calls for key, t in time_cpu_interleaved(fns, reps=max(5, reps)).items()}
+    rows = []
+    for op, (kernel_name, _, _) in contenders.items():
+        rows.append({"path": kernel_name, "us per call": us[(op, "kernel")], "added us": 0.0})
+        rows.append({"path": f"kernelhub.ops.{op} (eager: validate + dispatch)", "us per call": us[(op, "op")],
+                     "added us": us[(op, "op")] - us[(op, "kernel")]})
+    rows.append({"path": "torch.ops.kernelhub.int8_gemm (registered op)", "us per call": us[("int8_gemm", "registered")],
+                 "added us": us[("int8_gemm", "registered")] - us[("int8_gemm", "kernel")]})
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,7 +50,7 @@ SHAPES = [
 
 def chunk_gemm(a: torch.Tensor) -> overlap.Gemm:
     """The GEMM the ops run on `a`'s chunks: torch's on the CPU, the Triton chunk GEMM (tp_gemm) on a GPU."""
-    return overlap.chunk_gemm(get_family("tp_gemm"), a, backend.choose(a.device))
+    return overlap.chunk_gemm(get_family("tp_gemm"), a, backend.choose(a))
 
 
 def measure_shape(op: str, rows: int, n: int, k: int, dtype: str, reps: int, chunk_choices: list[int],

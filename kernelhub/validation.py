@@ -40,7 +40,8 @@ def tensor(name: str, value, *, dtypes: Sequence[torch.dtype], ndim: int) -> tor
         raise TypeError(f"{name}: expected dtype {expected}, got {dtype_name(value.dtype)}")
     if value.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
-    refuse_autograd(name, value)
+    if value.requires_grad:  # tested here first: the check costs a call on every op's hot path
+        refuse_autograd(name, value)
     return value
 
 
@@ -51,14 +52,24 @@ def shape(name: str, value: torch.Tensor, expected: Sequence[int], meaning: str)
 
 
 def same_device(**tensors: torch.Tensor | None) -> torch.device:
-    """All given tensors on one device; returns it."""
-    present = {n: t for n, t in tensors.items() if t is not None}
-    devices = {n: t.device for n, t in present.items()}
+    """All given tensors (None is skipped) on one device; returns it."""
+    first = None
+    for value in tensors.values():
+        if value is not None:
+            if first is None:
+                first = value.device
+            elif value.device != first:
+                _refuse_devices(tensors)
+    return first
+
+
+def _refuse_devices(tensors: Mapping[str, torch.Tensor | None]) -> None:
+    """The ValueError naming the first tensor on another device than the first tensor's."""
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
     first_name, first = next(iter(devices.items()))
     for n, d in devices.items():
         if d != first:
             raise ValueError(f"{n} is on {d} but {first_name} is on {first}: all tensors must be on one device")
-    return first
 
 
 def device(name: str, value) -> torch.device:

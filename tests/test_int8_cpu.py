@@ -8,8 +8,16 @@ import torch
 from kernelhub.kernels.int8_gemm import cpu
 from kernelhub.reference import int8_gemm as ref
 
-# (M, K) on either side of the numpy limit, with the last block of rows partial.
-SHAPES = [(1, 1), (1, 4096), (7, 129), (16, 4096), (17, 4096), (129, 1000), (300, 4097), (3, 70001), (4, 4096), (5, 4096)]
+# (M, K) on either side of each path's limit (numpy up to 24 x 4096 elements, one pass up to 32 x
+# 4096, blocks of rows above), one block and several, the last block of rows partial.
+SHAPES = [(1, 1), (1, 4096), (7, 129), (24, 4096), (25, 4096), (32, 4096), (33, 4096), (129, 1000), (300, 4097),
+          (3, 70001), (4, 4096), (5, 4096)]
+
+
+def test_the_shapes_straddle_each_limit():
+    sizes = [m * k for m, k in SHAPES]
+    for limit in (cpu._NUMPY_MAX_ELEMENTS, cpu._ONE_PASS_MAX_ELEMENTS):
+        assert limit in sizes and limit + 4096 in sizes
 
 
 def _as_int8(q: torch.Tensor) -> torch.Tensor:
@@ -43,6 +51,8 @@ def test_matches_the_reference_on_rows_of_every_kind(shape, dtype, form):
         x[4, 0] = -float("inf")
         x[5] = x[5] * 1e-41 if dtype == torch.float32 else x[5]  # a subnormal scale
         x[6] = torch.arange(k, dtype=torch.float32).remainder(5).sub(2).mul(63.5).to(dtype)  # ties at .5
+    if m >= 8 and dtype == torch.float32:
+        x[7] = x[7] / x[7].abs().max() * 1e-37  # a normal absmax, a subnormal scale (the careful path)
     _same(x, form)
 
 

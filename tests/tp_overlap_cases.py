@@ -262,7 +262,7 @@ def list_cases(cases: list[tuple], backend: str | None = None) -> list[str]:
                 runs.append(("one b at a time", [ops.all_gather_gemm(a, b) for b in bs]))
             else:
                 outs, gathered = fresh(), torch.empty(world * rows, k, dtype=a.dtype)
-                gemm = overlap.chunk_gemm(GEMM_SPEC, a, backends.choose(a.device))
+                gemm = overlap.chunk_gemm(GEMM_SPEC, a, backends.choose(a))
                 overlap.all_gather_gemm(a, bs, outs, gathered, group=None, chunks=config["CHUNKS"],
                                         order=config["ORDER"], gemm=gemm)
                 runs.append((f"schedule {config}", outs))

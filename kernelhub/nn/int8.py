@@ -106,8 +106,8 @@ class Int8Linear(nn.Module):
     def _prepacked_path(self, rows: torch.Tensor) -> bool:
         """Whether this call multiplies with a prepacked weight: an eager CPU call (not traced, not
         forced to another backend) of at least one row, where the prepacked GEMMs sum exactly."""
-        return (rows.shape[0] > 0 and rows.device.type == "cpu" and not torch.compiler.is_compiling()
-                and backend.choose(rows.device) == "cpu" and _prepacked_gemms_are_exact())
+        return (rows.shape[0] > 0 and rows.is_cpu and not torch.compiler.is_compiling()
+                and backend.choose(rows) == "cpu" and _prepacked_gemms_are_exact())
 
     def _prepacked_gemm(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 `(q @ weight_q^T) * scale[:, None] * weight_scale + bias` of `rows`' per-token

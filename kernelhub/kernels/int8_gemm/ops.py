@@ -27,15 +27,20 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # int8 GEMM
 # ----------------------------------------------------------------------------------------------
 
+_INT8 = (torch.int8,)
+_FLOAT32 = (torch.float32,)
+
+
 def _check_int8_operands(a, b) -> tuple[int, int, int]:
-    validation.tensor("a", a, dtypes=(torch.int8,), ndim=2)
-    validation.tensor("b", b, dtypes=(torch.int8,), ndim=2)
+    validation.tensor("a", a, dtypes=_INT8, ndim=2)
+    validation.tensor("b", b, dtypes=_INT8, ndim=2)
     m, k = a.shape
-    if b.shape[0] != k:
+    k_b, n = b.shape
+    if k_b != k:
         raise ValueError(f"b: expected shape [K, N] with K = a.shape[1] = {k}, got {tuple(b.shape)}")
     if k > MAX_K:
         raise ValueError(f"a: K = {k} exceeds {MAX_K}, beyond which the int32 accumulator can overflow")
-    return m, b.shape[1], k
+    return m, n, k
 
 
 def _fake_int8_gemm(a, b):
@@ -44,7 +49,7 @@ def _fake_int8_gemm(a, b):
 
 @kernel_op("int8_gemm", fake=_fake_int8_gemm)
 def _int8_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    path = backend.choose(a.device)
+    path = backend.choose(a)
     if path == "reference":
         result = int8_ref.int8_gemm(a, b)
         return result if out is None else out.copy_(result)
@@ -68,7 +73,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = No
     """
     m, n, _ = _check_int8_operands(a, b)
     device = validation.same_device(a=a, b=b)
-    validation.out_tensor(out, shape=(m, n), dtype=torch.int32, device=device, inputs={"a": a, "b": b})
+    if out is not None:
+        validation.out_tensor(out, shape=(m, n), dtype=torch.int32, device=device, inputs={"a": a, "b": b})
     return _int8_gemm(a, b, out)
 
 
@@ -79,7 +85,7 @@ def _fake_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype):
 @kernel_op("int8_scaled_gemm", fake=_fake_int8_scaled_gemm)
 def _int8_scaled_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
                       bias: torch.Tensor | None, out_dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
-    path = backend.choose(a.device)
+    path = backend.choose(a)
     if path == "reference":
         result = int8_ref.int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype)
         return result if out is None else out.copy_(result)
@@ -116,9 +122,9 @@ def int8_scaled_gemm(
     within one rounding of out_dtype (the kernels accumulate exactly in int32, then scale in float32).
     """
     m, n, _ = _check_int8_operands(a, b)
-    validation.tensor("scale_a", scale_a, dtypes=(torch.float32,), ndim=1)
+    validation.tensor("scale_a", scale_a, dtypes=_FLOAT32, ndim=1)
     validation.shape("scale_a", scale_a, (m,), "[M]")
-    validation.tensor("scale_b", scale_b, dtypes=(torch.float32,), ndim=1)
+    validation.tensor("scale_b", scale_b, dtypes=_FLOAT32, ndim=1)
     validation.shape("scale_b", scale_b, (n,), "[N]")
     if bias is not None:
         validation.tensor("bias", bias, dtypes=_FLOAT_DTYPES, ndim=1)
@@ -126,8 +132,9 @@ def int8_scaled_gemm(
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {out_dtype}")
     device = validation.same_device(a=a, b=b, scale_a=scale_a, scale_b=scale_b, bias=bias)
-    validation.out_tensor(out, shape=(m, n), dtype=out_dtype, device=device,
-                          inputs={"a": a, "b": b, "scale_a": scale_a, "scale_b": scale_b, "bias": bias})
+    if out is not None:
+        validation.out_tensor(out, shape=(m, n), dtype=out_dtype, device=device,
+                              inputs={"a": a, "b": b, "scale_a": scale_a, "scale_b": scale_b, "bias": bias})
     return _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out)
 
 
@@ -141,7 +148,7 @@ def _fake_quantize_int8(x):
 
 @kernel_op("quantize_int8", fake=_fake_quantize_int8)
 def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    path = backend.choose(x.device)
+    path = backend.choose(x)
     if path == "reference":
         return int8_ref.quantize_int8(x)
     if path == "cpu":

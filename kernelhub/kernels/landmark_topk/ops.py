@@ -47,7 +47,7 @@ def _fake_landmarks(k_rope, chunk_size):
 
 @kernel_op("landmarks", fake=_fake_landmarks)
 def _landmarks(k_rope: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    if backend.choose(k_rope.device) == "reference":
+    if backend.choose(k_rope) == "reference":
         return ref.landmarks(k_rope, chunk_size)
     b, h, s, d = k_rope.shape
     c = s // chunk_size
@@ -85,7 +85,7 @@ def _fake_outlier_chunks(k_rope, landmarks, n, chunk_size):
 
 @kernel_op("outlier_chunks", fake=_fake_outlier_chunks)
 def _outlier_chunks(k_rope: torch.Tensor, landmarks: torch.Tensor, n: int, chunk_size: int) -> torch.Tensor:
-    if backend.choose(k_rope.device) == "reference":
+    if backend.choose(k_rope) == "reference":
         return ref.outlier_chunks(k_rope, landmarks, n, chunk_size)
     b, h, c, d = landmarks.shape
     keys = k_rope[:, :, :c * chunk_size].reshape(b, h, c, chunk_size, d).to(torch.float32)
@@ -185,7 +185,7 @@ def _fake_landmark_topk(q, landmarks, k, exclude):
 def _landmark_topk(q: torch.Tensor, landmarks: torch.Tensor, k: int, exclude: torch.Tensor | None,
                    out: torch.Tensor | None) -> torch.Tensor:
     _check_k_after_exclude(k, exclude, landmarks.shape[2])
-    path = backend.choose(q.device)
+    path = backend.choose(q)
     if path in ("reference", "cpu"):
         if path == "reference":
             result = ref.landmark_topk(q, landmarks, k, exclude)

@@ -133,7 +133,7 @@ def _fake_lowrank_keys(k, rank):
 
 @kernel_op("lowrank_keys", fake=_fake_lowrank_keys)
 def _lowrank_keys(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    path = backend.choose(k.device)
+    path = backend.choose(k)
     if path == "reference":
         _refuse_non_finite(k)
         return lowrank_ref.lowrank_keys(k, rank)
@@ -259,7 +259,7 @@ def _fake_reconstruct_keys(a, basis, positions, cos, sin, rope_positions):
 def _reconstruct_keys(a: torch.Tensor, basis: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, rope_positions: torch.Tensor | None,
                       out: torch.Tensor | None) -> torch.Tensor:
-    path = backend.choose(a.device)
+    path = backend.choose(a)
     if path in ("reference", "cpu"):
         fn = lowrank_ref.reconstruct_keys if path == "reference" else _reconstruct_keys_cpu
         result = fn(a, basis, positions, cos, sin, rope_positions)

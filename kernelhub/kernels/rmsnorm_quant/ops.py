@@ -142,7 +142,7 @@ def _fake_rmsnorm_quantize_int8(x, weight, residual, eps):
 def _rmsnorm_quantize_int8(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, scale, h), h empty [0] without a residual (a registered op's outputs cannot alias x)."""
-    path = backend.choose(x.device)
+    path = backend.choose(x)
     if path == "reference":
         q, scale, *h = ref.rmsnorm_quantize_int8(x, weight, eps, residual)
         return q, scale, h[0] if h else x.new_empty((0,))

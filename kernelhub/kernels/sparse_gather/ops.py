@@ -153,7 +153,7 @@ def _sparse_gather(values: torch.Tensor, chunk_idx: torch.Tensor, resident_idx: 
     k = chunk_idx.shape[-1]
     _check_index_range(chunk_idx, num_chunks)
     chunk_idx = chunk_idx.to(device)
-    path = backend.choose(device)
+    path = backend.choose(chunk_idx)  # now on `device`
     if path == "reference":  # the reference needs no resident set: it is the same numbers
         result = ref.sparse_gather(values, chunk_idx).to(device)
         return result if out is None else out.copy_(result)

@@ -151,7 +151,7 @@ def _prepare(op: str, spec, a, bs: list, names: list[str], group, rows_divisor_o
     try:
         _check_operands(a, bs, names, group, rows_divisor_of(world), "M" if spec is RS_SPEC else "M_local")
         _check_out(out, listed, a, bs, names, out_rows_of(world))
-        path = backend.choose(a.device)
+        path = backend.choose(a)
         shape = (world, a.shape[0], sum(b.shape[1] for b in bs), a.shape[1])
         config = configs.best_config(spec, shape, validation.dtype_name(a.dtype), device_for_tensor(a))
     except (TypeError, ValueError, RuntimeError) as exc:

@@ -69,7 +69,7 @@ def _rank_inputs(shape, dtype: str, device, seed: int) -> dict:
 def _chunk_gemm(a: torch.Tensor) -> overlap.Gemm:
     """The chunk GEMM a call on `a` would run, so that check and tune launch what the ops launch:
     torch's on the CPU path (what `--gpu cpu` tunes), else the Triton kernel."""
-    return overlap.chunk_gemm(GEMM_SPEC, a, backend.choose(a.device))
+    return overlap.chunk_gemm(GEMM_SPEC, a, backend.choose(a))
 
 
 def _ag_launch(inputs, config, out):
