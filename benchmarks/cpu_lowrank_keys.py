@@ -9,6 +9,14 @@ Keys: B = 1, H_kv = 8, D = 128, float32 `[B, H_kv, S, D]` with a decaying spectr
 160. `error`: ||K - A B|| / ||K|| of each factorisation over the merged `[S, H_kv * D]` keys; the
 truncated SVD's is the optimum (Eckart-Young). `svd_lowrank` runs with q = rank and niter = 2
 (torch's default), the setting whose cost is comparable. Medians of `--reps` calls (the SVD: one).
+
+A second table says where lowrank_keys' time goes and what bounds it: its three steps alone (the
+float32 Gram matrix's lower block triangle, `eigh` of it, the projection `a = K V_r`), the full
+`K^T K` product with float32 and with bfloat16 inputs (torch's CPU GEMM; bfloat16 pays only where the
+CPU has AMX or AVX512-BF16 kernels that are faster than its float32 ones), and the error of the
+factorisation from bfloat16 keys two ways: the Gram matrix accumulated and kept in float32 (what a
+bfloat16 x bfloat16 -> float32 GEMM would give; torch's CPU matmul has none), and torch's bfloat16
+matmul, which rounds the Gram matrix itself to bfloat16.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import torch
 
 import kernelhub.ops as ops
+from kernelhub.kernels.lowrank_keys.ops import _basis_from_gram, _merged_gram
 from kernelhub.reference.lowrank_keys import merge_heads
 from kernelhub.shadowkv.synthetic import make_synthetic_cache
 
@@ -47,11 +56,32 @@ def run(seq: int, reps: int) -> dict:
     }
 
 
+def breakdown(seq: int, reps: int) -> dict:
+    keys = make_synthetic_cache(1, H_KV, 32, seq, D, seed=0).k
+    merged = merge_heads(keys).float()  # [1, S, H_kv * D]
+    rounded = merged.to(torch.bfloat16)
+    seconds = lambda fn: time_cpu(fn, reps=reps, warmup=1).median_ms / 1e3  # noqa: E731
+    with torch.inference_mode():
+        gram = _merged_gram(merged)
+        basis = _basis_from_gram(gram, RANK, torch.float32)
+        row = {"S": seq, "Gram (lower triangle) s": seconds(lambda: _merged_gram(merged)),
+               "eigh s": seconds(lambda: torch.linalg.eigh(gram)),
+               "projection s": seconds(lambda: merged @ basis.transpose(1, 2)),
+               "full K^T K float32 s": seconds(lambda: merged.transpose(1, 2) @ merged),
+               "full K^T K bfloat16 s": seconds(lambda: rounded.transpose(1, 2) @ rounded)}
+        for name, gram_of_keys in (("error, bfloat16 keys, float32 Gram", _merged_gram(rounded.float())),
+                                   ("error, bfloat16 Gram (torch matmul)", _merged_gram(rounded).float())):
+            top = _basis_from_gram(gram_of_keys, RANK, torch.float32)[0]
+            row[name] = relative_error(merged[0], merged[0] @ top.t(), top)
+    return row
+
+
 def main(argv=None) -> None:
     parser = BenchmarkParser(__file__, __doc__, reps=3, quick={"seqs": [4096], "reps": 1})
     parser.add_argument("--seqs", type=int, nargs="+", default=[32768, 65536, 131072], help="tokens S")
     args = parser.parse_args(argv)
     rows = [run(seq, args.reps) for seq in args.seqs]
+    steps = [breakdown(seq, args.reps) for seq in args.seqs]
     error = lambda v: f"{v:.4g}"  # noqa: E731
     text = "\n\n".join([
         f"lowrank_keys vs torch.linalg.svd and torch.svd_lowrank: B=1, H_kv={H_KV}, D={D}, rank {RANK}, float32",
@@ -59,6 +89,8 @@ def main(argv=None) -> None:
                               "lowrank_keys error", "svd error (optimum)", "svd_lowrank error"],
                        {"vs svd": times, "vs svd_lowrank": times, "lowrank_keys error": error,
                         "svd error (optimum)": error, "svd_lowrank error": error}),
+        "Where lowrank_keys' time goes, and the Gram product with bfloat16 inputs (the same keys)",
+        markdown_table(steps, list(steps[0]), {name: error for name in steps[0] if name.startswith("error")}),
     ])
     publish(text, args)
 

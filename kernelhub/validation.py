@@ -47,7 +47,7 @@ def tensor(name: str, value, *, dtypes: Sequence[torch.dtype], ndim: int) -> tor
 
 def shape(name: str, value: torch.Tensor, expected: Sequence[int], meaning: str) -> None:
     """`value.shape` must equal `expected`; `meaning` spells the expected shape symbolically."""
-    if tuple(value.shape) != tuple(expected):
+    if value.shape != expected and tuple(value.shape) != tuple(expected):  # a torch.Size equals its tuple
         raise ValueError(f"{name}: expected shape {meaning} = {tuple(expected)}, got {tuple(value.shape)}")
 
 

@@ -298,3 +298,13 @@ def test_cpu_tp_overlap_row_on_two_ranks():
     assert row["speedup"] == pytest.approx(row["T_sequential"] / row["T_overlapped"])
     expected_e = (row["T_gemm"] + row["T_p2p"] - row["T_overlapped"]) / min(row["T_gemm"], row["T_p2p"])
     assert row["E"] == pytest.approx(expected_e)
+
+
+def test_cpu_cold_calls_end_to_end_writes_its_page(tmp_path):
+    path = tmp_path / "cold.md"
+    _load("cpu_cold_calls").main(["--quick", "--reps", "3", "--markdown", str(path)])
+    page = path.read_text()
+    for call in ("kernelhub quantize_int8", "plain torch quantisation", "fbgemm GEMM alone", "kernelhub Int8Linear",
+                 "torch.ao dynamic Linear"):
+        row = next(line for line in page.splitlines() if line.startswith(f"| {call}"))
+        assert all(float(cell) > 0 for cell in row.strip("|").split("|")[1:])  # four timings, each measured

@@ -8,10 +8,10 @@ import torch
 from kernelhub.kernels.int8_gemm import cpu
 from kernelhub.reference import int8_gemm as ref
 
-# (M, K) on either side of each path's limit (numpy up to 24 x 4096 elements, one pass up to 32 x
+# (M, K) on either side of each path's limit (numpy up to 8 x 4096 elements, one pass up to 32 x
 # 4096, blocks of rows above), one block and several, the last block of rows partial.
-SHAPES = [(1, 1), (1, 4096), (7, 129), (24, 4096), (25, 4096), (32, 4096), (33, 4096), (129, 1000), (300, 4097),
-          (3, 70001), (4, 4096), (5, 4096)]
+SHAPES = [(1, 1), (1, 4096), (7, 129), (8, 4096), (9, 4096), (16, 4096), (32, 4096), (33, 4096), (129, 1000),
+          (300, 4097), (3, 70001), (4, 4096), (5, 4096)]
 
 
 def test_the_shapes_straddle_each_limit():

@@ -79,13 +79,12 @@ def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.
 # -- quantize_int8 -------------------------------------------------------------------------------
 #
 # Measured on the 2-core CI VM (benchmarks/cpu_w8a8.py): a fresh float32 tensor of tens of MB costs
-# more than the arithmetic on it (its pages are faulted in on first touch), and `torch.aminmax` is
-# far slower than `amax` and `amin` apart. So, block of rows by block: the row maxima from `amax`
-# and `amin` (no |x| tensor), then the quotients in one reused scratch buffer, written straight into
-# the result; the block's later passes find it in the cache (from M = 64 at K = 4096 on, 1.1x to 1.6x
-# faster than fresh temporaries). Small problems go through numpy, whose per-operation cost is a
-# fraction of torch's (beyond about 100K elements its single thread loses to torch's two), in the
-# fewest operations: see `_quantize_numpy`.
+# more than the arithmetic on it (its pages are faulted in on first touch), and `torch.aminmax` over
+# rows of x is far slower than `amax` and `amin` apart. So, block of rows by block: the row maxima
+# from `amax` and `amin` (no |x| tensor), then the quotients in one reused scratch buffer, written
+# straight into the result; the block's later passes find it in the cache. Small problems go
+# through numpy, whose per-operation cost is a fraction of torch's (beyond about 32K elements its
+# single thread loses to torch's two), in the fewest operations: see `_quantize_numpy`.
 #
 # Why most rows need no clamp: a row whose scale is a normal float32 (at least 2**-126) and finite
 # has quotients |x| / scale <= absmax / fl(absmax / 127) <= 127 (1 + 2**-24)**2 < 127.5, which round
@@ -93,7 +92,7 @@ def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.
 # (0 / 0) or a non-finite one needs the reference's clamp and NaN handling.
 
 _BLOCK_ELEMENTS = 1 << 20  # float32 quotients per block: 4 MiB
-_NUMPY_MAX_ELEMENTS = 3 << 15  # 96K: M = 24 at K = 4096
+_NUMPY_MAX_ELEMENTS = 1 << 15  # M = 8 at K = 4096
 _ONE_PASS_MAX_ELEMENTS = 1 << 17  # up to here fresh temporaries cost less than the blocked loop's copies
 _INF = np.float32(np.inf)
 _SMALLEST_NORMAL = np.float32(np.finfo(np.float32).tiny)
@@ -135,19 +134,27 @@ def _quantize_numpy(x: torch.Tensor, form: torch.dtype) -> tuple[torch.Tensor, t
     return torch.from_numpy(q if form == torch.float32 else q.astype(_NUMPY_FORMS[form])), torch.from_numpy(scale)
 
 
-def _row_scales(x: torch.Tensor) -> torch.Tensor:
-    """float32 `max |x| / 127` of each row of `x [M, K]`, as the reference computes it (NaN propagates)."""
+def _quantize_rows(x: torch.Tensor, scale: torch.Tensor, quotient: torch.Tensor | None, shift: float) -> torch.Tensor:
+    """Rows `x [R, K]` -> float32 `[R, K]` holding q + shift (in `quotient` if given), their scales
+    written into `scale [R]`, as the reference computes them: max |x| from `amax` and `amin` (NaN
+    propagates), divided by a tensor 127. Clamp and NaN handling only when some scale needs them."""
     absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_()).to(torch.float32)
-    return absmax / _DIVISOR_127
+    torch.div(absmax, _DIVISOR_127, out=scale)
+    quotient = torch.div(x, scale[:, None], out=quotient).round_()  # rounds half to even
+    lowest, highest = torch.aminmax(scale)
+    if not (float(lowest) >= _SMALLEST_NORMAL and float(highest) < _INF):  # NaN fails both
+        # Only 0 / 0, Inf / Inf and NaN quotients are NaN, and the reference gives them q = 0.
+        quotient.clamp_(-127, 127).nan_to_num_(0.0)
+    return quotient.add_(shift) if shift else quotient
 
 
 def quantize_int8_cpu(x: torch.Tensor, form: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
     """`kernelhub.reference.int8_gemm.quantize_int8` of a CPU `x [M, K]` (any strides), bit for bit:
     q `[M, K]` in `form` (Q_FORMS: int8; uint8 holding q + 128; float32 holding q), scale float32 `[M]`.
 
-    A row whose scale is positive and finite has finite quotients of at most 191 in magnitude (see
-    quantize.py), so only the other rows (all zero, or holding NaN or Inf) need the reference's
-    NaN handling, and there q is 0 throughout.
+    A row whose scale is normal and finite needs neither clamp nor NaN handling (see above); the
+    others (a subnormal scale, all zero, or holding NaN or Inf) get the reference's, q = 0 throughout
+    a non-finite or all-zero row.
     """
     if form not in Q_FORMS:
         raise ValueError(f"form: expected one of {Q_FORMS}, got {form}")
@@ -158,26 +165,13 @@ def quantize_int8_cpu(x: torch.Tensor, form: torch.dtype = torch.int8) -> tuple[
     if m * k <= _NUMPY_MAX_ELEMENTS:
         return _quantize_numpy(x, form)
     shift = 128.0 if form == torch.uint8 else 0.0
-    if m * k <= _ONE_PASS_MAX_ELEMENTS:  # small enough that its temporaries cost little: the fewest ops
-        scale = _row_scales(x)
-        # The reference's clamp and NaN handling in two passes over the block and no host sync:
-        # only 0 / 0, Inf / Inf and NaN quotients are NaN, and the reference gives them q = 0.
-        quotient = torch.div(x, scale[:, None]).round_().clamp_(-127, 127).nan_to_num_(0.0)
-        return (quotient.add_(shift) if shift else quotient).to(form), scale
+    scale = torch.empty(m, dtype=torch.float32)
+    if m * k <= _ONE_PASS_MAX_ELEMENTS:  # small enough that fresh temporaries cost little: the fewest ops
+        return _quantize_rows(x, scale, None, shift).to(form), scale
     rows = max(1, _BLOCK_ELEMENTS // k)
     q = torch.empty((m, k), dtype=form)
-    scale = torch.empty(m, dtype=torch.float32)
-    block = _scratch_block(rows, k)
+    block = _scratch_block(min(rows, m), k)
     for start in range(0, m, rows):  # each block of x is read from memory once, then from the cache
         stop = min(m, start + rows)
-        scale[start:stop] = _row_scales(x[start:stop])
-        quotient = block[:stop - start]
-        torch.div(x[start:stop], scale[start:stop, None], out=quotient)
-        quotient.round_().clamp_(-127, 127)  # rounds half to even
-        if shift:
-            quotient.add_(shift)
-        q[start:stop].copy_(quotient)
-    lowest, highest = torch.aminmax(scale)
-    if not (float(lowest) > 0 and float(highest) < float("inf")):  # NaN fails both
-        q[~((scale > 0) & (scale < float("inf")))] = shift
+        q[start:stop].copy_(_quantize_rows(x[start:stop], scale[start:stop], block[:stop - start], shift))
     return q, scale

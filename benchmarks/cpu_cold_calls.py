@@ -1,0 +1,72 @@
+"""What a short call costs when it runs cold: the per-call work of a W8A8 layer at decode size,
+back to back and right after what a model does between two calls of one layer.
+
+    python benchmarks/cpu_cold_calls.py --markdown benchmarks/results/cpu_cold_calls.md
+    python benchmarks/cpu_cold_calls.py --quick      # a small weight, 5 reps: checks the script works
+
+Each contender runs after a preparation that is not timed: nothing (back to back, warm), a copy of
+`--stream-mb` MB (what the other layers' weights do to the caches between two calls of one layer),
+one call of the Llama-3-8B `down` projection's prepacked int8 GEMM (its 58 MB weight streams
+through the caches), or a 5 ms sleep (the core idles). Contenders, all on one token `[1, 14336]`:
+kernelhub's CPU quantiser, the plain torch expression, the fbgemm GEMM alone on q made once, and
+torch.ao's whole dynamic int8 Linear (one C++ op). Medians of `--reps` calls, microseconds.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from kernelhub.kernels.int8_gemm.cpu import quantize_int8_cpu
+from kernelhub.nn import Int8Linear
+
+from cpu_w8a8 import activations, plain_quantize, torch_ao
+from harness import BenchmarkParser, fixed, markdown_table, publish
+
+
+def cold_us(prepare, fn, reps: int) -> float:
+    """Median microseconds of `fn()` timed right after an untimed `prepare()`."""
+    samples = []
+    for _ in range(reps + 2):
+        prepare()
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e6)
+    samples = sorted(samples[2:])
+    return samples[len(samples) // 2]
+
+
+def rows(n: int, k: int, stream_mb: int, reps: int) -> list[dict]:
+    linear = nn.Linear(k, n)
+    layer, ao = Int8Linear.from_float(linear), torch_ao(linear)
+    x = activations(1, k, torch.Generator().manual_seed(0))
+    q, _ = quantize_int8_cpu(x, torch.float32)
+    source = torch.empty(stream_mb << 20, dtype=torch.uint8)
+    target = torch.empty_like(source)
+    preparations = {"back to back": lambda: None, f"after a {stream_mb} MB copy": lambda: target.copy_(source),
+                    "after the GEMM": lambda: layer._prepacked_product(q), "after a 5 ms sleep": lambda: time.sleep(0.005)}
+    contenders = {"kernelhub quantize_int8 (CPU path)": lambda: quantize_int8_cpu(x, torch.float32),
+                  "plain torch quantisation": lambda: plain_quantize(x),
+                  "fbgemm GEMM alone": lambda: layer._prepacked_product(q),
+                  "kernelhub Int8Linear": lambda: layer(x), "torch.ao dynamic Linear": lambda: ao(x)}
+    with torch.inference_mode():
+        return [{"call": name, **{when: cold_us(prepare, fn, reps) for when, prepare in preparations.items()}}
+                for name, fn in contenders.items()]
+
+
+def main(argv=None) -> None:
+    parser = BenchmarkParser(__file__, __doc__, reps=60, quick={"n": 256, "k": 512, "stream_mb": 4, "reps": 5})
+    parser.add_argument("--n", type=int, default=4096, help="output features (default: Llama-3-8B down)")
+    parser.add_argument("--k", type=int, default=14336, help="input features")
+    parser.add_argument("--stream-mb", type=int, default=64, help="MB copied by the cache-clearing preparation")
+    args = parser.parse_args(argv)
+    table = rows(args.n, args.k, args.stream_mb, args.reps)
+    text = "\n\n".join([f"One token [1, {args.k}] through a [{args.n}, {args.k}] W8A8 layer's pieces, us (median)",
+                        markdown_table(table, list(table[0]), {c: fixed(1) for c in table[0] if c != "call"})])
+    publish(text, args)
+
+
+if __name__ == "__main__":
+    main()
