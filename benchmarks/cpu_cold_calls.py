@@ -45,8 +45,10 @@ def rows(n: int, k: int, stream_mb: int, reps: int) -> list[dict]:
     q, _ = quantize_int8_cpu(x, torch.float32)
     source = torch.empty(stream_mb << 20, dtype=torch.uint8)
     target = torch.empty_like(source)
-    preparations = {"back to back": lambda: None, f"after a {stream_mb} MB copy": lambda: target.copy_(source),
-                    "after the GEMM": lambda: layer._prepacked_product(q), "after a 5 ms sleep": lambda: time.sleep(0.005)}
+    preparations = {"back to back": lambda: None,
+                    f"after a {stream_mb} MB copy": lambda: target.copy_(source),
+                    "after the GEMM": lambda: layer._prepacked_product(q),
+                    "after a 5 ms sleep": lambda: time.sleep(0.005)}
     contenders = {"kernelhub quantize_int8 (CPU path)": lambda: quantize_int8_cpu(x, torch.float32),
                   "plain torch quantisation": lambda: plain_quantize(x),
                   "fbgemm GEMM alone": lambda: layer._prepacked_product(q),

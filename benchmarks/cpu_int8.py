@@ -85,8 +85,9 @@ def overhead_rows(reps: int) -> list[dict]:
         rows.append({"path": kernel_name, "us per call": us[(op, "kernel")], "added us": 0.0})
         rows.append({"path": f"kernelhub.ops.{op} (eager: validate + dispatch)", "us per call": us[(op, "op")],
                      "added us": us[(op, "op")] - us[(op, "kernel")]})
-    rows.append({"path": "torch.ops.kernelhub.int8_gemm (registered op)", "us per call": us[("int8_gemm", "registered")],
-                 "added us": us[("int8_gemm", "registered")] - us[("int8_gemm", "kernel")]})
+    registered = us[("int8_gemm", "registered")]
+    rows.append({"path": "torch.ops.kernelhub.int8_gemm (registered op)", "us per call": registered,
+                 "added us": registered - us[("int8_gemm", "kernel")]})
     return rows
 
 

@@ -115,9 +115,10 @@ def _scratch_block(rows: int, cols: int) -> torch.Tensor:
 
 
 def _quantize_numpy(x: torch.Tensor, form: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Five array operations when every scale is normal and finite (max |x|, the scales, the
-    quotients, their rounding, the cast), ufuncs called directly (`np.clip`, `ndarray.max` and
-    `np.errstate` each cost microseconds of Python); the other rows as the reference treats them."""
+    """Five passes over x's size when every scale is normal and finite (|x|, its row maxima, the
+    quotients, their rounding, the cast) and three over the [M] scales, ufuncs called directly
+    (`np.clip`, `ndarray.max` and `np.errstate` each cost microseconds of Python); otherwise the
+    reference's clamp and NaN handling."""
     xf = (x.detach() if x.dtype == torch.float32 else x.detach().to(torch.float32)).numpy()
     scale = np.maximum.reduce(np.abs(xf), axis=1)  # NaN propagates
     np.divide(scale, _127, out=scale)
