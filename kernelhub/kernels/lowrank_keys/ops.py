@@ -223,31 +223,42 @@ def _in_order(rows: torch.Tensor, table_rows: int) -> bool:
             and torch.equal(rows.flatten(), torch.arange(table_rows, device=rows.device)))
 
 
-def _reconstruct_keys_cpu(a, basis, positions, cos, sin, rope_positions) -> torch.Tensor:
-    """Gather + batched float32 matmul + RoPE, all torch; the reference's arithmetic bit for bit.
+def _reconstruct_keys_cpu(a, basis, positions, cos, sin, rope_positions, out) -> torch.Tensor:
+    """Gather + float32 matmul + RoPE, all torch, into `out` (allocated if None), one sequence at a
+    time: at B = 4, H_kv = 8 and 2048 tokens a whole-batch temporary is 34 MB, above the 32 MB
+    beyond which glibc maps every allocation afresh (each step's temporaries would then be
+    page-faulted in anew, as measured on ShadowKV's B = 4 decode); one sequence's are a quarter.
 
     RoPE is applied half by half, `x1 * cos1 - x2 * sin1` and `x2 * cos2 + x1 * sin2` (1, 2: the
     halves of the D channels), which is `x * cos + rotate_half(x) * sin` exactly (adding a negated
     product is subtracting it) without building rotate_half(x).
     """
-    batch, heads, _ = positions.shape
+    batch, heads, n = positions.shape
     rank = a.shape[2]
     head_dim = basis.shape[2] // heads
     half = head_dim // 2
     positions = positions.to(torch.int64)
-    rows = a[torch.arange(batch, device=a.device)[:, None, None], positions]  # [B, H_kv, n, rank]
-    per_head = basis.reshape(batch, rank, heads, head_dim).transpose(1, 2)  # [B, H_kv, rank, D]
-    keys = torch.matmul(rows.to(torch.float32), per_head.to(torch.float32))  # [B, H_kv, n, D]
     rope_rows = positions if rope_positions is None else rope_positions.to(torch.int64)
-    if _in_order(rope_rows, cos.shape[0]):  # tables of exactly these tokens' rows, in order (ShadowKV's)
-        c, s = cos.view(*rope_rows.shape, head_dim), sin.view(*rope_rows.shape, head_dim)
-    else:
-        c, s = cos[rope_rows], sin[rope_rows]  # [B, H_kv, n, D]
-    x1, x2 = keys[..., :half], keys[..., half:]
-    out = torch.empty_like(keys)
-    torch.sub(x1 * c[..., :half], x2 * s[..., :half], out=out[..., :half])
-    torch.add(x2 * c[..., half:], x1 * s[..., half:], out=out[..., half:])
-    return out.to(a.dtype)
+    in_order = _in_order(rope_rows, cos.shape[0])  # tables of exactly these tokens' rows, in order (ShadowKV's)
+    if out is None:
+        out = torch.empty((batch, heads, n, head_dim), dtype=a.dtype, device=a.device)
+    for b in range(batch):
+        rows = a[b][positions[b]]  # [H_kv, n, rank]
+        per_head = basis[b].reshape(rank, heads, head_dim).transpose(0, 1)  # [H_kv, rank, D]
+        keys = torch.matmul(rows.to(torch.float32), per_head.to(torch.float32))  # [H_kv, n, D]
+        if in_order:
+            c = cos[b * heads * n:(b + 1) * heads * n].view(heads, n, head_dim)
+            s = sin[b * heads * n:(b + 1) * heads * n].view(heads, n, head_dim)
+        else:
+            c, s = cos[rope_rows[b]], sin[rope_rows[b]]  # [H_kv, n, D]
+        x1, x2 = keys[..., :half], keys[..., half:]
+        in_place = out.dtype == torch.float32  # then RoPE writes into out itself
+        rotated = out[b] if in_place else torch.empty_like(keys)
+        torch.sub(x1 * c[..., :half], x2 * s[..., :half], out=rotated[..., :half])
+        torch.add(x2 * c[..., half:], x1 * s[..., half:], out=rotated[..., half:])
+        if not in_place:
+            out[b].copy_(rotated)  # rounded once to a's dtype
+    return out
 
 
 def _fake_reconstruct_keys(a, basis, positions, cos, sin, rope_positions):
@@ -260,10 +271,11 @@ def _reconstruct_keys(a: torch.Tensor, basis: torch.Tensor, positions: torch.Ten
                       sin: torch.Tensor, rope_positions: torch.Tensor | None,
                       out: torch.Tensor | None) -> torch.Tensor:
     path = backend.choose(a)
-    if path in ("reference", "cpu"):
-        fn = lowrank_ref.reconstruct_keys if path == "reference" else _reconstruct_keys_cpu
-        result = fn(a, basis, positions, cos, sin, rope_positions)
+    if path == "reference":
+        result = lowrank_ref.reconstruct_keys(a, basis, positions, cos, sin, rope_positions)
         return result if out is None else out.copy_(result)
+    if path == "cpu":
+        return _reconstruct_keys_cpu(a, basis, positions, cos, sin, rope_positions, out)
     batch, heads, n = positions.shape
     head_dim = basis.shape[2] // heads
     if out is None:
