@@ -31,19 +31,16 @@ def onednn_operand(t: torch.Tensor) -> torch.Tensor:
     """
     rows, cols = t.shape
     stride_r, stride_c = t.stride()
-    if rows > 1 and cols > 1:  # nothing to normalise: the common case, decided in a few compares
-        if (stride_c == 1 and stride_r >= cols) or (stride_r == 1 and stride_c >= rows):
-            return t
-        return t.contiguous()
-    if rows == 1:
-        stride_r = max(1, cols)
-    if cols == 1:
-        stride_c = 1
-    if (stride_r, stride_c) != t.stride():
-        t = t.as_strided((rows, cols), (stride_r, stride_c))
-    row_major = stride_c == 1 and stride_r >= max(1, cols)
-    column_major = stride_r == 1 and stride_c >= max(1, rows)
-    return t if row_major or column_major else t.contiguous()
+    if rows == 1 or cols == 1:  # a size-1 dimension's stride, normalised (the common case skips this)
+        normal = (max(1, cols) if rows == 1 else stride_r, 1 if cols == 1 else stride_c)
+        if normal != (stride_r, stride_c):
+            t = t.as_strided((rows, cols), normal)
+        stride_r, stride_c = normal
+    if stride_c == 1 and stride_r >= cols and stride_r >= 1:  # row-major-like
+        return t
+    if stride_r == 1 and stride_c >= rows and stride_c >= 1:  # column-major-like
+        return t
+    return t.contiguous()
 
 
 def int_mm_cpu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -242,6 +242,7 @@ def _reconstruct_keys_cpu(a, basis, positions, cos, sin, rope_positions, out) ->
     in_order = _in_order(rope_rows, cos.shape[0])  # tables of exactly these tokens' rows, in order (ShadowKV's)
     if out is None:
         out = torch.empty((batch, heads, n, head_dim), dtype=a.dtype, device=a.device)
+    in_place = out.dtype == torch.float32  # then RoPE writes into out itself
     for b in range(batch):
         rows = a[b][positions[b]]  # [H_kv, n, rank]
         per_head = basis[b].reshape(rank, heads, head_dim).transpose(0, 1)  # [H_kv, rank, D]
@@ -252,7 +253,6 @@ def _reconstruct_keys_cpu(a, basis, positions, cos, sin, rope_positions, out) ->
         else:
             c, s = cos[rope_rows[b]], sin[rope_rows[b]]  # [H_kv, n, D]
         x1, x2 = keys[..., :half], keys[..., half:]
-        in_place = out.dtype == torch.float32  # then RoPE writes into out itself
         rotated = out[b] if in_place else torch.empty_like(keys)
         torch.sub(x1 * c[..., :half], x2 * s[..., :half], out=rotated[..., :half])
         torch.add(x2 * c[..., half:], x1 * s[..., half:], out=rotated[..., half:])
