@@ -14,8 +14,10 @@ Quantise: float32 `[M, 4096]`; the plain expression is `round(x / (absmax / 127)
 with absmax per row, to int8 (what one writes without kernelhub; it is not bit-exact with the
 reference on non-finite rows, kernelhub's is). Medians of `--reps` rounds after warm-up (five times
 as many below 100 tokens, where a call is short), the contenders' calls alternating within a round
-(`time_cpu_interleaved`): as in a model, where the other layers' weights pass through the cache
-between two calls of one layer, neither finds its weight left in the cache by its own last call.
+(`time_cpu_interleaved`). The linear calls run cold (`cold=True`: twice the last-level cache is read
+before each): as in a model, where the other layers' weights pass through the cache between two
+calls of one layer, no call finds its weight in the cache, left there by its own last call or by
+the `GEMM alone` call on the same packed weight.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def linear_rows(ms: list[int], models: dict, reps: int) -> list[dict]:
                     contenders = {"ours": lambda: ours(x), "torch.ao": lambda: theirs(x)}
                     if ours._prepacked_path(x):
                         contenders["gemm"] = prepacked_gemm_alone(ours, x)
-                    timed = time_cpu_interleaved(contenders, reps=reps * 5 if m < 100 else reps)
+                    timed = time_cpu_interleaved(contenders, reps=reps * 5 if m < 100 else reps, cold=True)
                     ours_ms, ao_ms = timed["ours"].median_ms, timed["torch.ao"].median_ms
                     gemm_ms = timed["gemm"].median_ms if "gemm" in timed else None
                 rows.append({"model": model, "layer": layer, "M": m, "N": n, "K": k, "kernelhub ms": ours_ms,

@@ -55,21 +55,47 @@ def time_cpu(fn: Callable[[], object], *, reps: int, warmup: int = 3) -> Timing:
     return Timing(t.median_ms, t.p20_ms, t.p80_ms, reps, torch.get_num_threads())
 
 
-def time_cpu_interleaved(fns: Mapping[str, Callable[[], object]], *, reps: int, warmup: int = 2) -> dict[str, Timing]:
+def time_cpu_interleaved(fns: Mapping[str, Callable[[], object]], *, reps: int, warmup: int = 2,
+                         cold: bool = False) -> dict[str, Timing]:
     """Each of `fns` on the CPU, one call of each in turn, `reps` rounds after `warmup` untimed
     rounds: a drift of the machine (a noisy 2-core VM, a frequency change) hits every contender
-    alike, and no contender's data is left in the cache by its own previous call."""
+    alike. `cold`: before every timed call, read a buffer twice the last-level cache (untimed), so
+    that no call finds data in the cache that an earlier call left there, its own or another
+    contender's sharing it: as in a model, where the other layers' weights pass through the cache
+    between two calls of one layer."""
+    flush = _cpu_cache_flusher() if cold else None
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            if flush is not None:
+                flush()
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: Timing(statistics.median(ms), *_percentiles(ms), reps, torch.get_num_threads())
             for name, ms in samples.items()}
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache of cpu0 from sysfs (Linux), else 32 MiB."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=32 * 2**20)
+
+
+def _cpu_cache_flusher() -> Callable[[], None]:
+    """A call that reads twice the last-level cache's bytes: what was cached before is gone after.
+    It only reads, as a model's other layers read their weights (no dirty lines to write back)."""
+    buffer = torch.ones(2 * last_level_cache_bytes() // 4, dtype=torch.float32)
+    return lambda: buffer.sum()
 
 
 # Larger than any GPU's L2 cache (H100: 50 MB, H200: 60 MB, B200: 126 MB).

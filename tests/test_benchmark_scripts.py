@@ -65,6 +65,23 @@ def test_time_cpu_interleaved_alternates_the_contenders_and_times_each(monkeypat
     assert timed["a"].reps == timed["b"].reps == 3
 
 
+def test_time_cpu_interleaved_cold_flushes_the_cache_before_every_timed_call(monkeypatch):
+    calls = []
+    monkeypatch.setattr(harness, "_cpu_cache_flusher", lambda: lambda: calls.append("flush"))
+    harness.time_cpu_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                 reps=2, warmup=1, cold=True)
+    assert calls == ["a", "b"] + ["flush", "a", "flush", "b"] * 2  # warm-up round unflushed
+    calls.clear()
+    harness.time_cpu_interleaved({"a": lambda: calls.append("a")}, reps=2, warmup=0)
+    assert calls == ["a", "a"]  # not cold: no flush
+
+
+def test_the_cache_flusher_reads_more_than_the_last_level_cache():
+    assert harness.last_level_cache_bytes() >= 2**20
+    elements_read = float(harness._cpu_cache_flusher()())  # the sum of a buffer of float32 ones
+    assert elements_read * 4 == pytest.approx(2 * harness.last_level_cache_bytes(), rel=1e-6)
+
+
 def test_time_cpu_of_a_sleep_is_sane():
     t = harness.time_cpu(lambda: time.sleep(0.002), reps=5, warmup=1)
     assert 2.0 <= t.median_ms < 200.0
