@@ -22,10 +22,16 @@ What it arranges, and why:
   attention on the query. The switch stays on the model: to undo it, call
   `model.set_attn_implementation(<impl>)`.
 - RoPE comes from the model: its rotary embedding's inverse frequencies (`rope_theta`, and
-  Llama-3.1's `llama3` rescaling already applied, in the float32 transformers computes them in),
-  so the keys ShadowKV rebuilds at decode are rotated exactly as the model rotates. Rope types
-  other than `default` and `llama3` (their cos/sin carry an attention factor or depend on the
-  sequence length) are refused with a message naming them.
+  the `linear` or Llama-3.1's `llama3` rescaling already applied, in the float32 transformers
+  computes them in; the full-attention layers' own where the model keeps one set per layer type),
+  so the keys ShadowKV rebuilds at decode are rotated exactly as the model rotates. Other rope
+  types (their cos/sin carry an attention factor or depend on the sequence length) are refused
+  with a message naming them.
+- Only full-attention layers get a ShadowKV cache. A layer of another type (a sliding window,
+  chunked attention: Gemma 2/3, Qwen2 with `use_sliding_window`) keeps the cache layer
+  transformers' `DynamicCache(config=)` gives it and the model's own attention, so it stays exact.
+  A model with no full-attention layer, or whose attention caps its logits (Gemma 2's
+  `attn_logit_softcapping`) or adds sinks, is refused: ShadowKV's sparse attention does neither.
 - Prompts shorter than `dense_below` (default: budget + local + outliers * chunk_size, the number
   of tokens a ShadowKV step attends to anyway, so below it sparsity saves nothing) stay dense and
   exact: the layer keeps every key and value, as DynamicCache does.
@@ -53,10 +59,20 @@ try:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 except ImportError as exc:  # the `hf` extra
     raise ImportError("kernelhub.hf needs transformers 5: pip install 'kernelhub[hf]'") from exc
+try:  # the cache layer type of each decoder layer, as DynamicCache(config=) chooses it
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
+except ImportError:  # an early 5.x release: every layer full attention unless config.layer_types says otherwise
+    DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs = {}, None
 
 ATTENTION_PREFIX = "kernelhub_shadowkv_"
-SUPPORTED_ROPE = ("default", "llama3")  # rotations whose cos/sin carry no extra factor
+# Rotations fixed per position whose cos/sin carry no extra factor: the rotary module's inv_freq holds
+# all of the scaling (`linear`: divided by the factor; `llama3`: per-frequency).
+SUPPORTED_ROPE = ("default", "linear", "llama3")
 WRAPPED_ATTENTION = ("sdpa", "eager")
+FULL_ATTENTION = "full_attention"  # the layer type ShadowKV serves; others keep transformers' own cache layer
+# What a model may hand its attention function that ShadowKV's sparse attention does not do.
+UNSUPPORTED_ATTENTION_ARGUMENTS = {"softcap": "caps its attention logits", "s_aux": "adds attention sinks",
+                                   "sliding_window": "attends to a sliding window"}
 
 
 class ShadowKVError(ValueError):
@@ -65,18 +81,36 @@ class ShadowKVError(ValueError):
 
 # -- the model's RoPE and shapes ---------------------------------------------------------------------
 
-def _rotary_embedding(model) -> torch.nn.Module:
-    """The model's rotary embedding module (the one holding `inv_freq`)."""
+def _inv_freq(model, layer_type: str) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies `[D / 2]` and cos/sin factor of the model's RoPE for `layer_type`
+    layers: a rotary embedding module's `<layer_type>_inv_freq` where it keeps one per layer type
+    (Gemma 3: other thetas for sliding and full layers), else its `inv_freq`."""
     for module in model.modules():
-        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
-            return module
+        if not type(module).__name__.endswith("RotaryEmbedding"):
+            continue
+        inv_freq = getattr(module, f"{layer_type}_inv_freq", None)
+        if inv_freq is not None:
+            return inv_freq, getattr(module, f"{layer_type}_attention_scaling", 1.0)
+        if getattr(module, "inv_freq", None) is not None:
+            return module.inv_freq, getattr(module, "attention_scaling", 1.0)
     raise ShadowKVError(f"{type(model).__name__}: no rotary embedding module with inv_freq found; ShadowKV "
                         "needs a RoPE model (Llama, Mistral, Qwen2, ...)")
 
 
-def _rope_type(config) -> str:
+def _rope_type(config, layer_type: str) -> str:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(params.get(layer_type), dict):  # one set of parameters per layer type
+        params = params[layer_type]
     return params.get("rope_type", params.get("type", "default")) or "default"
+
+
+def _layer_types(config) -> list[tuple[str, dict]]:
+    """(type, transformers' cache layer arguments) of every decoder layer, as `DynamicCache(config=)`
+    sees them: `full_attention`, `sliding_attention` ({"sliding_window": W}), ..."""
+    if get_layer_types_and_kwargs is not None:
+        return list(zip(*get_layer_types_and_kwargs(config)))
+    types = getattr(config, "layer_types", None) or [FULL_ATTENTION] * config.num_hidden_layers
+    return [(layer_type, {}) for layer_type in types]
 
 
 def _text_config(model):
@@ -109,6 +143,7 @@ def _attention_for(wrapped: str) -> Callable:
         _pending.key = _pending.layer = None
         if layer is not None and layer.shadow is not None:
             _refuse_padding(attention_mask)
+            _refuse_unsupported(kwargs)
             if layer.decoding:
                 return layer.attend(query, key, value, scaling), None
         return _own_attention(wrapped, module)(module, query, key, value, attention_mask, scaling=scaling,
@@ -128,6 +163,14 @@ def _refuse_padding(mask: torch.Tensor | None) -> None:
     if padded:
         raise ShadowKVError("the attention mask pads some sequences of the batch: a ShadowKV cache needs "
                             "prompts of one length (batch them by length, or generate them one at a time)")
+
+
+def _refuse_unsupported(arguments: dict) -> None:
+    """A layer the model has ShadowKV serve must attend plainly: no logit cap, sinks or window."""
+    for name, what in UNSUPPORTED_ATTENTION_ARGUMENTS.items():
+        if arguments.get(name) is not None:
+            raise ShadowKVError(f"this layer {what} ({name}={arguments[name]!r}), which ShadowKV's sparse "
+                                "attention does not")
 
 
 def _install_attention(model) -> str:
@@ -249,49 +292,70 @@ class ShadowKVCacheLayer(CacheLayerMixin):
     def resident_bytes(self) -> int:
         if self.shadow is not None:
             return self.shadow.resident_bytes()
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+        return _dense_bytes(self)
 
     def offloaded_bytes(self) -> int:
         return 0 if self.shadow is None else self.shadow.offloaded_bytes()
 
 
 class ShadowKVModelCache(Cache):
-    """A transformers `Cache` of one `ShadowKVCacheLayer` per decoder layer (see `shadowkv_cache`)."""
+    """A transformers `Cache` of one `ShadowKVCacheLayer` per full-attention decoder layer and
+    transformers' own layer for each other one (see `shadowkv_cache`)."""
 
-    def __init__(self, layers: list[ShadowKVCacheLayer]):
+    def __init__(self, layers: list[CacheLayerMixin]):
         super().__init__(layers=layers)
 
     def resident_bytes(self) -> int:
         """Bytes every layer keeps on the compute device."""
-        return sum(layer.resident_bytes() for layer in self.layers)
+        return sum(layer.resident_bytes() if isinstance(layer, ShadowKVCacheLayer) else _dense_bytes(layer)
+                   for layer in self.layers)
 
     def offloaded_bytes(self) -> int:
         """Bytes of values every layer keeps in offload (host) memory."""
-        return sum(layer.offloaded_bytes() for layer in self.layers)
+        return sum(layer.offloaded_bytes() for layer in self.layers if isinstance(layer, ShadowKVCacheLayer))
+
+
+def _dense_bytes(layer: CacheLayerMixin) -> int:
+    """Bytes of the keys and values a transformers cache layer holds."""
+    tensors = (getattr(layer, "keys", None), getattr(layer, "values", None))
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def shadowkv_cache(model, *, rank: int = 160, chunk_size: int = 8, budget: int = 2048, outliers: int = 48,
                    local: int = 32, dense_below: int | None = None,
                    offload_device: torch.device | str = "cpu") -> ShadowKVModelCache:
     """A cache to pass to `model.generate(..., cache=)` (`past_key_values=` in earlier transformers 5
-    releases, and in a forward loop), holding
-    one `kernelhub.shadowkv.ShadowKVCache` per decoder layer, with the model's RoPE, head dimension,
-    GQA groups and attention scale. Switches the model's attention to ShadowKV's wrapper of its own
+    releases, and in a forward loop), holding one `kernelhub.shadowkv.ShadowKVCache` per full-attention
+    decoder layer, with the model's RoPE (that layer type's, where the model has one per type), head
+    dimension, GQA groups and attention scale; a layer of another type (a sliding window, chunked
+    attention) keeps transformers' own cache layer and the model's own attention, exactly as
+    `DynamicCache(config=)` would. Switches the model's attention to ShadowKV's wrapper of its own
     (module docstring). rank, chunk_size, budget, outliers, local, offload_device: as
     `ShadowKVCache`; dense_below: prompts shorter than this stay dense and exact (default
     budget + local + outliers * chunk_size)."""
     config = _text_config(model)
-    rope_type = _rope_type(config)
+    layer_types = _layer_types(config)
+    if FULL_ATTENTION not in {layer_type for layer_type, _ in layer_types}:
+        kinds = ", ".join(sorted({layer_type for layer_type, _ in layer_types}))
+        raise ShadowKVError(f"{type(model).__name__} has no full-attention layer (its layers: {kinds}); ShadowKV "
+                            "compresses full attention only (use DynamicCache)")
+    other = {layer_type for layer_type, _ in layer_types} - {FULL_ATTENTION} - set(DYNAMIC_LAYER_TYPE_MAPPING)
+    if other:
+        raise ShadowKVError(f"layer types {sorted(other)}: transformers has no dynamic cache layer for them here")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ShadowKVError(f"the model caps its attention logits (attn_logit_softcapping="
+                            f"{config.attn_logit_softcapping}), which ShadowKV's sparse attention does not")
+    rope_type = _rope_type(config, FULL_ATTENTION)
     if rope_type not in SUPPORTED_ROPE:
         raise ShadowKVError(f"rope_scaling type {rope_type!r} is not supported yet: ShadowKV here supports "
                             f"{', '.join(SUPPORTED_ROPE)}")
-    rotary = _rotary_embedding(model)
-    if getattr(rotary, "attention_scaling", 1.0) != 1.0:
-        raise ShadowKVError(f"the model's RoPE scales cos/sin by {rotary.attention_scaling}; ShadowKV supports "
+    inv_freq, attention_scaling = _inv_freq(model, FULL_ATTENTION)
+    if attention_scaling != 1.0:
+        raise ShadowKVError(f"the model's RoPE scales cos/sin by {attention_scaling}; ShadowKV supports "
                             "pure rotations only")
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    inv_freq = rotary.inv_freq.detach().clone()
+    inv_freq = inv_freq.detach().clone()
     if 2 * inv_freq.numel() != head_dim:
         raise ShadowKVError(f"the model rotates {2 * inv_freq.numel()} of its head dimension's {head_dim} "
                             "channels (partial RoPE): not supported")
@@ -305,5 +369,6 @@ def shadowkv_cache(model, *, rank: int = 160, chunk_size: int = 8, budget: int =
                     offload_device=offload_device, inv_freq=inv_freq, scale=scale)
     ShadowKVCache(**settings)  # checks every argument now, not at the first prefill
     _install_attention(model)
-    return ShadowKVModelCache([ShadowKVCacheLayer(lambda: ShadowKVCache(**settings), dense_below)
-                               for _ in range(config.num_hidden_layers)])
+    return ShadowKVModelCache([
+        ShadowKVCacheLayer(lambda: ShadowKVCache(**settings), dense_below) if layer_type == FULL_ATTENTION
+        else DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**arguments) for layer_type, arguments in layer_types])

@@ -1,4 +1,5 @@
-"""kernelhub.hf: ShadowKV inside transformers' generate(), on tiny random-weight Llamas.
+"""kernelhub.hf: ShadowKV inside transformers' generate(), on tiny random-weight Llamas (and a few
+other architectures whose layers slide or cap their logits).
 
 No weights can be downloaded here: every model is built from a config with random weights, which
 runs every code path (RoPE, GQA, the cache protocol) but says nothing about a trained model's
@@ -13,10 +14,11 @@ import torch
 transformers = pytest.importorskip("transformers")  # the `hf` extra, part of the test extra
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from kernelhub.hf import ShadowKVError, shadowkv_cache  # noqa: E402
+from kernelhub.hf import ShadowKVCacheLayer, ShadowKVError, shadowkv_cache  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
 
 
 def tiny_llama(attn="sdpa", rope=None, seed=0) -> LlamaForCausalLM:
@@ -43,7 +45,7 @@ def exact_settings(**overrides):
     return dict(dict(rank=128, budget=4096, outliers=2, local=16, dense_below=0), **overrides)
 
 
-@pytest.mark.parametrize("rope", [None, LLAMA3_ROPE], ids=["default-rope", "llama3-rope"])
+@pytest.mark.parametrize("rope", [None, LLAMA3_ROPE, LINEAR_ROPE], ids=["default-rope", "llama3-rope", "linear-rope"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_full_rank_full_budget_generates_what_dynamic_cache_does(attn, rope):
     model = tiny_llama(attn, rope)
@@ -53,6 +55,9 @@ def test_full_rank_full_budget_generates_what_dynamic_cache_does(attn, rope):
     shadow = generate(model, ids, cache)
     assert torch.equal(shadow.sequences, dense.sequences)
     assert all(layer.shadow is not None for layer in cache.layers)  # ShadowKV served every step after the prompt
+    # The model's own (rescaled) frequencies: at full rank a wrong RoPE would cancel out, keys being
+    # rotated back and forth by the same angles, so the results alone cannot show it.
+    assert all(torch.equal(layer.shadow.inv_freq, model.model.rotary_emb.inv_freq) for layer in cache.layers)
     for step, (a, b) in enumerate(zip(shadow.logits, dense.logits)):
         assert float((a - b).norm() / b.norm()) < 1e-4, step
     assert cache.get_seq_length() == 300 + 6 - 1  # the last token is generated, not yet cached
@@ -131,11 +136,76 @@ def test_the_model_still_runs_without_a_shadowkv_cache():
     assert all(torch.equal(a, b) for a, b in zip(before.logits, after.logits))
 
 
+def tiny_model(kind: str, seed=0):
+    """3 layers (2 KV heads, head_dim 64) of other architectures, some of whose layers slide over a
+    64-token window: Gemma 3 (its sliding and full layers rotate with different thetas), Qwen2 with
+    `use_sliding_window`, Gemma 2 (logit softcapping by default), Mistral (a window on every layer)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, max_position_embeddings=8192, attn_implementation="sdpa",
+                  eos_token_id=None, pad_token_id=0)
+    if kind == "gemma3":
+        config = transformers.Gemma3TextConfig(**common, sliding_window=64,
+                                               layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+        return transformers.Gemma3ForCausalLM(config).eval()
+    if kind == "qwen2":
+        config = transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=64, max_window_layers=1)
+        return transformers.Qwen2ForCausalLM(config).eval()
+    if kind == "gemma2":
+        common["attn_implementation"] = "eager"  # Gemma 2 has no sdpa attention in transformers
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, sliding_window=64)).eval()
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=64)).eval()
+
+
+@pytest.mark.parametrize("kind, shadowkv_layers", [("gemma3", [1]), ("qwen2", [0])])
+def test_sliding_window_layers_keep_transformers_own_cache_and_the_rest_is_exact(kind, shadowkv_layers):
+    model = tiny_model(kind)
+    ids = torch.randint(0, 128, (2, 200), generator=torch.Generator().manual_seed(8))  # longer than the window
+    dense = generate(model, ids, DynamicCache(config=model.config))
+    cache = shadowkv_cache(model, **exact_settings())
+    shadow = generate(model, ids, cache)
+    served = [i for i, layer in enumerate(cache.layers) if isinstance(layer, ShadowKVCacheLayer)]
+    assert served == shadowkv_layers and all(cache.layers[i].shadow is not None for i in served)
+    # The full layers' RoPE (at full rank a wrong one would cancel out: keys are rotated back and
+    # forth by the same angles, so the exact results alone cannot show it).
+    rotary = model.model.rotary_emb
+    full = getattr(rotary, "full_attention_inv_freq", getattr(rotary, "inv_freq", None))
+    assert all(torch.equal(cache.layers[i].shadow.inv_freq, full) for i in served)
+    assert all(type(layer).__name__ == "DynamicSlidingWindowLayer"
+               for i, layer in enumerate(cache.layers) if i not in served)
+    assert torch.equal(shadow.sequences, dense.sequences)
+    for step, (a, b) in enumerate(zip(shadow.logits, dense.logits)):
+        assert float((a - b).norm() / b.norm()) < 1e-4, step
+    window_bytes = sum(2 * layer.keys.numel() * 4 for i, layer in enumerate(cache.layers) if i not in served)
+    assert cache.resident_bytes() == window_bytes + sum(cache.layers[i].shadow.resident_bytes() for i in served)
+
+
+def test_what_shadowkv_attention_cannot_do_is_refused_before_anything_changes():
+    for kind, message in [("gemma2", r"caps its attention logits \(attn_logit_softcapping=50.0\)"),
+                          ("mistral", "has no full-attention layer .*sliding_attention.*use DynamicCache")]:
+        model = tiny_model(kind)
+        attention = model.config._attn_implementation
+        with pytest.raises(ShadowKVError, match=message):
+            shadowkv_cache(model)
+        assert model.config._attn_implementation == attention
+
+
+def test_an_attention_argument_shadowkv_does_not_serve_is_refused_at_the_prompt():
+    """The check at the attention call itself, whatever the config says: Gemma 2's layers pass their
+    softcap to the attention function."""
+    model = tiny_model("gemma2")
+    model.config.attn_logit_softcapping = None  # hide it from shadowkv_cache; the layers keep 50.0
+    cache = shadowkv_cache(model, **exact_settings())
+    ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(9))
+    with pytest.raises(ShadowKVError, match=r"caps its attention logits \(softcap=50.0\)"):
+        generate(model, ids, cache)
+
+
 @pytest.mark.parametrize("rope, message", [
-    ({"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}, "rope_scaling type 'linear' is not supported"),
+    ({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}, "rope_scaling type 'dynamic' is not supported"),
     ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 256},
      "rope_scaling type 'yarn' is not supported"),
-], ids=["linear", "yarn"])
+], ids=["dynamic", "yarn"])
 def test_unsupported_rope_scaling_is_refused(rope, message):
     model = tiny_llama(rope=rope)
     with pytest.raises(ShadowKVError, match=message):
