@@ -276,6 +276,16 @@ is below wgmma's 64 rows and uses mma.sync on sm_90). sparse_gather loads and st
 thread (`ld.global.v4`, `st.global.v4`) and needs no shared memory; quantize_int8 loads 16 B per
 thread and stores its int8 row 8 B at a time.
 
+### No fused multiply-add contraction, on every launch
+
+Every launch passes `LAUNCH_OPTIONS` (kernels/common/triton_helpers.py): `enable_fp_fusion=False`.
+Before, only int8_gemm and rmsnorm_quant did (their bit-exactness needs it); the others took
+Triton's default, which 3.9 warns will change in 3.10, printing that warning in the main job. Of
+the DEFAULTs only reconstruct_keys compiles differently (its RoPE's multiply-add pairs stay two
+roundings): 214 instead of 220 to 222 registers for 16-bit keys on sm_80 / sm_90, 118 instead of
+116 for float32, no spills either way; every other kernel's registers, spills and shared memory
+are unchanged (a `kernelhub compile --configs 0 --json` of both commits, compared record by record).
+
 Left alone: the Gram kernel's mirrored store is scalar (a branch that stores off-diagonal tiles
 with a row-constant mask vectorises it but costs 40 registers); sampled configs at the register
 constraints' edge (128 accumulator registers per thread) spill on mma.sync targets, and the

@@ -16,6 +16,14 @@ import triton
 import triton.language as tl
 
 
+# Every kernelhub launch passes these options. No fused multiply-add contraction: `a * b + c` rounds
+# twice, as the reference's separate operations do (bit-exactness of the int8 epilogue, the
+# quantisers and the RMSNorm sum depends on it; elsewhere it keeps results closest to the
+# reference), and a kernel compiles the same under every Triton (3.9 defaults to contraction and
+# warns that 3.10 will not). A dot's multiply-accumulate is one tensor-core operation either way.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
 def dot_flags(operand: torch.Tensor) -> dict[str, bool]:
     """The meta-parameters `IEEE_FP32` and `UPCAST_TO_FP32` of `float32_dot` for operands like
     `operand` (float16, bfloat16 or float32; on a CPU tensor, for Triton's interpreter)."""

@@ -29,7 +29,7 @@ itself; for the scaled form it is an int32 workspace, and a second, elementwise 
 epilogue. With SPLIT_K == 1 the epilogue runs on the accumulator in registers.
 
 The epilogue does the float32 operations in the reference's order, `(acc * scale_a) * scale_b`,
-then `+ bias`, and the kernels are launched with `enable_fp_fusion=False` so the compiler cannot
+then `+ bias`, and the kernels are launched with `enable_fp_fusion=False` (LAUNCH_OPTIONS) so the compiler cannot
 contract the last multiply and add into an FMA (which rounds once instead of twice); float32
 results therefore match the reference bit for bit.
 """
@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernelhub.kernels.common.triton_helpers import grouped_tile
+from kernelhub.kernels.common.triton_helpers import LAUNCH_OPTIONS, grouped_tile
 
 
 @triton.jit
@@ -168,8 +168,7 @@ def int8_gemm_triton(a: torch.Tensor, b: torch.Tensor, *, config: dict, out: tor
 
     block_m, block_n, group_m = config["BLOCK_M"], config["BLOCK_N"], config["GROUP_M"]
     split_k = config["SPLIT_K"]
-    launch_options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"],
-                          enable_fp_fusion=False)
+    launch_options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"], **LAUNCH_OPTIONS)
     num_tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
 
     if split_k == 1:

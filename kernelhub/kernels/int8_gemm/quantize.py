@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernelhub.kernels.common.triton_helpers import LAUNCH_OPTIONS
+
 # 1.5 * 2**23: adding and then subtracting it rounds a float32 |v| < 2**22 to an integer, ties to even.
 _ROUNDING_MAGIC = 12582912.0
 
@@ -121,6 +123,6 @@ def quantize_int8_triton(x: torch.Tensor, *, q_out: torch.Tensor,
         q_out.stride(0), q_out.stride(1),
         scale_out.stride(0),
         BLOCK_K=config["BLOCK_K"], ROUNDING_MAGIC=_ROUNDING_MAGIC,
-        num_warps=config["num_warps"],
+        num_warps=config["num_warps"], **LAUNCH_OPTIONS,
     )
     return q_out, scale_out

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernelhub.kernels.common.triton_helpers import dot_flags, float32_dot
+from kernelhub.kernels.common.triton_helpers import LAUNCH_OPTIONS, dot_flags, float32_dot
 from kernelhub.kernels.landmark_topk.space import padded_group, padded_head_dim
 
 
@@ -236,7 +236,7 @@ def landmark_topk_triton(q: torch.Tensor, landmarks: torch.Tensor, k: int, *, co
     shape = (b, h_q, h_kv, c, d, k)
     meta = dict(G_PAD=padded_group(shape), D_PAD=padded_head_dim(shape), BLOCK_C=config["BLOCK_C"],
                 SPLIT_C=split_c, HAS_EXCLUDE=exclude is not None, **dot_flags(q),
-                num_warps=config["num_warps"], num_stages=config["num_stages"])
+                num_warps=config["num_warps"], num_stages=config["num_stages"], **LAUNCH_OPTIONS)
     sm_scale = 1.0 / math.sqrt(d)
     score = torch.empty(b, h_kv, c, dtype=torch.float32, device=q.device)
     # Unused pointers still need a tensor to point at; the flags keep them from being read.

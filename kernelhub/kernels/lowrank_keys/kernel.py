@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernelhub.kernels.common.triton_helpers import dot_flags, float32_dot, grouped_tile
+from kernelhub.kernels.common.triton_helpers import LAUNCH_OPTIONS, dot_flags, float32_dot, grouped_tile
 from kernelhub.kernels.lowrank_keys.reconstruct_space import half_block
 
 
@@ -259,7 +259,7 @@ def gram_triton(k: torch.Tensor, *, config: dict, out: torch.Tensor) -> torch.Te
         g.stride(0), stride_gsplit, g.stride(-2), g.stride(-1),
         HEAD_DIM=head_dim, BLOCK_HD=block_hd, BLOCK_S=block_s, SPLIT_S=split,
         **dot_flags(k),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **LAUNCH_OPTIONS,
     )
     if split > 1:
         torch.sum(g, dim=1, out=out)
@@ -288,7 +288,7 @@ def project_triton(k: torch.Tensor, basis: torch.Tensor, *, config: dict, out: t
         out.stride(0), out.stride(1), out.stride(2),
         HEAD_DIM=head_dim, BLOCK_S=block_s, BLOCK_R=block_r, BLOCK_C=config["BLOCK_C"],
         **dot_flags(k),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **LAUNCH_OPTIONS,
     )
     return out
 
@@ -326,6 +326,6 @@ def reconstruct_keys_triton(a: torch.Tensor, basis: torch.Tensor, positions: tor
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         HEAD_DIM=head_dim, BLOCK_HALF=half_block(head_dim), BLOCK_N=block_n, BLOCK_R=config["BLOCK_R"],
         **dot_flags(a),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **LAUNCH_OPTIONS,
     )
     return out

@@ -22,7 +22,7 @@ One program normalises one row, in two passes over K:
 
 Bit-exactness takes, besides the fixed order of the sum:
 
-- `enable_fp_fusion=False`, so that `acc + h * h` and `(v + c) - c` are not contracted into fused
+- `enable_fp_fusion=False` (LAUNCH_OPTIONS), so that `acc + h * h` and `(v + c) - c` are not contracted into fused
   multiply-adds (one rounding instead of two);
 - correctly rounded division and square root (`div_rn`, `sqrt_rn`): Triton's default float32 `/`
   on NVIDIA GPUs is approximate, and so is `rsqrt`;
@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernelhub.kernels.common.triton_helpers import LAUNCH_OPTIONS
 from kernelhub.reference.rmsnorm_quant import LANES
 
 # 1.5 * 2**23: adding and then subtracting it rounds a float32 |v| < 2**22 to an integer, ties to even.
@@ -190,6 +191,6 @@ def rmsnorm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, *, c
         BLOCK_K=config["BLOCK_K"], LANES=LANES, LOG2_LANES=_LOG2_LANES,
         HAS_RESIDUAL=has_residual, ROUNDING_MAGIC=_ROUNDING_MAGIC,
         BFLOAT16_BY_HAND=has_residual and x.dtype == torch.bfloat16 and x.device.type == "cpu",
-        num_warps=config["num_warps"], num_stages=1, enable_fp_fusion=False,
+        num_warps=config["num_warps"], num_stages=1, **LAUNCH_OPTIONS,
     )
     return outputs

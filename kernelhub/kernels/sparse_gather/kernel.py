@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernelhub.kernels.common.triton_helpers import LAUNCH_OPTIONS
 from kernelhub.kernels.sparse_gather.space import block_d, block_t
 
 
@@ -154,6 +155,6 @@ def sparse_gather_triton(values: torch.Tensor, chunk_idx: torch.Tensor, *, confi
         *resident.stride(),
         *out.stride(),
         BLOCK_CHUNKS=block_chunks, BLOCK_T=block_t(chunk), BLOCK_D=block_d(d), HAS_RESIDENT=has_resident,
-        num_warps=config["num_warps"], num_stages=1,  # nothing to pipeline (see space.py)
+        num_warps=config["num_warps"], num_stages=1, **LAUNCH_OPTIONS,  # nothing to pipeline (see space.py)
     )
     return out

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernelhub.kernels.common.triton_helpers import dot_flags, float32_dot, grouped_tile
+from kernelhub.kernels.common.triton_helpers import LAUNCH_OPTIONS, dot_flags, float32_dot, grouped_tile
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def gemm_triton(a: torch.Tensor, b: torch.Tensor, *, config: dict, out: torch.Te
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), target.stride(0), target.stride(1),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         GROUP_M=config["GROUP_M"], **dot_flags(a),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **LAUNCH_OPTIONS,
     )
     if target is not out:
         out.copy_(target)
