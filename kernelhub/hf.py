@@ -335,11 +335,11 @@ def shadowkv_cache(model, *, rank: int = 160, chunk_size: int = 8, budget: int =
     budget + local + outliers * chunk_size)."""
     config = _text_config(model)
     layer_types = _layer_types(config)
-    if FULL_ATTENTION not in {layer_type for layer_type, _ in layer_types}:
-        kinds = ", ".join(sorted({layer_type for layer_type, _ in layer_types}))
-        raise ShadowKVError(f"{type(model).__name__} has no full-attention layer (its layers: {kinds}); ShadowKV "
-                            "compresses full attention only (use DynamicCache)")
-    other = {layer_type for layer_type, _ in layer_types} - {FULL_ATTENTION} - set(DYNAMIC_LAYER_TYPE_MAPPING)
+    kinds = {layer_type for layer_type, _ in layer_types}
+    if FULL_ATTENTION not in kinds:
+        raise ShadowKVError(f"{type(model).__name__} has no full-attention layer (its layers: "
+                            f"{', '.join(sorted(kinds))}); ShadowKV compresses full attention only (use DynamicCache)")
+    other = kinds - {FULL_ATTENTION} - set(DYNAMIC_LAYER_TYPE_MAPPING)
     if other:
         raise ShadowKVError(f"layer types {sorted(other)}: transformers has no dynamic cache layer for them here")
     if getattr(config, "attn_logit_softcapping", None) is not None:

@@ -110,6 +110,25 @@ def test_bad_input_is_a_clear_error():
         Int8Linear(0, 4)
 
 
+@pytest.mark.skipif(not _prepacked_gemms_are_exact(), reason="fbgemm's exact (VNNI/AMX) int8 GEMM is not here")
+def test_fbgemm_quantising_itself_would_not_be_the_reference_rounding():
+    """Why the layer hands fbgemm exact integers (scale 1) instead of letting it quantise x itself
+    with the row's scale: fbgemm adds the zero point before rounding, so a quotient just above a
+    half rounds down where the reference's round-half-even of x / scale rounds up. Read through an
+    identity weight, fbgemm's output is the integer it made of each input."""
+    k = 8
+    layer = Int8Linear(k, k, bias=False)
+    layer.weight_q.copy_(torch.eye(k, dtype=torch.int8))
+    layer.weight_scale.fill_(1.0)
+    quotients = torch.tensor([[0.5 + 2**-20, 64.5 + 2**-17, 1.5 - 2**-22, 0.5, 1.5, 2.5, -2.5, 3.0]])
+    with torch.no_grad():
+        fbgemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            quotients, 1.0, 128, layer._packed("fbgemm"))
+    assert torch.equal(fbgemm[0, 3:], quotients[0, 3:].round())  # exact ties: half to even in both
+    assert quotients[0, :3].round().tolist() == [1.0, 65.0, 1.0]  # the reference's rounding
+    assert fbgemm[0, :3].tolist() == [0.0, 64.0, 2.0]  # fbgemm's: round(q + 128) - 128 in float32
+
+
 def test_quantize_linear_layers_replaces_every_linear_but_the_skipped():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)))
     quantize_linear_layers(model, skip=("2.1",))
