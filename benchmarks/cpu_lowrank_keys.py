@@ -1,5 +1,6 @@
 """`lowrank_keys` on the CPU against what a user picks instead: `torch.linalg.svd` (what ShadowKV
-itself runs) and `torch.svd_lowrank`, on the same merged keys, with the error of each.
+itself runs) and `torch.svd_lowrank`, on the same merged keys, with the error of each; both of its
+methods, `gram="float32"` (the default) and `gram="int8"` (the Gram matrix of the int8 keys).
 
     python benchmarks/cpu_lowrank_keys.py --markdown benchmarks/results/cpu_lowrank_keys.md
     python benchmarks/cpu_lowrank_keys.py --quick          # S = 4096: checks the script works
@@ -11,7 +12,9 @@ truncated SVD's is the optimum (Eckart-Young). `svd_lowrank` runs with q = rank 
 (torch's default), the setting whose cost is comparable. Medians of `--reps` calls (the SVD: one).
 
 A second table says where lowrank_keys' time goes and what bounds it: its three steps alone (the
-float32 Gram matrix's lower block triangle, `eigh` of it, the projection `a = K V_r`), the full
+float32 Gram matrix's lower block triangle, `eigh` of it, the projection `a = K V_r`), the int8
+method's own steps (the per-channel quantisation, the int32 Gram, its projection from the
+unmerged keys), the full
 `K^T K` product with float32 and with bfloat16 inputs (torch's CPU GEMM; bfloat16 pays only where the
 CPU has AMX or AVX512-BF16 kernels that are faster than its float32 ones), and the error of the
 factorisation from bfloat16 keys two ways: the Gram matrix accumulated and kept in float32 (what a
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 
 import kernelhub.ops as ops
+from kernelhub.kernels.lowrank_keys import cpu as lowrank_cpu
 from kernelhub.kernels.lowrank_keys.ops import _basis_from_gram, _merged_gram
 from kernelhub.reference.lowrank_keys import merge_heads
 from kernelhub.shadowkv.synthetic import make_synthetic_cache
@@ -43,14 +47,18 @@ def run(seq: int, reps: int) -> dict:
     with torch.inference_mode():
         ours_s = time_cpu(lambda: ops.lowrank_keys(keys, RANK), reps=reps, warmup=1).median_ms / 1e3
         a, basis = ops.lowrank_keys(keys, RANK)
+        int8_s = time_cpu(lambda: ops.lowrank_keys(keys, RANK, gram="int8"), reps=reps, warmup=1).median_ms / 1e3
+        a_int8, basis_int8 = ops.lowrank_keys(keys, RANK, gram="int8")
         svd_s = time_cpu(lambda: torch.linalg.svd(merged, full_matrices=False), reps=1, warmup=0).median_ms / 1e3
         u, s, vh = torch.linalg.svd(merged, full_matrices=False)
         randomized_s = time_cpu(lambda: torch.svd_lowrank(merged, q=RANK, niter=2), reps=reps, warmup=1).median_ms / 1e3
         u_r, s_r, v_r = torch.svd_lowrank(merged, q=RANK, niter=2)
     return {
-        "S": seq, "lowrank_keys s": ours_s, "svd s": svd_s, "svd_lowrank s": randomized_s,
+        "S": seq, "lowrank_keys s": ours_s, "int8 Gram s": int8_s, "svd s": svd_s, "svd_lowrank s": randomized_s,
         "vs svd": ratio(svd_s, ours_s), "vs svd_lowrank": ratio(randomized_s, ours_s),
+        "int8 vs svd": ratio(svd_s, int8_s), "int8 vs svd_lowrank": ratio(randomized_s, int8_s),
         "lowrank_keys error": relative_error(merged, a[0].float(), basis[0].float()),
+        "int8 Gram error": relative_error(merged, a_int8[0].float(), basis_int8[0].float()),
         "svd error (optimum)": relative_error(merged, u[:, :RANK] * s[:RANK], vh[:RANK]),
         "svd_lowrank error": relative_error(merged, u_r * s_r, v_r.t()),
     }
@@ -64,9 +72,15 @@ def breakdown(seq: int, reps: int) -> dict:
     with torch.inference_mode():
         gram = _merged_gram(merged)
         basis = _basis_from_gram(gram, RANK, torch.float32)
+        scratch = torch.empty(4096, D)
+        quantized = lowrank_cpu.quantize_channels(keys, lowrank_cpu.channel_scales(keys, scratch), scratch)
         row = {"S": seq, "Gram (lower triangle) s": seconds(lambda: _merged_gram(merged)),
                "eigh s": seconds(lambda: torch.linalg.eigh(gram)),
                "projection s": seconds(lambda: merged @ basis.transpose(1, 2)),
+               "int8: quantisation s": seconds(lambda: lowrank_cpu.quantize_channels(
+                   keys, lowrank_cpu.channel_scales(keys, scratch), scratch)),
+               "int8: Gram s": seconds(lambda: lowrank_cpu._integer_gram(quantized[0])),
+               "int8: projection s": seconds(lambda: lowrank_cpu.project_heads(keys, basis)),
                "full K^T K float32 s": seconds(lambda: merged.transpose(1, 2) @ merged),
                "full K^T K bfloat16 s": seconds(lambda: rounded.transpose(1, 2) @ rounded)}
         for name, gram_of_keys in (("error, bfloat16 keys, float32 Gram", _merged_gram(rounded.float())),
@@ -85,9 +99,11 @@ def main(argv=None) -> None:
     error = lambda v: f"{v:.4g}"  # noqa: E731
     text = "\n\n".join([
         f"lowrank_keys vs torch.linalg.svd and torch.svd_lowrank: B=1, H_kv={H_KV}, D={D}, rank {RANK}, float32",
-        markdown_table(rows, ["S", "lowrank_keys s", "svd s", "svd_lowrank s", "vs svd", "vs svd_lowrank",
-                              "lowrank_keys error", "svd error (optimum)", "svd_lowrank error"],
-                       {"vs svd": times, "vs svd_lowrank": times, "lowrank_keys error": error,
+        markdown_table(rows, ["S", "lowrank_keys s", "int8 Gram s", "svd s", "svd_lowrank s", "vs svd",
+                              "vs svd_lowrank", "int8 vs svd", "int8 vs svd_lowrank", "lowrank_keys error",
+                              "int8 Gram error", "svd error (optimum)", "svd_lowrank error"],
+                       {"vs svd": times, "vs svd_lowrank": times, "int8 vs svd": times,
+                        "int8 vs svd_lowrank": times, "lowrank_keys error": error, "int8 Gram error": error,
                         "svd error (optimum)": error, "svd_lowrank error": error}),
         "Where lowrank_keys' time goes, and the Gram product with bfloat16 inputs (the same keys)",
         markdown_table(steps, list(steps[0]), {name: error for name in steps[0] if name.startswith("error")}),

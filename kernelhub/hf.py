@@ -323,14 +323,14 @@ def _dense_bytes(layer: CacheLayerMixin) -> int:
 
 def shadowkv_cache(model, *, rank: int = 160, chunk_size: int = 8, budget: int = 2048, outliers: int = 48,
                    local: int = 32, dense_below: int | None = None,
-                   offload_device: torch.device | str = "cpu") -> ShadowKVModelCache:
+                   offload_device: torch.device | str = "cpu", gram: str = "float32") -> ShadowKVModelCache:
     """A cache to pass to `model.generate(..., cache=)` (`past_key_values=` in earlier transformers 5
     releases, and in a forward loop), holding one `kernelhub.shadowkv.ShadowKVCache` per full-attention
     decoder layer, with the model's RoPE (that layer type's, where the model has one per type), head
     dimension, GQA groups and attention scale; a layer of another type (a sliding window, chunked
     attention) keeps transformers' own cache layer and the model's own attention, exactly as
     `DynamicCache(config=)` would. Switches the model's attention to ShadowKV's wrapper of its own
-    (module docstring). rank, chunk_size, budget, outliers, local, offload_device: as
+    (module docstring). rank, chunk_size, budget, outliers, local, offload_device, gram: as
     `ShadowKVCache`; dense_below: prompts shorter than this stay dense and exact (default
     budget + local + outliers * chunk_size)."""
     config = _text_config(model)
@@ -366,7 +366,7 @@ def shadowkv_cache(model, *, rank: int = 160, chunk_size: int = 8, budget: int =
     if isinstance(dense_below, bool) or not isinstance(dense_below, int) or dense_below < 0:
         raise ValueError(f"dense_below: expected an int >= 0, got {dense_below!r}")
     settings = dict(rank=rank, chunk_size=chunk_size, budget=budget, outliers=outliers, local=local,
-                    offload_device=offload_device, inv_freq=inv_freq, scale=scale)
+                    offload_device=offload_device, inv_freq=inv_freq, scale=scale, gram=gram)
     ShadowKVCache(**settings)  # checks every argument now, not at the first prefill
     _install_attention(model)
     return ShadowKVModelCache([

@@ -21,12 +21,20 @@ with `kernelhub.reference.rope` (Llama's rotate-half form); the RoPE rows may be
 the positions (`rope_positions`), for tables that hold only the rows of the chosen tokens.
 
 `gram` is the intermediate the Triton path computes first, `G_b = K_b^T K_b` in float32.
+
+`lowrank_keys_int8_gram` is the faster, near-optimal method `lowrank_keys(..., gram="int8")` names:
+the basis from the Gram matrix of the keys quantised per channel (column of K_b) to int8,
+
+    Q_b, s_b = int8_gemm.quantize_int8(K_b^T) (its rows are K_b's columns),   G_q = diag(s_b) Q_b Q_b^T diag(s_b)
+
+(Q_b Q_b^T is a sum of integers, exact), and a_b = K_b basis_b^T of the keys themselves.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernelhub.reference.int8_gemm import quantize_int8
 from kernelhub.reference.rope import apply_rope
 
 
@@ -51,6 +59,28 @@ def lowrank_keys(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     u, sigma, vh = torch.linalg.svd(keys, full_matrices=False)
     a = u[..., :rank] * sigma[..., None, :rank]
     basis = vh[..., :rank, :]
+    return a.to(k.dtype), basis.to(k.dtype)
+
+
+def channel_quantized_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged keys quantised per channel: int8 `q [B, S, H_kv * D]` and float32 `scale [B, H_kv * D]`,
+    `quantize_int8` of each `K_b^T` (a channel's scale is its max |k| / 127)."""
+    batch, heads, seq, head_dim = k.shape
+    columns = merge_heads(k).transpose(1, 2).reshape(batch * heads * head_dim, seq)  # [B * HD, S]
+    q, scale = quantize_int8(columns)
+    return q.reshape(batch, heads * head_dim, seq).transpose(1, 2), scale.reshape(batch, heads * head_dim)
+
+
+def lowrank_keys_int8_gram(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a `[B, S, rank]`, basis `[B, rank, H_kv * D]`) in k.dtype: basis the top-`rank` eigenvectors
+    of G_q (the Gram matrix of `channel_quantized_keys`), a = K_b basis^T; float64 throughout."""
+    q, scale = channel_quantized_keys(k)
+    exact = q.to(torch.float64)
+    scale = scale.to(torch.float64)
+    gram_q = (exact.transpose(1, 2) @ exact) * scale[:, :, None] * scale[:, None, :]
+    _, vectors = torch.linalg.eigh(gram_q)  # ascending eigenvalues
+    basis = vectors[..., -rank:].flip(-1).transpose(1, 2)  # [B, rank, HD]
+    a = merge_heads(k).to(torch.float64) @ basis.transpose(1, 2)
     return a.to(k.dtype), basis.to(k.dtype)
 
 

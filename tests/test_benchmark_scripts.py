@@ -233,12 +233,15 @@ def test_cpu_w8a8_end_to_end_writes_its_page(tmp_path):
 
 def test_cpu_lowrank_keys_end_to_end_writes_its_page(tmp_path):
     path = tmp_path / "lowrank.md"
-    _load("cpu_lowrank_keys").main(["--seqs", "700", "--reps", "1", "--markdown", str(path)])
-    page = path.read_text()
-    row = next(line for line in page.splitlines() if line.startswith("| 700 | "))
-    cells = row.strip("|").split("|")
-    ours, optimum, randomized = (float(c) for c in cells[-3:])
+    _load("cpu_lowrank_keys").main(["--seqs", "2048", "--reps", "1", "--markdown", str(path)])
+    lines = path.read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| S | lowrank_keys s |"))
+    row = next(line for line in lines if line.startswith("| 2048 | "))
+    cells = dict(zip((c.strip() for c in header.strip("|").split("|")), (c.strip() for c in row.strip("|").split("|"))))
+    ours, int8, optimum, randomized = (float(cells[name]) for name in (
+        "lowrank_keys error", "int8 Gram error", "svd error (optimum)", "svd_lowrank error"))
     assert optimum <= ours <= optimum * 1.01 and randomized >= optimum  # errors of each, the SVD's the least
+    assert optimum <= int8 <= optimum * 1.05  # measured 1.02 (1.10 at S = 700, fewer tokens than H_kv * D)
 
 
 def test_gpu_int8_rows_and_table_on_cpu():

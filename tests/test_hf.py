@@ -219,4 +219,19 @@ def test_bad_settings_are_refused_before_anything_changes():
         shadowkv_cache(model, rank=0)
     with pytest.raises(ValueError, match="dense_below"):
         shadowkv_cache(model, dense_below=-1)
+    with pytest.raises(ValueError, match="gram"):
+        shadowkv_cache(model, gram="float16")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_int8_gram_at_full_rank_generates_what_dynamic_cache_does():
+    """The int8 Gram matrix only chooses the basis; at full rank any orthonormal basis keeps every key."""
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(4))
+    dense = generate(model, ids, DynamicCache(config=model.config))
+    cache = shadowkv_cache(model, **exact_settings(gram="int8"))
+    shadow = generate(model, ids, cache)
+    assert torch.equal(shadow.sequences, dense.sequences)
+    assert all(layer.shadow is not None and layer.shadow.gram == "int8" for layer in cache.layers)
+    for step, (a, b) in enumerate(zip(shadow.logits, dense.logits)):
+        assert float((a - b).norm() / b.norm()) < 1e-4, step

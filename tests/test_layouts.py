@@ -129,10 +129,11 @@ def test_quantize_int8(backend, kind):
     assert assert_layout_independent(ops.quantize_int8, inputs) > 3
 
 
+@pytest.mark.parametrize("gram", ["float32", "int8"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_lowrank_keys(backend, kind):
+def test_lowrank_keys(backend, kind, gram):
     _, normal, *_ = _draws(4)
-    inputs = dict(k=structured(normal, (2, 2, 6, 4), kind), rank=2)
+    inputs = dict(k=structured(normal, (2, 2, 6, 4), kind), rank=2, gram=gram)
     assert assert_layout_independent(ops.lowrank_keys, inputs) > 3
 
 
@@ -422,22 +423,25 @@ def test_cuda_device_without_cuda_is_a_named_error():
 
 # -- lowrank_keys: non-finite and huge keys -------------------------------------------------------
 
+@pytest.mark.parametrize("gram", ["float32", "int8"])
 @pytest.mark.parametrize("bad", [NAN, INF, -INF])
-def test_lowrank_keys_refuses_non_finite_keys(backend, bad):
+def test_lowrank_keys_refuses_non_finite_keys(backend, bad, gram):
     k = torch.randn(1, 2, 6, 4)
     k[0, 1, 3, 2] = bad
     with pytest.raises(ValueError, match="k: holds NaN or Inf"):
-        ops.lowrank_keys(k, 2)
+        ops.lowrank_keys(k, 2, gram=gram)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's first Gram
+@pytest.mark.parametrize("gram", ["float32", "int8"])
 @pytest.mark.parametrize("magnitude", [1e19, 1e30, 1e36])
-def test_lowrank_keys_of_huge_finite_keys(backend, magnitude):
+def test_lowrank_keys_of_huge_finite_keys(backend, magnitude, gram):
     """The float32 Gram of such keys overflows; the factorisation is that of the keys scaled to
-    O(1) (eigenvectors do not change with scale), so a @ basis reconstructs k as well as there."""
+    O(1) (eigenvectors do not change with scale), so a @ basis reconstructs k as well as there.
+    The int8 method's Gram is that of the quantised keys divided by the largest scale squared."""
     unit = torch.randn(2, 2, 8, 4, generator=torch.Generator().manual_seed(11))
-    a, basis = ops.lowrank_keys(unit * magnitude, 3)
-    a_unit, basis_unit = ops.lowrank_keys(unit, 3)
+    a, basis = ops.lowrank_keys(unit * magnitude, 3, gram=gram)
+    a_unit, basis_unit = ops.lowrank_keys(unit, 3, gram=gram)
     assert torch.isfinite(a).all() and torch.isfinite(basis).all()
     rebuilt = (a.double() @ basis.double()) / magnitude
     expected = a_unit.double() @ basis_unit.double()

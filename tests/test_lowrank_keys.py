@@ -14,6 +14,7 @@ import torch
 from helpers import H100_SMEM_BYTES, dtype_id
 from helpers import SMALLEST_SMEM_BYTES as SMEM_BYTES
 from kernelhub.checking import poison_
+from kernelhub.kernels.lowrank_keys import cpu as lowrank_cpu
 from kernelhub.kernels.lowrank_keys import gram_space, ops, reconstruct_space
 from kernelhub.kernels.lowrank_keys import spec as family
 from kernelhub.kernels.lowrank_keys.kernel import gram_triton, project_triton, reconstruct_keys_triton
@@ -302,15 +303,117 @@ def test_lowrank_keys_reaches_the_svd_optimum(backend, case):
     assert float((gram_of_rows - torch.eye(rank, dtype=torch.float64)).abs().max()) <= allowed
 
 
+@pytest.mark.parametrize("gram", ops.GRAM_METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_lowrank_keys_full_rank_is_exact(backend, dtype):
-    """rank = H_kv * D keeps every direction: a @ basis is K up to rounding."""
+def test_lowrank_keys_full_rank_is_exact(backend, dtype, gram):
+    """rank = H_kv * D keeps every direction: a @ basis is K up to rounding (with either Gram
+    matrix: a is projected from the keys themselves)."""
     gen = torch.Generator().manual_seed(14)
     k = torch.randn(2, 2, 150, 32, generator=gen).to(dtype)
-    a, basis = ops.lowrank_keys(k, 64)
+    a, basis = ops.lowrank_keys(k, 64, gram=gram)
     merged = ref.merge_heads(k).double()
     tol = 8 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
     assert relative_error(a.double() @ basis.double(), merged) <= tol
+
+
+# -- gram="int8": the Gram matrix of the keys quantised per channel ------------------------------
+
+def int8_error_allowance(k, rank):
+    """How far the int8 method may be from the optimum, relative to ||K||: the quantisation noise
+    (a step s / sqrt(12) per element) seen in the kept directions, with a margin of 2."""
+    merged = ref.merge_heads(k).double()
+    _, scale = ref.channel_quantized_keys(k)
+    noise = float((scale.double().square().sum(dim=1) * merged.shape[1] / 12).sum().sqrt())
+    return 2 * noise * (rank / merged.shape[-1]) ** 0.5 / float(merged.norm())
+
+
+@pytest.mark.parametrize("case", LOWRANK_CASES, ids=lowrank_id)
+def test_int8_gram_matches_its_reference_near_the_optimum(backend, case):
+    """The CPU path computes the reference's quantised Gram matrix exactly (integer sums), so its
+    reconstruction is the reference's up to float32 eigh; both are near the SVD optimum. The
+    Triton path computes the float32 Gram for either method: its result is gram="float32"'s."""
+    batch, heads, seq, head_dim, rank, dtype = case
+    k = keys_with_spectrum(batch, heads, seq, head_dim, rank, dtype, seed=sum(case[:5]) + 1)
+    a, basis = ops.lowrank_keys(k, rank, gram="int8")
+    assert a.shape == (batch, seq, rank) and basis.shape == (batch, rank, heads * head_dim)
+    assert a.dtype == dtype and basis.dtype == dtype
+    if backend == "triton":
+        a_float, basis_float = ops.lowrank_keys(k, rank)
+        assert torch.equal(a, a_float) and torch.equal(basis, basis_float)
+        return
+    approx = a.double() @ basis.double()
+    a_ref, basis_ref = ref.lowrank_keys_int8_gram(k, rank)
+    tol = factor_tolerance(dtype)
+    assert relative_error(approx, a_ref.double() @ basis_ref.double()) <= 2 * tol
+    merged = ref.merge_heads(k).double()
+    singular = torch.linalg.svdvals(merged)
+    for b in range(batch):
+        optimum = float(singular[b, rank:].square().sum().sqrt())
+        error = float((merged[b] - approx[b]).norm())
+        scale = float(merged[b].norm())
+        assert error >= optimum * (1 - 1e-9)
+        assert error <= optimum + (tol + int8_error_allowance(k[b:b + 1], rank)) * scale
+    gram_of_rows = basis.double() @ basis.double().transpose(1, 2)
+    allowed = 4 * torch.finfo(dtype).eps + heads * head_dim * 2.0**-24
+    assert float((gram_of_rows - torch.eye(rank, dtype=torch.float64)).abs().max()) <= allowed
+
+
+def test_int8_gram_allowance_is_tight_enough_to_fail():
+    """The allowance above is not vacuous: the basis from the Gram matrix of the same keys
+    quantised 18 times coarser (4-bit channels) lands outside it."""
+    k = keys_with_spectrum(1, 2, 129, 64, 24, torch.float32, seed=5)
+    merged = ref.merge_heads(k).double()
+    columns = merged[0].t()
+    scale = columns.abs().amax(dim=1, keepdim=True) / 7
+    coarse = (columns / scale).round() * scale  # 4-bit channels
+    _, vectors = torch.linalg.eigh(coarse @ coarse.t())
+    basis = vectors[:, -24:].t()
+    error = float((merged[0] - merged[0] @ basis.t() @ basis).norm())
+    optimum = float(torch.linalg.svdvals(merged[0])[24:].square().sum().sqrt())
+    assert error > optimum + (factor_tolerance(torch.float32) + int8_error_allowance(k, 24)) * float(merged.norm())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_int8_channel_quantisation_is_the_reference_bit_for_bit(dtype, monkeypatch):
+    """Blocks of 5 tokens (the last one partial), on a strided slice, with an all-zero channel, a
+    subnormal one (quotients up to 191, clamped), a huge one and a constant one."""
+    monkeypatch.setattr(lowrank_cpu, "_TOKENS_PER_BLOCK", 5)
+    gen = torch.Generator().manual_seed(21)
+    full = torch.randn(2, 3, 40, 9, generator=gen)
+    full[0, 1, :, 2] = 0.0
+    if dtype == torch.float32:
+        full[1, 0, :, 4] *= 1e-39  # a subnormal scale: quotients up to 191, clamped
+    full[1, 2, :, 0] *= 1e4 if dtype == torch.float16 else 1e30  # within the dtype's range
+    full[0, 2, :, 8] = -0.75
+    k = full.to(dtype).transpose(2, 3).contiguous().transpose(2, 3)[:, :, 3:26]  # D-major storage, sliced
+    scratch = torch.empty(5, 9)
+    scale = lowrank_cpu.channel_scales(k, scratch)
+    q = lowrank_cpu.quantize_channels(k, scale, scratch)
+    q_ref, scale_ref = ref.channel_quantized_keys(k)
+    assert torch.equal(scale.reshape(2, 27), scale_ref)
+    assert torch.equal(q, q_ref)
+    if dtype == torch.float32:
+        assert int(q[1, :, 4].abs().max()) == 127  # the subnormal channel was clamped
+
+
+def test_int8_gram_sums_long_sequences_without_int32_overflow():
+    """S * 127**2 passes 2**31 from S = 133,144: the product is summed in chunks, in int64."""
+    q = torch.full((140_000, 2), 127, dtype=torch.int8)
+    q[::2, 1] = -127
+    gram = lowrank_cpu._integer_gram(q)
+    exact = q.to(torch.float64).t() @ q.to(torch.float64)
+    assert gram.dtype == torch.int64
+    assert torch.equal(torch.tril(gram), torch.tril(exact).to(torch.int64))
+    assert int(gram[0, 0]) == 140_000 * 127**2 > 2**31
+
+
+def test_int8_gram_in_chunks_matches_the_reference(monkeypatch):
+    monkeypatch.setattr(lowrank_cpu, "MAX_TOKENS_PER_PRODUCT", 7)
+    monkeypatch.setattr(lowrank_cpu, "_GRAM_BLOCK", 5)
+    k = keys_with_spectrum(2, 3, 61, 4, 5, torch.float32, seed=22)
+    a, basis = ops.lowrank_keys(k, 5, gram="int8")
+    a_ref, basis_ref = ref.lowrank_keys_int8_gram(k, 5)
+    assert relative_error(a.double() @ basis.double(), a_ref.double() @ basis_ref.double()) <= 1e-5
 
 
 def test_lowrank_keys_reads_a_cache_slice_in_place(monkeypatch):
@@ -423,6 +526,12 @@ def nothing_runs(monkeypatch):
 def test_lowrank_keys_bad_input_names_the_argument(nothing_runs, k, rank, error, fragment):
     with pytest.raises(error, match=fragment):
         ops.lowrank_keys(k, rank)
+
+
+@pytest.mark.parametrize("gram", ["bfloat16", "INT8", None, 8])
+def test_lowrank_keys_bad_gram_names_the_argument(nothing_runs, gram):
+    with pytest.raises(ValueError, match=r"gram: expected one of 'float32', 'int8', got "):
+        ops.lowrank_keys(torch.zeros(1, 2, 8, 4), 2, gram=gram)
 
 
 def good_reconstruct_args():

@@ -27,7 +27,7 @@ import math
 import torch
 
 import kernelhub.ops as ops
-from kernelhub.kernels.lowrank_keys.ops import MAX_HEAD_DIM
+from kernelhub.kernels.lowrank_keys.ops import GRAM_METHODS, MAX_HEAD_DIM
 from kernelhub.reference.rope import apply_rope, rope_rows, undo_rope
 from kernelhub.validation import dtype_name
 
@@ -113,7 +113,9 @@ class ShadowKVCache:
     outliers: exact chunks kept per KV head. local: exact trailing tokens kept.
     rope_theta: the RoPE base (finite, > 0); inv_freq: a model's own inverse frequencies
     `[D / 2]` instead (Llama-3.1's rescaled ones: `kernelhub.reference.rope`), which then also
-    fix D. scale: the attention's softmax scale (default 1 / sqrt(D)). device: compute device
+    fix D. scale: the attention's softmax scale (default 1 / sqrt(D)). gram: how the prefill factors
+    the keys, `kernelhub.ops.lowrank_keys(gram=)` ("float32", the optimum; "int8", near it and about
+    twice as fast on a CPU without AMX). device: compute device
     (default: the prefill tensors' device). offload_device: where the candidate chunks' values
     live ("cpu"; pinned when the compute device is CUDA).
 
@@ -128,8 +130,11 @@ class ShadowKVCache:
     def __init__(self, rank: int = 160, chunk_size: int = 8, budget: int = 2048, outliers: int = 48,
                  local: int = 32, rope_theta: float = 500000.0, device: torch.device | str | None = None,
                  offload_device: torch.device | str = "cpu", *, inv_freq: torch.Tensor | None = None,
-                 scale: float | None = None):
+                 scale: float | None = None, gram: str = "float32"):
         self.rank = _check_count("rank", rank, 1)
+        if not isinstance(gram, str) or gram not in GRAM_METHODS:
+            raise ValueError(f"gram: expected one of {', '.join(map(repr, GRAM_METHODS))}, got {gram!r}")
+        self.gram = gram
         self.chunk_size = _check_count("chunk_size", chunk_size, 1)
         self.budget = _check_count("budget", budget, 0)
         self.outliers = _check_count("outliers", outliers, 0)
@@ -236,7 +241,7 @@ class ShadowKVCache:
             return state
 
         effective_rank = min(self.rank, candidate_end, heads * head_dim)
-        a, basis = ops.lowrank_keys(k[:, :, :candidate_end], effective_rank)
+        a, basis = ops.lowrank_keys(k[:, :, :candidate_end], effective_rank, gram=self.gram)
         landmarks = ops.landmarks(k_rope[:, :, :candidate_end], self.chunk_size)
         outlier_idx = ops.outlier_chunks(k_rope[:, :, :candidate_end], landmarks, n_outliers,
                                          chunk_size=self.chunk_size)

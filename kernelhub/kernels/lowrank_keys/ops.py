@@ -23,6 +23,7 @@ import torch
 from kernelhub import backend, configs, validation
 from kernelhub.device import device_for_tensor
 from kernelhub.kernels.common.library import kernel_op
+from kernelhub.kernels.lowrank_keys import cpu as lowrank_cpu
 from kernelhub.kernels.lowrank_keys.gram_space import PROJECT_CONFIG
 from kernelhub.kernels.lowrank_keys.kernel import gram_triton, project_triton, reconstruct_keys_triton
 from kernelhub.kernels.lowrank_keys.spec import GRAM_SPEC, RECONSTRUCT_SPEC
@@ -38,8 +39,15 @@ MAX_HEAD_DIM = 256
 # lowrank_keys
 # ----------------------------------------------------------------------------------------------
 
-def _check_lowrank_args(k, rank) -> None:
+# What `lowrank_keys(gram=)` takes: the Gram matrix of the keys in float32, or of the keys quantised
+# to int8 per channel (the CPU's faster method; see kernelhub/kernels/lowrank_keys/cpu.py).
+GRAM_METHODS = ("float32", "int8")
+
+
+def _check_lowrank_args(k, rank, gram) -> None:
     validation.tensor("k", k, dtypes=_FLOAT_DTYPES, ndim=4)
+    if not isinstance(gram, str) or gram not in GRAM_METHODS:
+        raise ValueError(f"gram: expected one of {', '.join(map(repr, GRAM_METHODS))}, got {gram!r}")
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank: expected an int, got {type(rank).__name__}")
     _, heads, seq, head_dim = k.shape
@@ -109,6 +117,15 @@ def _lowrank_keys_cpu(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return a.to(k.dtype), basis
 
 
+def _lowrank_keys_cpu_int8(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The basis from the Gram matrix of the int8 keys, a projected from the keys (cpu.py)."""
+    gram = lowrank_cpu.int8_gram(k)
+    if gram is None:
+        _refuse_non_finite(k)
+    basis = _basis_from_gram(gram, rank, k.dtype)
+    return lowrank_cpu.project_heads(k, basis.to(torch.float32)).to(k.dtype), basis
+
+
 def _lowrank_keys_triton(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, seq, head_dim = k.shape
     hd = heads * head_dim
@@ -126,23 +143,25 @@ def _lowrank_keys_triton(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     return a, basis
 
 
-def _fake_lowrank_keys(k, rank):
+def _fake_lowrank_keys(k, rank, gram):
     batch, heads, seq, head_dim = k.shape
     return k.new_empty((batch, seq, rank)), k.new_empty((batch, rank, heads * head_dim))
 
 
 @kernel_op("lowrank_keys", fake=_fake_lowrank_keys)
-def _lowrank_keys(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _lowrank_keys(k: torch.Tensor, rank: int, gram: str) -> tuple[torch.Tensor, torch.Tensor]:
     path = backend.choose(k)
     if path == "reference":
         _refuse_non_finite(k)
+        if gram == "int8":
+            return lowrank_ref.lowrank_keys_int8_gram(k, rank)
         return lowrank_ref.lowrank_keys(k, rank)
     if path == "cpu":
-        return _lowrank_keys_cpu(k, rank)
-    return _lowrank_keys_triton(k, rank)
+        return _lowrank_keys_cpu_int8(k, rank) if gram == "int8" else _lowrank_keys_cpu(k, rank)
+    return _lowrank_keys_triton(k, rank)  # a GPU's float32 Gram, for either method (see lowrank_keys)
 
 
-def lowrank_keys(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lowrank_keys(k: torch.Tensor, rank: int, *, gram: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-`rank` factorisation of pre-RoPE keys merged over KV heads (ShadowKV's key cache).
 
     k: `[B, H_kv, S, D]`, float16, bfloat16 or float32, any strides (a slice of a cache is read in
@@ -159,9 +178,16 @@ def lowrank_keys(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     up to the signs of the factors (compare `a @ basis`, unique when sigma[rank-1] > sigma[rank]),
     computed as eigenvectors V_r of the float32 Gram matrix K^T K, `basis = V_r^T` and
     `a = K @ basis^T` (float32 accumulation). See the module docstring for its accuracy.
+
+    gram: "float32" (the above), or "int8": the basis from the Gram matrix of the keys quantised
+    to int8 per channel (`kernelhub.reference.lowrank_keys.lowrank_keys_int8_gram`), a still
+    projected from the keys themselves: near the optimum, not at it (within 0.1% of its error
+    from S = 2K on the benchmark's keys; 10% above it at S = 700, fewer tokens than H_kv * D), and
+    2x faster on a CPU without AMX from S = 16K (README "Measured"): for long prefills. On a GPU
+    (the Triton path) the float32 Gram on its tensor cores is computed for either.
     """
-    _check_lowrank_args(k, rank)
-    return _lowrank_keys(k, rank)
+    _check_lowrank_args(k, rank, gram)
+    return _lowrank_keys(k, rank, gram)
 
 
 # ----------------------------------------------------------------------------------------------
