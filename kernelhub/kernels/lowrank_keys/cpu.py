@@ -7,10 +7,11 @@ and a float32 projection of the keys themselves.
     basis = top eigenvectors of G_q,   a = K_b basis^T    (the unquantised keys, float32 accumulation)
 
 Why: without AMX a float32 Gram runs at the core's float32 FMA rate, which bounds the float32
-method (benchmarks/cpu_lowrank_keys.py); the int8 product of the same shape runs about 4.7 times
-faster on this project's AVX512-VNNI VM. Only the basis sees the quantisation (a is projected from
-the exact keys), and the directions it perturbs are those of the smallest kept singular values:
-on the benchmark's keys the error grows by about 0.1% of itself (the results page).
+method; the int8 product of the same shape ran 4 times faster on this project's AVX512-VNNI VM
+(0.07 s against 0.31 s at S = 32K, benchmarks/results/cpu_lowrank_keys.md). Only the basis sees
+the quantisation (a is projected from the exact keys), and what it perturbs is how the directions
+near the rank cut mix: on the benchmark's keys the error grows by about 0.1% of itself from
+S = 2K on, by 10% with fewer tokens than H_kv * D (S = 700 of 1024 columns).
 
 Every pass reads the keys `[B, H_kv, S, D]` where they lie (a cache slice in place, any strides),
 in blocks of tokens: no merged `[B, S, H_kv * D]` float copy is made.
