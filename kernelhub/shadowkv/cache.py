@@ -27,7 +27,7 @@ import math
 import torch
 
 import kernelhub.ops as ops
-from kernelhub.kernels.lowrank_keys.ops import GRAM_METHODS, MAX_HEAD_DIM
+from kernelhub.kernels.lowrank_keys.ops import MAX_HEAD_DIM, check_gram_method
 from kernelhub.reference.rope import apply_rope, rope_rows, undo_rope
 from kernelhub.validation import dtype_name
 
@@ -132,9 +132,7 @@ class ShadowKVCache:
                  offload_device: torch.device | str = "cpu", *, inv_freq: torch.Tensor | None = None,
                  scale: float | None = None, gram: str = "float32"):
         self.rank = _check_count("rank", rank, 1)
-        if not isinstance(gram, str) or gram not in GRAM_METHODS:
-            raise ValueError(f"gram: expected one of {', '.join(map(repr, GRAM_METHODS))}, got {gram!r}")
-        self.gram = gram
+        self.gram = check_gram_method(gram)
         self.chunk_size = _check_count("chunk_size", chunk_size, 1)
         self.budget = _check_count("budget", budget, 0)
         self.outliers = _check_count("outliers", outliers, 0)

@@ -44,10 +44,16 @@ MAX_HEAD_DIM = 256
 GRAM_METHODS = ("float32", "int8")
 
 
-def _check_lowrank_args(k, rank, gram) -> None:
-    validation.tensor("k", k, dtypes=_FLOAT_DTYPES, ndim=4)
+def check_gram_method(gram: object) -> str:
+    """`gram` if it is one of GRAM_METHODS, else a ValueError naming it (also ShadowKVCache's check)."""
     if not isinstance(gram, str) or gram not in GRAM_METHODS:
         raise ValueError(f"gram: expected one of {', '.join(map(repr, GRAM_METHODS))}, got {gram!r}")
+    return gram
+
+
+def _check_lowrank_args(k, rank, gram) -> None:
+    validation.tensor("k", k, dtypes=_FLOAT_DTYPES, ndim=4)
+    check_gram_method(gram)
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank: expected an int, got {type(rank).__name__}")
     _, heads, seq, head_dim = k.shape
@@ -183,7 +189,7 @@ def lowrank_keys(k: torch.Tensor, rank: int, *, gram: str = "float32") -> tuple[
     to int8 per channel (`kernelhub.reference.lowrank_keys.lowrank_keys_int8_gram`), a still
     projected from the keys themselves: near the optimum, not at it (within 0.1% of its error
     from S = 2K on the benchmark's keys; 10% above it at S = 700, fewer tokens than H_kv * D), and
-    2x faster on a CPU without AMX from S = 16K (README "Measured"): for long prefills. On a GPU
+    2x faster at S = 32K to 128K on a CPU without AMX (README "Measured"): for long prefills. On a GPU
     (the Triton path) the float32 Gram on its tensor cores is computed for either.
     """
     _check_lowrank_args(k, rank, gram)
