@@ -26,7 +26,10 @@ What it arranges, and why:
   computes them in; the full-attention layers' own where the model keeps one set per layer type),
   so the keys ShadowKV rebuilds at decode are rotated exactly as the model rotates. Other rope
   types (their cos/sin carry an attention factor or depend on the sequence length) are refused
-  with a message naming them.
+  with a message naming them, and so are partial RoPE and RoPE in another form than Llama's
+  rotate-half one (Cohere's and Helium's interleaved pairs), found by running the model's own
+  `apply_rotary_pos_emb` on a probe. The softmax scale is each attention module's `scaling`
+  (Granite's `attention_multiplier`, Gemma's `query_pre_attn_scalar`).
 - Only full-attention layers get a ShadowKV cache. A layer of another type (a sliding window,
   chunked attention: Gemma 2/3, Qwen2 with `use_sliding_window`) keeps the cache layer
   transformers' `DynamicCache(config=)` gives it and the model's own attention, so it stays exact.
@@ -44,6 +47,7 @@ tokens only; beam search works (`reorder_cache`).
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -51,6 +55,7 @@ from collections.abc import Callable
 
 import torch
 
+from kernelhub.reference.rope import apply_rope, rope_rows
 from kernelhub.shadowkv.cache import ShadowKVCache
 
 try:
@@ -95,6 +100,37 @@ def _inv_freq(model, layer_type: str) -> tuple[torch.Tensor, float]:
             return module.inv_freq, getattr(module, "attention_scaling", 1.0)
     raise ShadowKVError(f"{type(model).__name__}: no rotary embedding module with inv_freq found; ShadowKV "
                         "needs a RoPE model (Llama, Mistral, Qwen2, ...)")
+
+
+def _attention_modules(model) -> dict[int, torch.nn.Module]:
+    """Each decoder layer's attention module by its `layer_idx` (transformers' attention modules keep
+    their index and their softmax `scaling`)."""
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    return {module.layer_idx: module for module in model.modules()
+            if isinstance(getattr(module, "layer_idx", None), int) and is_number(getattr(module, "scaling", None))}
+
+
+def _refuse_other_rope_forms(attention: torch.nn.Module, inv_freq: torch.Tensor) -> None:
+    """Refuse a model whose RoPE is not Llama's rotate-half form, the one ShadowKV rebuilds keys with
+    (Cohere rotates interleaved channel pairs): its own `apply_rotary_pos_emb` is run on a probe with
+    kernelhub's cos/sin rows. (At full rank a wrong form would cancel out, keys being rotated back and
+    forth by the same function; at a lower rank the un-rotated keys would not be low rank.)"""
+    apply = getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
+    if apply is None:
+        return  # no function to compare with
+    positions = torch.tensor([0, 1, 5, 77, 1000])
+    cos, sin = rope_rows(positions, inv_freq=inv_freq.detach().cpu())
+    probe = torch.randn(1, 1, len(positions), cos.shape[-1], generator=torch.Generator().manual_seed(0))
+    expected = apply_rope(probe, torch.arange(len(positions)).view(1, 1, -1), cos, sin)
+    try:
+        _, rotated = apply(probe, probe, cos[None], sin[None])
+    except Exception:  # another signature: nothing to compare with
+        return
+    if rotated.shape != expected.shape or not torch.allclose(rotated.float(), expected, rtol=1e-5, atol=1e-5):
+        raise ShadowKVError(f"{type(attention).__name__} applies RoPE in another form than Llama's rotate-half "
+                            "one (interleaved channel pairs, say), which ShadowKV rebuilds keys with: not supported")
 
 
 def _rope_type(config, layer_type: str) -> str:
@@ -359,16 +395,23 @@ def shadowkv_cache(model, *, rank: int = 160, chunk_size: int = 8, budget: int =
     if 2 * inv_freq.numel() != head_dim:
         raise ShadowKVError(f"the model rotates {2 * inv_freq.numel()} of its head dimension's {head_dim} "
                             "channels (partial RoPE): not supported")
-    scale = getattr(config, "query_pre_attn_scalar", None)
-    scale = head_dim ** -0.5 if scale is None else scale ** -0.5
+    attention = _attention_modules(model)
+    full_layers = [i for i, (layer_type, _) in enumerate(layer_types) if layer_type == FULL_ATTENTION]
+    if full_layers[0] in attention:
+        _refuse_other_rope_forms(attention[full_layers[0]], inv_freq)
+    # Each layer's softmax scale is its attention module's (Granite's attention_multiplier, Gemma's
+    # query_pre_attn_scalar ** -0.5); where a model keeps none, 1 / sqrt(D).
+    scales = {i: float(attention[i].scaling) if i in attention else head_dim ** -0.5 for i in full_layers}
     if dense_below is None:
         dense_below = budget + local + outliers * chunk_size
     if isinstance(dense_below, bool) or not isinstance(dense_below, int) or dense_below < 0:
         raise ValueError(f"dense_below: expected an int >= 0, got {dense_below!r}")
     settings = dict(rank=rank, chunk_size=chunk_size, budget=budget, outliers=outliers, local=local,
-                    offload_device=offload_device, inv_freq=inv_freq, scale=scale, gram=gram)
-    ShadowKVCache(**settings)  # checks every argument now, not at the first prefill
+                    offload_device=offload_device, inv_freq=inv_freq, gram=gram)
+    for scale in set(scales.values()):
+        ShadowKVCache(**settings, scale=scale)  # checks every argument now, not at the first prefill
     _install_attention(model)
     return ShadowKVModelCache([
-        ShadowKVCacheLayer(lambda: ShadowKVCache(**settings), dense_below) if layer_type == FULL_ATTENTION
-        else DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**arguments) for layer_type, arguments in layer_types])
+        ShadowKVCacheLayer(functools.partial(ShadowKVCache, **settings, scale=scales[i]), dense_below)
+        if layer_type == FULL_ATTENTION else DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**arguments)
+        for i, (layer_type, arguments) in enumerate(layer_types)])

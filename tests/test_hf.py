@@ -154,6 +154,12 @@ def tiny_model(kind: str, seed=0):
     if kind == "gemma2":
         common["attn_implementation"] = "eager"  # Gemma 2 has no sdpa attention in transformers
         return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, sliding_window=64)).eval()
+    if kind == "granite":  # its softmax scale is attention_multiplier, not 1 / sqrt(D)
+        config = transformers.GraniteConfig(**common, attention_multiplier=0.02, embedding_multiplier=2.0,
+                                            residual_multiplier=0.5, logits_scaling=2.0)
+        return transformers.GraniteForCausalLM(config).eval()
+    if kind == "cohere":  # RoPE on interleaved channel pairs
+        return transformers.CohereForCausalLM(transformers.CohereConfig(**common)).eval()
     return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=64)).eval()
 
 
@@ -211,6 +217,29 @@ def test_unsupported_rope_scaling_is_refused(rope, message):
     with pytest.raises(ShadowKVError, match=message):
         shadowkv_cache(model)
     assert model.config._attn_implementation == "sdpa"  # a refused call changes nothing
+
+
+def test_a_model_with_its_own_softmax_scale_is_served_with_it():
+    """Granite scales attention by attention_multiplier (0.02 here, not 1 / sqrt(64)): each ShadowKV
+    layer takes its attention module's scaling, and generation is exact at full rank."""
+    model = tiny_model("granite")
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(9))
+    dense = generate(model, ids, DynamicCache(config=model.config))
+    cache = shadowkv_cache(model, **exact_settings())
+    shadow = generate(model, ids, cache)
+    assert torch.equal(shadow.sequences, dense.sequences)
+    assert [layer.shadow.scale for layer in cache.layers] == [0.02] * 3
+    for step, (a, b) in enumerate(zip(shadow.logits, dense.logits)):
+        assert float((a - b).norm() / b.norm()) < 1e-4, step
+
+
+def test_a_model_whose_rope_is_not_rotate_half_is_refused():
+    """Cohere rotates interleaved channel pairs. At full rank ShadowKV's rotate-half form would cancel
+    out (the generation would look exact), so the form is checked on the model's own function."""
+    model = tiny_model("cohere")
+    with pytest.raises(ShadowKVError, match="CohereAttention applies RoPE in another form than Llama's rotate-half"):
+        shadowkv_cache(model)
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_bad_settings_are_refused_before_anything_changes():
