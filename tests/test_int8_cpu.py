@@ -77,3 +77,59 @@ def test_empty_inputs(form):
 def test_an_unknown_form_is_refused():
     with pytest.raises(ValueError, match="form: expected one of"):
         cpu.quantize_int8_cpu(torch.ones(2, 3), torch.int32)
+
+
+# -- oneDNN's int8 GEMM without VNNI: the CPU path stays exact --------------------------------------
+
+_EXACT_WITHOUT_VNNI = """
+import torch
+import kernelhub.ops as ops
+from kernelhub.nn import Int8Linear
+from kernelhub.reference import int8_gemm as ref
+g = torch.Generator().manual_seed(0)
+a = torch.randint(-128, 128, (33, 300), generator=g, dtype=torch.int8)
+b = torch.randint(-128, 128, (300, 17), generator=g, dtype=torch.int8)
+print(torch.equal(ops.int8_gemm(a, b), ref.int8_gemm(a, b)))
+layer = Int8Linear.from_float(torch.nn.Linear(300, 17))
+with torch.no_grad():
+    for m in (1, 5, 40):  # fbgemm's rows, oneDNN's rows
+        x = torch.randn(m, 300, generator=g) * 3
+        q, s = ref.quantize_int8(x)
+        expected = ref.int8_scaled_gemm(q, layer.weight_q.t(), s, layer.weight_scale, layer.bias, torch.float32)
+        print(bool(torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-5)))
+"""
+
+
+def test_without_vnni_int8_gemm_and_the_layer_stay_exact():
+    """ONEDNN_MAX_CPU_ISA=AVX2 runs the int8 kernels an AVX2-only CPU would, which add pairs of products
+    in saturating int16 (on torch 2.13 `_int_mm` of full-range operands is off by up to millions):
+    the probes find it, and the CPU path multiplies exactly anyway."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    result = subprocess.run([sys.executable, "-c", _EXACT_WITHOUT_VNNI], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True"] * 4, result.stdout
+
+
+def test_an_inexact_int_mm_is_never_called(monkeypatch):
+    """Where `_int_mm` does not sum exactly, int8_gemm and int8_scaled_gemm take the exact product."""
+    import kernelhub.ops as ops
+
+    def inexact(*args, **kwargs):
+        raise AssertionError("torch._int_mm called although it is not exact here")
+
+    monkeypatch.setattr(cpu, "int_mm_is_exact", lambda: False)
+    monkeypatch.setattr(torch, "_int_mm", inexact)
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-128, 128, (9, 70), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (13, 70), generator=g, dtype=torch.int8)
+    out = torch.full((9, 13), -7, dtype=torch.int32)
+    assert ops.int8_gemm(a, w.t(), out=out) is out and torch.equal(out, ref.int8_gemm(a, w.t()))
+    scale_a, scale_b = torch.rand(9, generator=g), torch.rand(13, generator=g)
+    torch.testing.assert_close(ops.int8_scaled_gemm(a, w.t(), scale_a, scale_b, out_dtype=torch.float32),
+                               ref.int8_scaled_gemm(a, w.t(), scale_a, scale_b, out_dtype=torch.float32))
+

@@ -35,19 +35,32 @@ FBGEMM_MAX_ROWS = 8
 
 @functools.cache
 def _prepacked_gemms_are_exact() -> bool:
-    """Whether fbgemm's and oneDNN's u8 x s8 GEMMs are here and sum exactly: with VNNI (or AMX) they
-    accumulate products in int32; without, their AVX2 kernels add pairs in saturating int16, which
-    full-range activations can overflow (torch.ao's `reduce_range` exists for that)."""
+    """Whether fbgemm's and oneDNN's prepacked u8 x s8 GEMMs are here and sum exactly, checked once
+    on full-range operands through both (`_prepacked_product` at 1 and FBGEMM_MAX_ROWS + 9 rows).
+    With VNNI or AMX they multiply-add into int32; without (AVX2, AVX-512 without VNNI, or
+    `ONEDNN_MAX_CPU_ISA` set to one of those for oneDNN) they add pairs of products in saturating
+    int16, which full-range activations overflow (torch.ao's `reduce_range` exists for that)."""
     if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
         return False
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
         return False
+    in_features, out_features = 64, 9
+    weight = torch.full((out_features, in_features), 127, dtype=torch.int8)
+    weight[1::2, 1::2] = -127  # odd output channels alternate in sign along K, even ones stay at 127
+    probe = Int8Linear(in_features, out_features, bias=False)
+    probe.weight_q.copy_(weight)
+    probe.weight_scale.fill_(1.0)
     try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    except OSError:
+        for rows in (1, FBGEMM_MAX_ROWS + 9):
+            q = torch.full((rows, in_features), 127.0)
+            q[1:, ::3] = -127.0
+            exact = q.double() @ weight.double().t()  # integers below 2**24: exact in float32 too
+            given = q if rows <= FBGEMM_MAX_ROWS else (q + 128).to(torch.uint8)
+            if not torch.equal(probe._prepacked_product(given).double(), exact):
+                return False
+    except RuntimeError:  # an engine that cannot run here
         return False
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+    return True
 
 
 class Int8Linear(nn.Module):

@@ -7,6 +7,7 @@ hold them to it.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -43,8 +44,37 @@ def onednn_operand(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def _full_range_probes() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """int8 operand pairs whose products, added in pairs, overflow int16: every value 127, signs
+    alternating along K, and seeded full-range values; B row- and column-major."""
+    generator = torch.Generator().manual_seed(0)
+    high = torch.full((17, 64), 127, dtype=torch.int8)
+    alternating = high.clone()
+    alternating[:, 1::2] = -127
+    noise = torch.randint(-128, 128, (17, 64), generator=generator, dtype=torch.int8)
+    weights = torch.randint(-128, 128, (64, 9), generator=generator, dtype=torch.int8)
+    pairs = [(high, high[:9].t()), (alternating, high[:9].t()), (noise, weights)]
+    return pairs + [(a, b.t().contiguous().t()) for a, b in pairs]
+
+
+@functools.cache
+def int_mm_is_exact() -> bool:
+    """Whether `torch._int_mm` sums exactly on this machine, checked once on `_full_range_probes`.
+
+    oneDNN's int8 GEMM is exact with VNNI or AMX, which multiply-add into int32. Without them (an
+    AVX2-only CPU, AVX-512 without VNNI, or `ONEDNN_MAX_CPU_ISA` set to one of those) it adds pairs
+    of products in saturating int16, and full-range operands come out wrong by up to millions (torch
+    2.13 under ONEDNN_MAX_CPU_ISA=AVX2: 32,640 for a K = 256 row of 127 * 127, exactly 4,129,024).
+    """
+    return all(torch.equal(torch._int_mm(a, b), int8_ref.int8_gemm(a, b)) for a, b in _full_range_probes())
+
+
 def int_mm_cpu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`torch._int_mm` on operands it reads right, into `out` (any strides) if given."""
+    """`torch._int_mm` on operands it reads right, into `out` (any strides) if given; the reference's
+    float64 product where `_int_mm` does not sum exactly here (`int_mm_is_exact`: slower, exact)."""
+    if not int_mm_is_exact():
+        result = int8_ref.int8_gemm(a, b)
+        return result if out is None else out.copy_(result)
     a, b = onednn_operand(a), onednn_operand(b)
     if out is None:
         return torch._int_mm(a, b)
