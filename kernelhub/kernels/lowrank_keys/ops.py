@@ -189,7 +189,8 @@ def lowrank_keys(k: torch.Tensor, rank: int, *, gram: str = "float32") -> tuple[
     to int8 per channel (`kernelhub.reference.lowrank_keys.lowrank_keys_int8_gram`), a still
     projected from the keys themselves: near the optimum, not at it (within 0.1% of its error
     from S = 2K on the benchmark's keys; 10% above it at S = 700, fewer tokens than H_kv * D), and
-    2x faster at S = 32K to 128K on a CPU without AMX (README "Measured"): for long prefills. On a GPU
+    2x faster at S = 32K to 128K on a CPU with VNNI but no AMX (README "Measured"; without VNNI
+    the int8 product is exact in float64 and no faster): for long prefills. On a GPU
     (the Triton path) the float32 Gram on its tensor cores is computed for either.
     """
     _check_lowrank_args(k, rank, gram)
