@@ -327,7 +327,16 @@ def int8_error_allowance(k, rank):
     return 2 * noise * (rank / merged.shape[-1]) ** 0.5 / float(merged.norm())
 
 
-@pytest.mark.parametrize("case", LOWRANK_CASES, ids=lowrank_id)
+INT8_GRAM_CASES = [  # (B, H_kv, S, D, rank, dtype), every S > H_kv * D
+    (1, 1, 200, 64, 5, torch.float32),
+    (2, 2, 300, 64, 24, torch.bfloat16),
+    (1, 8, 300, 16, 12, torch.float16),
+    (2, 1, 400, 128, 40, torch.float32),
+    (1, 5, 700, 120, 48, torch.float32),  # H_kv * D = 600: the int8 Gram's block rows, the last partial
+]
+
+
+@pytest.mark.parametrize("case", INT8_GRAM_CASES, ids=lowrank_id)
 def test_int8_gram_matches_its_reference_near_the_optimum(backend, case):
     """The CPU path computes the reference's quantised Gram matrix exactly (integer sums), so its
     reconstruction is the reference's up to float32 eigh; both are near the SVD optimum. The
@@ -337,10 +346,11 @@ def test_int8_gram_matches_its_reference_near_the_optimum(backend, case):
     a, basis = ops.lowrank_keys(k, rank, gram="int8")
     assert a.shape == (batch, seq, rank) and basis.shape == (batch, rank, heads * head_dim)
     assert a.dtype == dtype and basis.dtype == dtype
+    a_float, basis_float = ops.lowrank_keys(k, rank)
     if backend == "triton":
-        a_float, basis_float = ops.lowrank_keys(k, rank)
         assert torch.equal(a, a_float) and torch.equal(basis, basis_float)
         return
+    assert not torch.equal(basis, basis_float)  # the int8 method ran
     approx = a.double() @ basis.double()
     a_ref, basis_ref = ref.lowrank_keys_int8_gram(k, rank)
     tol = factor_tolerance(dtype)
@@ -356,6 +366,24 @@ def test_int8_gram_matches_its_reference_near_the_optimum(backend, case):
     gram_of_rows = basis.double() @ basis.double().transpose(1, 2)
     allowed = 4 * torch.finfo(dtype).eps + heads * head_dim * 2.0**-24
     assert float((gram_of_rows - torch.eye(rank, dtype=torch.float64)).abs().max()) <= allowed
+
+
+@pytest.mark.parametrize("case", [case for case in LOWRANK_CASES if case[2] <= case[1] * case[3]], ids=lowrank_id)
+def test_int8_gram_with_no_more_tokens_than_columns_is_the_float32_method(backend, case):
+    """S <= H_kv * D: the float32 Gram is cheap, and the quantised keys' span is not the keys' (at
+    rank = S the int8 basis would not rebuild them), so gram="int8" gives gram="float32"'s result."""
+    batch, heads, seq, head_dim, rank, dtype = case
+    k = keys_with_spectrum(batch, heads, seq, head_dim, rank, dtype, seed=sum(case[:5]) + 2)
+    a, basis = ops.lowrank_keys(k, rank, gram="int8")
+    a_float, basis_float = ops.lowrank_keys(k, rank)
+    assert torch.equal(a, a_float) and torch.equal(basis, basis_float)
+
+
+def test_int8_gram_at_rank_s_rebuilds_the_keys():
+    k = torch.randn(1, 1, 10, 129, generator=torch.Generator().manual_seed(23))
+    a, basis = ops.lowrank_keys(k, 10, gram="int8")
+    merged = ref.merge_heads(k).double()
+    assert relative_error(a.double() @ basis.double(), merged) <= 1e-5
 
 
 def test_int8_gram_allowance_is_tight_enough_to_fail():

@@ -11,7 +11,7 @@ method; the int8 product of the same shape ran 4 times faster on this project's 
 (0.07 s against 0.31 s at S = 32K, benchmarks/results/cpu_lowrank_keys.md). Only the basis sees
 the quantisation (a is projected from the exact keys), and what it perturbs is how the directions
 near the rank cut mix: on the benchmark's keys the error grows by about 0.1% of itself from
-S = 2K on, by 10% with fewer tokens than H_kv * D (S = 700 of 1024 columns).
+S = 2K on. (With no more tokens than H_kv * D the op computes the float32 Gram instead: ops.py.)
 
 Every pass reads the keys `[B, H_kv, S, D]` where they lie (a cache slice in place, any strides),
 in blocks of tokens: no merged `[B, S, H_kv * D]` float copy is made.

@@ -156,6 +156,9 @@ def _fake_lowrank_keys(k, rank, gram):
 
 @kernel_op("lowrank_keys", fake=_fake_lowrank_keys)
 def _lowrank_keys(k: torch.Tensor, rank: int, gram: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _, heads, seq, head_dim = k.shape
+    if seq <= heads * head_dim:  # few tokens: the float32 Gram is cheap, and exact at rank = S (see lowrank_keys)
+        gram = "float32"
     path = backend.choose(k)
     if path == "reference":
         _refuse_non_finite(k)
@@ -185,13 +188,14 @@ def lowrank_keys(k: torch.Tensor, rank: int, *, gram: str = "float32") -> tuple[
     computed as eigenvectors V_r of the float32 Gram matrix K^T K, `basis = V_r^T` and
     `a = K @ basis^T` (float32 accumulation). See the module docstring for its accuracy.
 
-    gram: "float32" (the above), or "int8": the basis from the Gram matrix of the keys quantised
-    to int8 per channel (`kernelhub.reference.lowrank_keys.lowrank_keys_int8_gram`), a still
-    projected from the keys themselves: near the optimum, not at it (within 0.1% of its error
-    from S = 2K on the benchmark's keys; 10% above it at S = 700, fewer tokens than H_kv * D), and
-    2x faster at S = 32K to 128K on a CPU with VNNI but no AMX (README "Measured"; without VNNI
-    the int8 product is exact in float64 and no faster): for long prefills. On a GPU
-    (the Triton path) the float32 Gram on its tensor cores is computed for either.
+    gram: "float32" (the above), or "int8", for long prefills: the basis from the Gram matrix of
+    the keys quantised to int8 per channel (`kernelhub.reference.lowrank_keys.lowrank_keys_int8_gram`),
+    a still projected from the keys themselves; near the optimum, not at it (within 0.1% of its
+    error from S = 2K on the benchmark's keys), and 2x faster at S = 32K to 128K on a CPU with VNNI
+    but no AMX (README "Measured"; without VNNI the int8 product is exact in float64 and no faster).
+    With no more tokens than H_kv * D the float32 Gram is computed for either: it is cheap there,
+    and the quantised keys' span is not the keys' (at rank = S the int8 basis would not rebuild
+    them). On a GPU (the Triton path) the float32 Gram on its tensor cores is computed for either.
     """
     _check_lowrank_args(k, rank, gram)
     return _lowrank_keys(k, rank, gram)
