@@ -206,7 +206,7 @@ def _registered_op_inputs():
         "landmarks": [(k, 8)],
         "outlier_chunks": [(k, lm, 2, 8)],
         "landmark_topk": [(q, lm, 3, None), (q, lm, 3, exclude)],
-        "lowrank_keys": [(k, 4, "float32"), (k, 4, "int8")],
+        "lowrank_keys": [(k, 4), (k, 4, "int8")],  # gram defaults to "float32" in the schema too
         "reconstruct_keys": [(lowrank_a, basis, positions, cos, sin, None),
                              (lowrank_a, basis, positions, cos[:10], sin[:10], torch.randint(0, 10, (1, 2, 5)))],
         "sparse_gather": [(values, chunk_idx, None, None, torch.device("cpu"))],

@@ -149,13 +149,13 @@ def _lowrank_keys_triton(k: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     return a, basis
 
 
-def _fake_lowrank_keys(k, rank, gram):
+def _fake_lowrank_keys(k, rank, gram="float32"):
     batch, heads, seq, head_dim = k.shape
     return k.new_empty((batch, seq, rank)), k.new_empty((batch, rank, heads * head_dim))
 
 
 @kernel_op("lowrank_keys", fake=_fake_lowrank_keys)
-def _lowrank_keys(k: torch.Tensor, rank: int, gram: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _lowrank_keys(k: torch.Tensor, rank: int, gram: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
     _, heads, seq, head_dim = k.shape
     if seq <= heads * head_dim:  # few tokens: the float32 Gram is cheap, and exact at rank = S (see lowrank_keys)
         gram = "float32"
