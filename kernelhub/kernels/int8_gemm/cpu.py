@@ -64,7 +64,9 @@ def int_mm_is_exact() -> bool:
     oneDNN's int8 GEMM is exact with VNNI or AMX, which multiply-add into int32. Without them (an
     AVX2-only CPU, AVX-512 without VNNI, or `ONEDNN_MAX_CPU_ISA` set to one of those) it adds pairs
     of products in saturating int16, and full-range operands come out wrong by up to millions (torch
-    2.13 under ONEDNN_MAX_CPU_ISA=AVX2: 32,640 for a K = 256 row of 127 * 127, exactly 4,129,024).
+    2.13 under ONEDNN_MAX_CPU_ISA=AVX2: 32,640 for a K = 256 row of 127 * 127, exactly 4,129,024;
+    `ONEDNN_MAX_CPU_ISA=AVX2 python -c "import torch; a = torch.full((17, 256), 127, dtype=torch.int8);
+    print(torch._int_mm(a, a.t().contiguous())[0, 0].item())"`).
     """
     return all(torch.equal(torch._int_mm(a, b), int8_ref.int8_gemm(a, b)) for a, b in _full_range_probes())
 
