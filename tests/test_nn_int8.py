@@ -83,6 +83,36 @@ def test_the_prepacked_cpu_path_is_the_same_w8a8_computation(rows, monkeypatch):
         assert not layer._prepacked_path(x)
 
 
+def test_a_layer_made_and_called_under_inference_mode():
+    """inference_mode makes inference tensors, which have no version counter: the exactness probe,
+    asked first there, gives the answer it gives outside; a layer built, reloaded and given new
+    buffers there computes what int8_scaled_gemm computes, prepacked wherever that is exact."""
+    import kernelhub.ops as ops
+
+    _prepacked_gemms_are_exact.cache_clear()
+    try:
+        with torch.inference_mode():
+            asked_inside = _prepacked_gemms_are_exact()
+            layer = Int8Linear.from_float(_linear(k=300, n=70))
+            for rows in (3, FBGEMM_MAX_ROWS + 5):  # fbgemm, then oneDNN
+                x = torch.randn(rows, 300)
+                assert layer._prepacked_path(x) == asked_inside
+                q, s = ops.quantize_int8(x)
+                expected = ops.int8_scaled_gemm(q, layer.weight_q.t(), s, layer.weight_scale, layer.bias, torch.float32)
+                torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+                other = Int8Linear.from_float(_linear(k=300, n=70, seed=rows))
+                layer.load_state_dict(other.state_dict())  # copied into the buffers: the packed form follows
+                torch.testing.assert_close(layer(x), other(x), rtol=0, atol=0)
+                new = Int8Linear.from_float(_linear(k=300, n=70, seed=rows + 100))
+                layer.weight_q = new.weight_q * 1  # an inference tensor put in its place
+                layer.weight_scale = new.weight_scale * 1
+                layer.bias = new.bias
+                torch.testing.assert_close(layer(x), new(x), rtol=0, atol=0)
+    finally:
+        _prepacked_gemms_are_exact.cache_clear()
+    assert asked_inside == _prepacked_gemms_are_exact()  # asked again, outside inference_mode
+
+
 @pytest.mark.parametrize("rows", [3, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_any_input_view_gives_the_result_of_its_contiguous_copy(rows, dtype):

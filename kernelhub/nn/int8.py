@@ -45,21 +45,23 @@ def _prepacked_gemms_are_exact() -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
         return False
     in_features, out_features = 64, 9
-    weight = torch.full((out_features, in_features), 127, dtype=torch.int8)
-    weight[1::2, 1::2] = -127  # odd output channels alternate in sign along K, even ones stay at 127
-    probe = Int8Linear(in_features, out_features, bias=False)
-    probe.weight_q.copy_(weight)
-    probe.weight_scale.fill_(1.0)
-    try:
-        for rows in (1, FBGEMM_MAX_ROWS + 9):
-            q = torch.full((rows, in_features), 127.0)
-            q[1:, ::3] = -127.0
-            exact = q.double() @ weight.double().t()  # integers below 2**24: exact in float32 too
-            given = q if rows <= FBGEMM_MAX_ROWS else (q + 128).to(torch.uint8)
-            if not torch.equal(probe._prepacked_product(given).double(), exact):
-                return False
-    except RuntimeError:  # an engine that cannot run here
-        return False
+    # Normal tensors whatever mode the first call comes in (the answer is cached for every mode).
+    with torch.inference_mode(False), torch.no_grad():
+        weight = torch.full((out_features, in_features), 127, dtype=torch.int8)
+        weight[1::2, 1::2] = -127  # odd output channels alternate in sign along K, even ones stay at 127
+        probe = Int8Linear(in_features, out_features, bias=False)
+        probe.weight_q.copy_(weight)
+        probe.weight_scale.fill_(1.0)
+        try:
+            for rows in (1, FBGEMM_MAX_ROWS + 9):
+                q = torch.full((rows, in_features), 127.0)
+                q[1:, ::3] = -127.0
+                exact = q.double() @ weight.double().t()  # integers below 2**24: exact in float32 too
+                given = q if rows <= FBGEMM_MAX_ROWS else (q + 128).to(torch.uint8)
+                if not torch.equal(probe._prepacked_product(given).double(), exact):
+                    return False
+        except RuntimeError:  # an engine that cannot run here
+            return False
     return True
 
 
@@ -80,9 +82,12 @@ class Int8Linear(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
+        # Normal tensors even when built under torch.inference_mode(): their version counters say
+        # when the packed weights are stale (`_packed`); from_float and load_state_dict copy into them.
+        with torch.inference_mode(False):
+            self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
@@ -143,6 +148,10 @@ class Int8Linear(nn.Module):
         """The `library`'s ("fbgemm", "onednn") packed form of (weight_q, weight_scale), made at first
         use and again whenever either buffer changed (load_state_dict, a copy into them); not part of
         the state dict. A layer called at both sizes holds both: two more copies of the int8 weight."""
+        for name in ("weight_q", "weight_scale"):
+            if self._buffers[name].is_inference():  # made or moved under inference_mode: no version counter
+                with torch.inference_mode(False):
+                    self._buffers[name] = self._buffers[name].clone()  # the same values, now tracked
         key = (self.weight_q.data_ptr(), self.weight_q._version, self.weight_scale.data_ptr(),
                self.weight_scale._version)
         packs = self.__dict__.setdefault("_packs", {})
