@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -59,7 +60,12 @@ def time_cpu_interleaved(fns: Mapping[str, Callable[[], object]], *, reps: int, 
                          cold: bool = False) -> dict[str, Timing]:
     """Each of `fns` on the CPU, one call of each in turn, `reps` rounds after `warmup` untimed
     rounds: a drift of the machine (a noisy 2-core VM, a frequency change) hits every contender
-    alike. `cold`: before every timed call, read a buffer twice the last-level cache (untimed), so
+    alike. Each round calls them in another order (a seeded shuffle), so that each follows every
+    other about equally often: a call pays for what the call before it left behind (on the 2-core
+    VM, whichever contender came right after the plain torch quantisation, which allocates and frees
+    tens of MB, ran up to 2.5x slower: the same code measured 0.98 ms in that place, 0.39 ms after
+    another contender).
+    `cold`: before every timed call, read a buffer twice the last-level cache (untimed), so
     that no call finds data in the cache that an earlier call left there, its own or another
     contender's sharing it: as in a model, where the other layers' weights pass through the cache
     between two calls of one layer."""
@@ -68,8 +74,11 @@ def time_cpu_interleaved(fns: Mapping[str, Callable[[], object]], *, reps: int, 
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    names, orders = list(fns), random.Random(0)
     for _ in range(reps):
-        for name, fn in fns.items():
+        orders.shuffle(names)
+        for name in names:
+            fn = fns[name]
             if flush is not None:
                 flush()
             start = time.perf_counter()

@@ -49,7 +49,8 @@ def test_time_cpu_reports_median_and_percentiles_of_the_timed_calls(monkeypatch)
 
 def test_time_cpu_interleaved_alternates_the_contenders_and_times_each(monkeypatch):
     clock, calls = [0.0], []
-    durations_ms = {"a": iter([9.0, 1.0, 3.0, 2.0]), "b": iter([9.0, 10.0, 30.0, 20.0])}  # one warm-up round
+    durations_ms = {"a": iter([9.0, 1.0, 3.0, 2.0, 4.0, 5.0]), "b": iter([9.0, 10.0, 30.0, 20.0, 40.0, 50.0]),
+                    "c": iter([9.0, 7.0, 7.0, 7.0, 7.0, 7.0])}  # one warm-up round, then five
 
     def contender(name):
         def fn():
@@ -58,11 +59,14 @@ def test_time_cpu_interleaved_alternates_the_contenders_and_times_each(monkeypat
         return fn
 
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-    timed = harness.time_cpu_interleaved({"a": contender("a"), "b": contender("b")}, reps=3, warmup=1)
+    timed = harness.time_cpu_interleaved({name: contender(name) for name in "abc"}, reps=5, warmup=1)
     monkeypatch.undo()
-    assert calls == ["a", "b"] * 4  # one call of each in turn, warm-up round first
-    assert (timed["a"].median_ms, timed["b"].median_ms) == (pytest.approx(2.0), pytest.approx(20.0))
-    assert timed["a"].reps == timed["b"].reps == 3
+    rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert rounds[0] == ["a", "b", "c"] and all(sorted(r) == ["a", "b", "c"] for r in rounds)  # each once a round
+    followers = {(r[i], r[i + 1]) for r in rounds[1:] for i in range(2)}
+    assert len({tuple(r) for r in rounds[1:]}) > 1 and len(followers) > 3  # the order changes from round to round
+    assert (timed["a"].median_ms, timed["b"].median_ms) == (pytest.approx(3.0), pytest.approx(30.0))
+    assert timed["a"].reps == timed["b"].reps == 5
 
 
 def test_time_cpu_interleaved_cold_flushes_the_cache_before_every_timed_call(monkeypatch):
@@ -70,7 +74,8 @@ def test_time_cpu_interleaved_cold_flushes_the_cache_before_every_timed_call(mon
     monkeypatch.setattr(harness, "_cpu_cache_flusher", lambda: lambda: calls.append("flush"))
     harness.time_cpu_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                                  reps=2, warmup=1, cold=True)
-    assert calls == ["a", "b"] + ["flush", "a", "flush", "b"] * 2  # warm-up round unflushed
+    assert calls[:2] == ["a", "b"] and calls[2::2] == ["flush"] * 4  # warm-up round unflushed
+    assert sorted(calls[3:7:2]) == sorted(calls[7::2]) == ["a", "b"]
     calls.clear()
     harness.time_cpu_interleaved({"a": lambda: calls.append("a")}, reps=2, warmup=0)
     assert calls == ["a", "a"]  # not cold: no flush

@@ -113,13 +113,18 @@ class Int8Linear(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected shape [*, in_features = {self.in_features}], got {tuple(x.shape)}")
         validation.refuse_autograd("x", x)
-        rows = x.reshape(-1, self.in_features)  # [M, K]: the tokens of every leading dimension
+        # A decode step's call costs little more than its GEMM, so no op is spent where none is needed
+        # (each costs tens of microseconds when the model's other weights have evicted it from the cache).
+        flat = x.dim() == 2
+        rows = x if flat else x.reshape(-1, self.in_features)  # [M, K]: the tokens of every leading dimension
         if self._prepacked_path(rows):
-            y = self._prepacked_gemm(rows).to(x.dtype)
+            y = self._prepacked_gemm(rows)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
         else:
             q, scale = ops.quantize_int8(rows)
             y = ops.int8_scaled_gemm(q, self.weight_q.t(), scale, self.weight_scale, self.bias, out_dtype=x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y if flat else y.view(*x.shape[:-1], self.out_features)
 
     def _prepacked_path(self, rows: torch.Tensor) -> bool:
         """Whether this call multiplies with a prepacked weight: an eager CPU call (not traced, not
@@ -127,12 +132,16 @@ class Int8Linear(nn.Module):
         return (rows.shape[0] > 0 and rows.is_cpu and not torch.compiler.is_compiling()
                 and backend.choose(rows) == "cpu" and _prepacked_gemms_are_exact())
 
+    # The methods below read buffers from `self._buffers` directly: through nn.Module.__getattr__
+    # each costs microseconds, several times that when a decode step finds this code out of cache.
+
     def _prepacked_gemm(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 `(q @ weight_q^T) * scale[:, None] * weight_scale + bias` of `rows`' per-token
         quantisation, through the prepacked GEMM for its number of rows (`_prepacked_product`)."""
         q, scale = quantize_int8_cpu(rows, torch.float32 if rows.shape[0] <= FBGEMM_MAX_ROWS else torch.uint8)
         y = self._prepacked_product(q)
-        return y.mul_(scale[:, None]) if self.bias is None else torch.addcmul(self.bias, y, scale[:, None], out=y)
+        bias, scale = self._buffers["bias"], scale[:, None]
+        return y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale, out=y)
 
     def _prepacked_product(self, q: torch.Tensor) -> torch.Tensor:
         """float32 `(q @ weight_q^T) * weight_scale` for q `[M, K]` as `_prepacked_gemm` makes it (exact
@@ -141,32 +150,33 @@ class Int8Linear(nn.Module):
         if q.shape[0] <= FBGEMM_MAX_ROWS:
             return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(q, 1.0, 128, self._packed("fbgemm"))
         weight, zero_points = self._packed("onednn")
-        return torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, weight, self.weight_scale, zero_points, None,
-                                                  1.0, 0, torch.float32, "none", [], "")
+        return torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, weight, self._buffers["weight_scale"], zero_points,
+                                                  None, 1.0, 0, torch.float32, "none", [], "")
 
     def _packed(self, library: str):
         """The `library`'s ("fbgemm", "onednn") packed form of (weight_q, weight_scale), made at first
         use and again whenever either buffer changed (load_state_dict, a copy into them); not part of
         the state dict. A layer called at both sizes holds both: two more copies of the int8 weight."""
-        for name in ("weight_q", "weight_scale"):
-            if self._buffers[name].is_inference():  # made or moved under inference_mode: no version counter
-                with torch.inference_mode(False):
-                    self._buffers[name] = self._buffers[name].clone()  # the same values, now tracked
-        key = (self.weight_q.data_ptr(), self.weight_q._version, self.weight_scale.data_ptr(),
-               self.weight_scale._version)
+        buffers = self._buffers
+        weight_q, weight_scale = buffers["weight_q"], buffers["weight_scale"]
+        if weight_q.is_inference() or weight_scale.is_inference():  # made or moved under inference_mode
+            with torch.inference_mode(False):  # the same values in tensors with a version counter
+                weight_q = buffers["weight_q"] = weight_q.clone()
+                weight_scale = buffers["weight_scale"] = weight_scale.clone()
+        key = (weight_q.data_ptr(), weight_q._version, weight_scale.data_ptr(), weight_scale._version)
         packs = self.__dict__.setdefault("_packs", {})
-        if library not in packs or packs[library][0] != key:
+        entry = packs.get(library)
+        if entry is None or entry[0] != key:
             zero_points = torch.zeros(self.out_features, dtype=torch.int64)
             if library == "onednn":
-                packed = (torch.ops.onednn.qlinear_prepack(self.weight_q, None), zero_points)
+                packed = (torch.ops.onednn.qlinear_prepack(weight_q, None), zero_points)
             else:
                 with warnings.catch_warnings():  # quantized tensors are deprecated in torch; fbgemm still takes them
                     warnings.simplefilter("ignore")
-                    weight = torch._make_per_channel_quantized_tensor(self.weight_q, self.weight_scale.double(),
-                                                                      zero_points, 0)
+                    weight = torch._make_per_channel_quantized_tensor(weight_q, weight_scale.double(), zero_points, 0)
                     packed = torch.ops.quantized.linear_prepack(weight, None)
-            packs[library] = (key, packed)
-        return packs[library][1]
+            entry = packs[library] = (key, packed)
+        return entry[1]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, W8A8"

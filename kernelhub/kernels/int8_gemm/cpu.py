@@ -111,9 +111,10 @@ def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.
 # more than the arithmetic on it (its pages are faulted in on first touch), and `torch.aminmax` over
 # rows of x is far slower than `amax` and `amin` apart. So, block of rows by block: the row maxima
 # from `amax` and `amin` (no |x| tensor), then the quotients in one reused scratch buffer, written
-# straight into the result; the block's later passes find it in the cache. Small problems go
-# through numpy, whose per-operation cost is a fraction of torch's (beyond about 32K elements its
-# single thread loses to torch's two), in the fewest operations: see `_quantize_numpy`.
+# straight into the result; the block's later passes find it in the cache. Up to 128K elements a
+# fresh |x| costs less than the second read (`abs().amax()`), and the fewest operations win. Small
+# problems go through numpy, whose per-operation cost is a fraction of torch's (beyond about 32K
+# elements its single thread loses to torch's two), in the fewest operations: see `_quantize_numpy`.
 #
 # Why most rows need no clamp: a row whose scale is a normal float32 (at least 2**-126) and finite
 # has quotients |x| / scale <= absmax / fl(absmax / 127) <= 127 (1 + 2**-24)**2 < 127.5, which round
@@ -126,6 +127,7 @@ _ONE_PASS_MAX_ELEMENTS = 1 << 17  # up to here fresh temporaries cost less than 
 _INF = np.float32(np.inf)
 _SMALLEST_NORMAL = np.float32(np.finfo(np.float32).tiny)
 _127 = np.float32(127.0)
+_LISTED_SCALES = 64  # up to here `_normal_and_finite` reads the scales as a list
 _DIVISOR_127 = torch.tensor([127.0])  # a tensor divisor, as the reference's (never a reciprocal product)
 _NUMPY_FORMS = {torch.int8: np.int8, torch.uint8: np.uint8}
 # The forms `quantize_int8_cpu` can give q in: the int8 values, the same values plus 128 as uint8
@@ -164,15 +166,26 @@ def _quantize_numpy(x: torch.Tensor, form: torch.dtype) -> tuple[torch.Tensor, t
     return torch.from_numpy(q if form == torch.float32 else q.astype(_NUMPY_FORMS[form])), torch.from_numpy(scale)
 
 
+def _normal_and_finite(scale: torch.Tensor) -> bool:
+    """Whether every one of the float32 `scale [R]` is a normal float32 and finite (NaN is not):
+    a list for a few rows (one call), a reduction for many."""
+    if scale.shape[0] <= _LISTED_SCALES:
+        return all(_SMALLEST_NORMAL <= value < _INF for value in scale.tolist())
+    lowest, highest = torch.aminmax(scale)
+    return float(lowest) >= _SMALLEST_NORMAL and float(highest) < _INF
+
+
 def _quantize_rows(x: torch.Tensor, scale: torch.Tensor, quotient: torch.Tensor | None, shift: float) -> torch.Tensor:
     """Rows `x [R, K]` -> float32 `[R, K]` holding q + shift (in `quotient` if given), their scales
-    written into `scale [R]`, as the reference computes them: max |x| from `amax` and `amin` (NaN
-    propagates), divided by a tensor 127. Clamp and NaN handling only when some scale needs them."""
-    absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_()).to(torch.float32)
-    torch.div(absmax, _DIVISOR_127, out=scale)
+    written into `scale [R]`, as the reference computes them: max |x| (NaN propagates), divided by
+    a tensor 127. Clamp and NaN handling only when some scale needs them."""
+    if quotient is None:  # one pass over a small x: the |x| temporary costs less than a second read
+        absmax = x.abs().amax(dim=1)
+    else:  # a block: x is read twice, and nothing is written
+        absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_())
+    torch.div(absmax, _DIVISOR_127, out=scale)  # in float32 (exact from float16 or bfloat16)
     quotient = torch.div(x, scale[:, None], out=quotient).round_()  # rounds half to even
-    lowest, highest = torch.aminmax(scale)
-    if not (float(lowest) >= _SMALLEST_NORMAL and float(highest) < _INF):  # NaN fails both
+    if not _normal_and_finite(scale):
         # Only 0 / 0, Inf / Inf and NaN quotients are NaN, and the reference gives them q = 0.
         quotient.clamp_(-127, 127).nan_to_num_(0.0)
     return quotient.add_(shift) if shift else quotient
