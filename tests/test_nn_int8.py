@@ -51,6 +51,24 @@ def test_state_dict_round_trip_is_bit_exact():
         assert torch.equal(again(x), layer(x))
 
 
+@pytest.mark.parametrize("cast", ["to-bfloat16", "half", "double", "to-cpu"])
+def test_a_dtype_cast_of_the_model_keeps_the_float32_scales_and_bias(cast):
+    """`model.to(torch.bfloat16)` after quantize_linear_layers is how a bf16 model is made: the
+    layer's scales and bias stay float32 (rounded to 16 bits every output would change), and it
+    computes what it computed before, at every number of rows (fbgemm's sizes and oneDNN's)."""
+    layer = Int8Linear.from_float(_linear())
+    cast_layer = {"to-bfloat16": lambda m: m.to(torch.bfloat16), "half": lambda m: m.half(),
+                  "double": lambda m: m.double(), "to-cpu": lambda m: m.to("cpu")}[cast](Int8Linear.from_float(_linear()))
+    assert cast_layer.weight_scale.dtype == cast_layer.bias.dtype == torch.float32
+    assert cast_layer.weight_q.dtype == torch.int8
+    with torch.no_grad():
+        for rows in (3, FBGEMM_MAX_ROWS + 12):
+            x = torch.randn(rows, 96).to(torch.bfloat16)
+            assert torch.equal(cast_layer(x), layer(x))
+    no_bias = Int8Linear.from_float(_linear(bias=False)).to(torch.float16)
+    assert no_bias.bias is None and no_bias.weight_scale.dtype == torch.float32
+
+
 def test_torch_compile_traces_the_layer_without_graph_breaks():
     layer = Int8Linear.from_float(_linear())
     compiled = torch.compile(layer, fullgraph=True)  # a graph break would raise

@@ -106,6 +106,17 @@ class Int8Linear(nn.Module):
                 layer.bias.copy_(linear.bias.detach().to(torch.float32))
         return layer
 
+    def _apply(self, fn, recurse=True):
+        """Moves (`.to(device)`, `.cuda()`) apply to every buffer; dtype casts (`model.to(torch.bfloat16)`,
+        `.half()`) leave the float32 scales and bias as they are: rounded to 16 bits they would change
+        every output (and oneDNN's GEMM refuses them)."""
+        kept = {name: self._buffers[name] for name in ("weight_scale", "bias") if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            if self._buffers[name].dtype != torch.float32:
+                self._buffers[name] = original.to(device=self._buffers[name].device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"x: expected a float32, float16 or bfloat16 tensor, got "
