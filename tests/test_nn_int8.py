@@ -69,6 +69,30 @@ def test_a_dtype_cast_of_the_model_keeps_the_float32_scales_and_bias(cast):
     assert no_bias.bias is None and no_bias.weight_scale.dtype == torch.float32
 
 
+@pytest.mark.parametrize("copy_by", ["deepcopy", "torch.save"])
+def test_a_layer_that_has_run_can_be_copied_and_pickled(copy_by):
+    """After calls at both sizes (the packed weights made), the layer deep-copies and pickles; the
+    copy computes what the original does, and follows its own buffers, not the original's packs."""
+    import copy
+    import io
+
+    layer = Int8Linear.from_float(_linear())
+    small, large = torch.randn(3, 96), torch.randn(FBGEMM_MAX_ROWS + 12, 96)
+    with torch.no_grad():
+        before = layer(small), layer(large)
+        if copy_by == "deepcopy":
+            twin = copy.deepcopy(layer)
+        else:
+            buffer = io.BytesIO()
+            torch.save(layer, buffer)
+            buffer.seek(0)
+            twin = torch.load(buffer, weights_only=False)
+        assert torch.equal(twin(small), before[0]) and torch.equal(twin(large), before[1])
+        twin.weight_q.neg_()  # the copy's own weight changes; the original's does not
+        assert torch.equal(layer(small), before[0]) and not torch.equal(twin(small), before[0])
+    assert "_packs" in layer.__dict__  # the original keeps its packs
+
+
 def test_torch_compile_traces_the_layer_without_graph_breaks():
     layer = Int8Linear.from_float(_linear())
     compiled = torch.compile(layer, fullgraph=True)  # a graph break would raise
@@ -129,6 +153,27 @@ def test_a_layer_made_and_called_under_inference_mode():
     finally:
         _prepacked_gemms_are_exact.cache_clear()
     assert asked_inside == _prepacked_gemms_are_exact()  # asked again, outside inference_mode
+
+
+def test_a_new_buffer_at_the_address_of_the_old_is_packed_anew():
+    """A new weight tensor is packed again even where it has the old one's address and version (as
+    a tensor allocated where a freed one was would): here both view one numpy array, rewritten in
+    between. The packed weights never outlive the buffers they were made from."""
+    import kernelhub.ops as ops
+
+    layer = Int8Linear.from_float(_linear())
+    memory = layer.weight_q.numpy().copy()
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        layer.weight_q = torch.from_numpy(memory)
+        address, before = layer.weight_q.data_ptr(), layer(x)  # packed from this tensor
+        memory[:] = -memory  # new values, written behind torch's back
+        layer.weight_q = torch.from_numpy(memory)  # a new tensor: the same address, version 0
+        assert layer.weight_q.data_ptr() == address and layer.weight_q._version == 0
+        q, s = ops.quantize_int8(x)
+        expected = ops.int8_scaled_gemm(q, layer.weight_q.t(), s, layer.weight_scale, layer.bias, torch.float32)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(layer(x), before)
 
 
 @pytest.mark.parametrize("rows", [3, 40])

@@ -106,6 +106,14 @@ class Int8Linear(nn.Module):
                 layer.bias.copy_(linear.bias.detach().to(torch.float32))
         return layer
 
+    def __getstate__(self):
+        """The packed weights are a cache of the buffers, not state: copies and pickles
+        (`copy.deepcopy`, `torch.save(model)`) leave them out, and the copy packs its own at first
+        use (oneDNN's packed weight is an opaque tensor, which neither can copy)."""
+        state = super().__getstate__().copy()
+        state.pop("_packs", None)
+        return state
+
     def _apply(self, fn, recurse=True):
         """Moves (`.to(device)`, `.cuda()`) apply to every buffer; dtype casts (`model.to(torch.bfloat16)`,
         `.half()`) leave the float32 scales and bias as they are: rounded to 16 bits they would change
@@ -174,10 +182,12 @@ class Int8Linear(nn.Module):
             with torch.inference_mode(False):  # the same values in tensors with a version counter
                 weight_q = buffers["weight_q"] = weight_q.clone()
                 weight_scale = buffers["weight_scale"] = weight_scale.clone()
+        # Which tensors, where their data is, and how often written: the entry holds the tensors it
+        # was made from, so a replaced buffer cannot be freed and its address reused by the next.
         key = (weight_q.data_ptr(), weight_q._version, weight_scale.data_ptr(), weight_scale._version)
         packs = self.__dict__.setdefault("_packs", {})
         entry = packs.get(library)
-        if entry is None or entry[0] != key:
+        if entry is None or entry[0] != key or entry[2][0] is not weight_q or entry[2][1] is not weight_scale:
             zero_points = torch.zeros(self.out_features, dtype=torch.int64)
             if library == "onednn":
                 packed = (torch.ops.onednn.qlinear_prepack(weight_q, None), zero_points)
@@ -186,7 +196,7 @@ class Int8Linear(nn.Module):
                     warnings.simplefilter("ignore")
                     weight = torch._make_per_channel_quantized_tensor(weight_q, weight_scale.double(), zero_points, 0)
                     packed = torch.ops.quantized.linear_prepack(weight, None)
-            entry = packs[library] = (key, packed)
+            entry = packs[library] = (key, packed, (weight_q, weight_scale))
         return entry[1]
 
     def extra_repr(self) -> str:
