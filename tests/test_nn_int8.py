@@ -229,6 +229,44 @@ def test_quantize_linear_layers_replaces_every_linear_but_the_skipped():
     assert type(model[2][1]) is nn.Linear  # skipped by its dotted name
 
 
+class _AttentionBlock(nn.Module):
+    """torch's MultiheadAttention (its out_proj a Linear subclass whose weight it reads) and an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.up, self.down = nn.Linear(64, 128), nn.Linear(128, 64)
+
+    def forward(self, x):
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def test_linear_subclasses_are_left_and_shared_linears_replaced_everywhere():
+    """MultiheadAttention's out_proj stays float (its parent reads its weight), the MLP's linears
+    become Int8Linear, and the block runs within W8A8 rounding of float32. A linear under two
+    names becomes one Int8Linear under both. A parent that reads a replaced linear's weight is told
+    what to do."""
+    torch.manual_seed(0)
+    block = _AttentionBlock().eval()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        exact = block(x)
+        quantize_linear_layers(block)
+        y = block(x)
+    assert type(block.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(block.up, Int8Linear) and isinstance(block.down, Int8Linear)
+    assert float((y - exact).norm() / exact.norm()) < 2e-2
+    shared = nn.Linear(8, 8)
+    model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})
+    quantize_linear_layers(model)
+    assert isinstance(model["a"][0], Int8Linear) and model["a"][0] is model["b"][0]
+    encoder = quantize_linear_layers(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True).eval())
+    with torch.no_grad(), pytest.raises(AttributeError, match=r"no float `weight`.*skip="):
+        encoder(x)  # its fast path reads linear1.weight (torch.ao's quantize_dynamic fails there too)
+    assert not hasattr(block.up, "weight") and block.up.bias is not None
+
+
 def test_a_random_llama_quantised():
     """A tiny random-weight Llama (2 layers: 7 linears each): 14 Int8Linear, lm_head untouched,
     logits within 5e-2 of float32 (random weights: a statement about the arithmetic, not about a

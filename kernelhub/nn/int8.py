@@ -106,6 +106,14 @@ class Int8Linear(nn.Module):
                 layer.bias.copy_(linear.bias.detach().to(torch.float32))
         return layer
 
+    def __getattr__(self, name: str):
+        if name == "weight":  # asked of every linear by some parents (nn.TransformerEncoderLayer's fast path)
+            raise AttributeError(
+                "Int8Linear has no float `weight`: it holds `weight_q` (int8) and `weight_scale` (float32). "
+                "A module that reads its linears' weights cannot run on Int8Linear: leave its linears "
+                "float with quantize_linear_layers(model, skip=(...)), named by attribute or dotted name")
+        return super().__getattr__(name)
+
     def __getstate__(self):
         """The packed weights are a cache of the buffers, not state: copies and pickles
         (`copy.deepcopy`, `torch.save(model)`) leave them out, and the copy packs its own at first
@@ -209,13 +217,21 @@ def quantize_linear_layers(model: nn.Module, *, skip: tuple[str, ...] = ("lm_hea
     skip: linears left as they are, named by their attribute name (`lm_head`) or full dotted name
     (`model.layers.0.mlp.down_proj`). The output head stays float by default: its logits decide
     every token, and it is one layer of many.
+
+    Only modules whose type is `nn.Linear` itself are replaced, as torch.ao's `quantize_dynamic`
+    does: a subclass may compute something else, or be read by its parent (torch's
+    `nn.MultiheadAttention` reads its `out_proj.weight` directly). A linear registered under several
+    names becomes one Int8Linear under all of them.
     """
     if isinstance(skip, str):
         skip = (skip,)
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip and name not in skip]
+    targets = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
+               if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in skip and name not in skip]
+    converted: dict[int, Int8Linear] = {}
     for name, module in targets:
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attribute, Int8Linear.from_float(module))
+        if id(module) not in converted:
+            converted[id(module)] = Int8Linear.from_float(module)
+        setattr(parent, attribute, converted[id(module)])
     return model
