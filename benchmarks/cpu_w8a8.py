@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import kernelhub.ops as ops
+from kernelhub.kernels.int8_gemm import cpu as int8_cpu
 from kernelhub.kernels.int8_gemm.cpu import quantize_int8_cpu
 from kernelhub.nn import Int8Linear
 from kernelhub.nn.int8 import FBGEMM_MAX_ROWS
@@ -104,15 +105,43 @@ def quantize_rows(ms: list[int], reps: int) -> list[dict]:
     return rows
 
 
+def block_rows(ms: list[int], blocks: list[int], reps: int) -> list[dict]:
+    """The blocked quantiser (K = 4096) with each number of elements per block of rows, against the
+    shipped `_BLOCK_ELEMENTS`: what bounds it (more ops per byte below, the cache above)."""
+    gen = torch.Generator().manual_seed(2)
+    shipped = int8_cpu._BLOCK_ELEMENTS
+    rows = []
+    for m in ms:
+        x = activations(m, 4096, gen)
+
+        def with_block(elements):
+            def run():
+                int8_cpu._BLOCK_ELEMENTS = elements
+                try:
+                    return quantize_int8_cpu(x)
+                finally:
+                    int8_cpu._BLOCK_ELEMENTS = shipped
+            return run
+
+        timed = time_cpu_interleaved({e: with_block(e) for e in blocks}, reps=reps)
+        for elements in blocks:
+            rows.append({"M": m, "elements per block": elements, "ms": timed[elements].median_ms,
+                         "vs shipped": ratio(timed[elements].median_ms, timed[shipped].median_ms)
+                         if shipped in timed else None})
+    return rows
+
+
 def geomean(values: list[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def main(argv=None) -> None:
     parser = BenchmarkParser(__file__, __doc__, reps=5,
-                             quick={"ms": [1, 96], "quantize_ms": [1, 640], "layers": ["o"], "reps": 2})
+                             quick={"ms": [1, 96], "quantize_ms": [1, 640], "block_ms": [300], "layers": ["o"],
+                                    "reps": 2})
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 8, 16, 96, 384, 1536, 2048], help="tokens M")
     parser.add_argument("--quantize-ms", type=int, nargs="+", default=[1, 16, 128, 512, 640, 2048, 3000])
+    parser.add_argument("--block-ms", type=int, nargs="+", default=[512, 2048], help="tokens M of the block sweep")
     parser.add_argument("--layers", nargs="+", default=None, help="only these layers (qkv, o, gate_up, down)")
     parser.add_argument("--json", help="also write the raw rows here")
     args = parser.parse_args(argv)
@@ -120,6 +149,7 @@ def main(argv=None) -> None:
               for name, layers in MODELS.items()}
     linear = linear_rows(args.ms, models, args.reps)
     quantize = quantize_rows(args.quantize_ms, args.reps)
+    blocks = block_rows(args.block_ms, [1 << e for e in range(17, 23)], args.reps * 4)
     per_m = {m: geomean([r["speedup"] for r in linear if r["M"] == m]) for m in args.ms}
     summary = [{"M": m, "speedup (geomean over layers)": s} for m, s in per_m.items()]
     summary.append({"M": "all", "speedup (geomean over layers)": geomean([r["speedup"] for r in linear])})
@@ -132,9 +162,12 @@ def main(argv=None) -> None:
         "quantize_int8 (bit-exact with the reference) vs the plain torch expression, float32 [M, 4096]",
         markdown_table(quantize, ["M", "K", "kernelhub ms", "plain torch ms", "speedup", "kernelhub GB/s"],
                        {"speedup": times}),
+        f"The blocked quantiser by elements per block of rows, K = 4096 (shipped: {int8_cpu._BLOCK_ELEMENTS}; "
+        "vs shipped = its time / the shipped block's)",
+        markdown_table(blocks, ["M", "elements per block", "ms", "vs shipped"], {"vs shipped": times}),
     ])
     publish(text, args)
-    write_json(args.json, args, linear=linear, quantize=quantize)
+    write_json(args.json, args, linear=linear, quantize=quantize, blocks=blocks)
 
 
 if __name__ == "__main__":

@@ -234,6 +234,7 @@ def test_cpu_w8a8_end_to_end_writes_its_page(tmp_path):
     page = path.read_text()
     assert "| llama3-8b | o | 3 | 4096 | 4096 |" in page and "| qwen2-7b | o | 3 | 3584 | 3584 |" in page
     assert "| all | " in page and "\n| 5 | 4096 | " in page
+    assert "\n| 300 | 1048576 | " in page and "\n| 300 | 131072 | " in page  # the block sweep, shipped size included
 
 
 def test_cpu_lowrank_keys_end_to_end_writes_its_page(tmp_path):

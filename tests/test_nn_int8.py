@@ -261,6 +261,7 @@ def test_linear_subclasses_are_left_and_shared_linears_replaced_everywhere():
     model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})
     quantize_linear_layers(model)
     assert isinstance(model["a"][0], Int8Linear) and model["a"][0] is model["b"][0]
+    assert isinstance(quantize_linear_layers(nn.Linear(8, 4)), Int8Linear)  # the model itself: returned
     encoder = quantize_linear_layers(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True).eval())
     with torch.no_grad(), pytest.raises(AttributeError, match=r"no float `weight`.*skip="):
         encoder(x)  # its fast path reads linear1.weight (torch.ao's quantize_dynamic fails there too)

@@ -221,10 +221,13 @@ def quantize_linear_layers(model: nn.Module, *, skip: tuple[str, ...] = ("lm_hea
     Only modules whose type is `nn.Linear` itself are replaced, as torch.ao's `quantize_dynamic`
     does: a subclass may compute something else, or be read by its parent (torch's
     `nn.MultiheadAttention` reads its `out_proj.weight` directly). A linear registered under several
-    names becomes one Int8Linear under all of them.
+    names becomes one Int8Linear under all of them. A `model` that is itself an `nn.Linear` cannot be
+    replaced in place: its Int8Linear is returned.
     """
     if isinstance(skip, str):
         skip = (skip,)
+    if type(model) is nn.Linear:
+        return Int8Linear.from_float(model)
     targets = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
                if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in skip and name not in skip]
     converted: dict[int, Int8Linear] = {}
