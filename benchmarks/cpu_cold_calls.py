@@ -10,6 +10,11 @@ one call of the Llama-3-8B `down` projection's prepacked int8 GEMM (its 58 MB we
 through the caches), or a 5 ms sleep (the core idles). Contenders, all on one token `[1, 14336]`:
 kernelhub's CPU quantiser, the plain torch expression, the fbgemm GEMM alone on q made once, and
 torch.ao's whole dynamic int8 Linear (one C++ op). Medians of `--reps` calls, microseconds.
+
+A second table is why `time_cpu_interleaved` shuffles its contenders' order: kernelhub's quantiser
+and the plain expression on `[M, 4096]`, each right after a call of the other and of itself (the
+plain expression allocates and frees tens of MB; what the next call pays for it depends on how the
+allocator is left).
 """
 
 from __future__ import annotations
@@ -58,15 +63,32 @@ def rows(n: int, k: int, stream_mb: int, reps: int) -> list[dict]:
                 for name, fn in contenders.items()]
 
 
+def order_rows(ms: list[int], reps: int) -> list[dict]:
+    """Each of the two quantisers on `[M, 4096]` timed right after one call of each (`cold_us`)."""
+    gen = torch.Generator().manual_seed(1)
+    table = []
+    for m in ms:
+        x = activations(m, 4096, gen)
+        calls = {"kernelhub": lambda: quantize_int8_cpu(x), "plain": lambda: plain_quantize(x)}
+        table.append({"M": m, **{f"{name} after {before} us": cold_us(calls[before], fn, reps)
+                                 for name, fn in calls.items() for before in calls}})
+    return table
+
+
 def main(argv=None) -> None:
-    parser = BenchmarkParser(__file__, __doc__, reps=60, quick={"n": 256, "k": 512, "stream_mb": 4, "reps": 5})
+    parser = BenchmarkParser(__file__, __doc__, reps=60,
+                             quick={"n": 256, "k": 512, "stream_mb": 4, "reps": 5, "order_ms": [8]})
     parser.add_argument("--n", type=int, default=4096, help="output features (default: Llama-3-8B down)")
     parser.add_argument("--k", type=int, default=14336, help="input features")
     parser.add_argument("--stream-mb", type=int, default=64, help="MB copied by the cache-clearing preparation")
+    parser.add_argument("--order-ms", type=int, nargs="+", default=[128, 512], help="tokens M of the order table")
     args = parser.parse_args(argv)
     table = rows(args.n, args.k, args.stream_mb, args.reps)
+    order = order_rows(args.order_ms, args.reps)
     text = "\n\n".join([f"One token [1, {args.k}] through a [{args.n}, {args.k}] W8A8 layer's pieces, us (median)",
-                        markdown_table(table, list(table[0]), {c: fixed(1) for c in table[0] if c != "call"})])
+                        markdown_table(table, list(table[0]), {c: fixed(1) for c in table[0] if c != "call"}),
+                        "Each quantiser on [M, 4096] right after one call of the other, or of itself, us (median)",
+                        markdown_table(order, list(order[0]), {c: fixed(1) for c in order[0] if c != "M"})])
     publish(text, args)
 
 

@@ -62,9 +62,8 @@ def time_cpu_interleaved(fns: Mapping[str, Callable[[], object]], *, reps: int, 
     rounds: a drift of the machine (a noisy 2-core VM, a frequency change) hits every contender
     alike. Each round calls them in another order (a seeded shuffle), so that each follows every
     other about equally often: a call pays for what the call before it left behind (on the 2-core
-    VM, whichever contender came right after the plain torch quantisation, which allocates and frees
-    tens of MB, ran up to 2.5x slower: the same code measured 0.98 ms in that place, 0.39 ms after
-    another contender).
+    VM, kernelhub's quantiser ran 2.6x to 5.5x slower right after the plain torch quantisation,
+    which allocates and frees tens of MB, than after itself: cpu_cold_calls.py's second table).
     `cold`: before every timed call, read a buffer twice the last-level cache (untimed), so
     that no call finds data in the cache that an earlier call left there, its own or another
     contender's sharing it: as in a model, where the other layers' weights pass through the cache

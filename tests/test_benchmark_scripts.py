@@ -334,3 +334,6 @@ def test_cpu_cold_calls_end_to_end_writes_its_page(tmp_path):
                  "torch.ao dynamic Linear"):
         row = next(line for line in page.splitlines() if line.startswith(f"| {call}"))
         assert all(float(cell) > 0 for cell in row.strip("|").split("|")[1:])  # four timings, each measured
+    assert "| M | kernelhub after kernelhub us | kernelhub after plain us | plain after kernelhub us | " in page
+    order = next(line for line in page.splitlines() if line.startswith("| 8 | "))
+    assert len(order.strip("|").split("|")) == 5 and all(float(c) > 0 for c in order.strip("|").split("|")[1:])

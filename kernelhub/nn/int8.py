@@ -159,8 +159,8 @@ class Int8Linear(nn.Module):
         return (rows.shape[0] > 0 and rows.is_cpu and not torch.compiler.is_compiling()
                 and backend.choose(rows) == "cpu" and _prepacked_gemms_are_exact())
 
-    # The methods below read buffers from `self._buffers` directly: through nn.Module.__getattr__
-    # each costs microseconds, several times that when a decode step finds this code out of cache.
+    # The methods below read buffers from `self._buffers`, where `_packed` also puts the tracked
+    # copies of inference tensors, not through nn.Module.__getattr__ (a Python call per buffer).
 
     def _prepacked_gemm(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 `(q @ weight_q^T) * scale[:, None] * weight_scale + bias` of `rows`' per-token
