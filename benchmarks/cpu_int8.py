@@ -9,7 +9,8 @@ process, interleaved per shape. `epilogue` is int8_scaled_gemm's time over bare 
 cost of dequantising into bfloat16 with bias); `vs fp32` is fp32 matmul time over
 int8_scaled_gemm time. A second table gives the per-call cost of the Python layer and of the
 torch.library registration on tiny shapes, where the kernel itself costs almost nothing: each op
-against what it dispatches to on the CPU, 20th percentile of interleaved rounds of 1000 calls.
+over the CPU path it dispatches to (`added us`, `over`), and int8_scaled_gemm's argument checks
+alone, 20th percentile of interleaved rounds of 1000 calls.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 import kernelhub.ops as ops
-from kernelhub.kernels.int8_gemm.cpu import cpu_int8_scaled_gemm, quantize_int8_cpu
+from kernelhub.kernels.int8_gemm import ops as int8_ops
+from kernelhub.kernels.int8_gemm.cpu import cpu_int8_scaled_gemm, int_mm_cpu, quantize_int8_cpu
 from kernelhub.kernels.int8_gemm.space import LLAMA3_8B
 
 from harness import (BenchmarkParser, fixed, markdown_table, percent_change, publish, ratio, time_cpu,
@@ -52,12 +54,30 @@ def gemm_rows(ms: Sequence[int], reps: int) -> list[dict]:
 
 def overhead_rows(reps: int) -> list[dict]:
     """Per-call microseconds on tiny operands (an [8, 64] @ [64, 8] GEMM, an [8, 64] quantisation),
-    where the kernel itself costs almost nothing: each public op against the kernel it dispatches
-    to, and the registered torch.library op (which eager calls bypass) beside them."""
+    where the kernel itself costs almost nothing: each public op over the CPU path it dispatches
+    to, that path over bare `torch._int_mm`, the registered torch.library op (which eager calls
+    bypass), and int8_scaled_gemm's argument checks alone, the full ones and the acceptance of a
+    common call at once (what the op runs: kernelhub/kernels/int8_gemm/ops.py)."""
     a = torch.randint(-128, 128, (8, 64), dtype=torch.int8)
     b = torch.randint(-128, 128, (8, 64), dtype=torch.int8).t()
     scale_a, scale_b, x = torch.rand(8), torch.rand(8), torch.randn(8, 64)
+    scaled_args = (a, b, scale_a, scale_b, None, torch.float32)
     calls = 1000
+    # (path, what the row's `added us` is over, the call)
+    paths = [
+        ("torch._int_mm (bare)", None, lambda: torch._int_mm(a, b)),
+        ("int_mm_cpu (int8_gemm's CPU path)", "torch._int_mm (bare)", lambda: int_mm_cpu(a, b)),
+        ("kernelhub.ops.int8_gemm", "int_mm_cpu (int8_gemm's CPU path)", lambda: ops.int8_gemm(a, b)),
+        ("torch.ops.kernelhub.int8_gemm (registered op)", "int_mm_cpu (int8_gemm's CPU path)",
+         lambda: torch.ops.kernelhub.int8_gemm(a, b)),
+        ("cpu_int8_scaled_gemm (its CPU path)", None, lambda: cpu_int8_scaled_gemm(*scaled_args, None)),
+        ("kernelhub.ops.int8_scaled_gemm", "cpu_int8_scaled_gemm (its CPU path)",
+         lambda: ops.int8_scaled_gemm(*scaled_args)),
+        ("int8_scaled_gemm's full checks alone", None, lambda: int8_ops._check_int8_scaled_gemm(*scaled_args, None)),
+        ("int8_scaled_gemm's acceptance alone", None, lambda: int8_ops._accepts_scaled(*scaled_args)),
+        ("quantize_int8_cpu (its CPU path)", None, lambda: quantize_int8_cpu(x)),
+        ("kernelhub.ops.quantize_int8", "quantize_int8_cpu (its CPU path)", lambda: ops.quantize_int8(x)),
+    ]
 
     def loop(fn):
         def run():
@@ -65,30 +85,12 @@ def overhead_rows(reps: int) -> list[dict]:
                 fn()
         return run
 
-    contenders = {  # op -> (what it dispatches to on the CPU, the public op)
-        "int8_gemm": ("torch._int_mm (bare)", lambda: torch._int_mm(a, b), lambda: ops.int8_gemm(a, b)),
-        "int8_scaled_gemm": ("cpu_int8_scaled_gemm (its CPU path)",
-                             lambda: cpu_int8_scaled_gemm(a, b, scale_a, scale_b, None, torch.float32, None),
-                             lambda: ops.int8_scaled_gemm(a, b, scale_a, scale_b, None, torch.float32)),
-        "quantize_int8": ("quantize_int8_cpu (its CPU path)", lambda: quantize_int8_cpu(x),
-                          lambda: ops.quantize_int8(x)),
-    }
-    fns = {}
-    for op, (_, kernel, public) in contenders.items():
-        fns[(op, "kernel")], fns[(op, "op")] = loop(kernel), loop(public)
-    fns[("int8_gemm", "registered")] = loop(lambda: torch.ops.kernelhub.int8_gemm(a, b))
     # The 20th percentile of the rounds: on a shared VM a microsecond loop's median moves with the
     # neighbours' load (bare `_int_mm` from 2 to 3.5 us between two runs); its fast rounds do not.
-    us = {key: t.p20_ms * 1e3 / calls for key, t in time_cpu_interleaved(fns, reps=max(15, reps)).items()}
-    rows = []
-    for op, (kernel_name, _, _) in contenders.items():
-        rows.append({"path": kernel_name, "us per call": us[(op, "kernel")], "added us": 0.0})
-        rows.append({"path": f"kernelhub.ops.{op} (eager: validate + dispatch)", "us per call": us[(op, "op")],
-                     "added us": us[(op, "op")] - us[(op, "kernel")]})
-    registered = us[("int8_gemm", "registered")]
-    rows.append({"path": "torch.ops.kernelhub.int8_gemm (registered op)", "us per call": registered,
-                 "added us": registered - us[("int8_gemm", "kernel")]})
-    return rows
+    timings = time_cpu_interleaved({name: loop(fn) for name, _, fn in paths}, reps=max(60, reps))
+    us = {name: t.p20_ms * 1e3 / calls for name, t in timings.items()}
+    return [{"path": name, "us per call": us[name], "added us": None if over is None else us[name] - us[over],
+             "over": over or ""} for name, over, _ in paths]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           ["layer", "M", "N", "K", "fp32 ms", "_int_mm ms", "int8_scaled_gemm ms", "epilogue", "vs fp32"],
                           {"epilogue": percent_change, "vs fp32": times, "fp32 ms": ms, "_int_mm ms": ms,
                            "int8_scaled_gemm ms": ms})
-    overhead = markdown_table(overhead_rows(args.reps), ["path", "us per call", "added us"],
+    overhead = markdown_table(overhead_rows(args.reps), ["path", "us per call", "added us", "over"],
                               {"us per call": ms, "added us": ms})
     publish(f"{gemm}\n\n{overhead}", args)
     return 0

@@ -1,10 +1,13 @@
 """kernelhub.ops: every backend against the reference, argument errors, out=, torch.compile."""
 
+import itertools
+
 import pytest
 import torch
 
 import kernelhub.ops as ops
 from kernelhub.checking import mismatch_close, poison_
+from kernelhub.kernels.int8_gemm import ops as int8_ops
 from kernelhub.reference import int8_gemm as ref
 
 BACKENDS = ["cpu-auto", "triton", "reference"]
@@ -121,6 +124,65 @@ def test_scaled_gemm_bad_input_names_the_argument(change, error, fragment):
     kwargs = _good() | change
     with pytest.raises(error, match=fragment):
         ops.int8_scaled_gemm(**kwargs)
+
+
+def _refused(check, *args) -> bool:
+    try:
+        check(*args)
+    except (TypeError, ValueError):
+        return True
+    return False
+
+
+def _operand_variants():
+    """Operands around a good call (M = 4, N = 6, K = 8), each failing one check or passing it
+    in another form: (name, a variants, b variants, scale_a, scale_b, bias, out_dtype variants)."""
+    good_a, good_b = _operands(4, 6, 8, seed=3)
+    big_k = torch.zeros(1, 1, dtype=torch.int8).expand(4, int8_ops.MAX_K + 1)  # K past the int32 limit, no memory
+    a = {"a": good_a, "a view": good_a.t().contiguous().t(), "a float": good_a.float(), "a 3-D": good_a[..., None],
+         "a meta": good_a.to("meta"), "a K=9": torch.zeros(4, 9, dtype=torch.int8), "a str": "a",
+         "a big K": big_k}
+    b = {"b": good_b, "b [K, N]": good_b.contiguous(), "b int32": good_b.to(torch.int32), "b meta": good_b.to("meta"),
+         "b 1-D": good_b[:, 0], "b big K": big_k.t()[:, :6]}
+    grad = lambda t: t.clone().requires_grad_()  # noqa: E731
+    scale_a = {"sa": torch.rand(4), "sa [5]": torch.rand(5), "sa f16": torch.rand(4).half(),
+               "sa grad": grad(torch.rand(4)), "sa meta": torch.rand(4, device="meta"), "sa 0-D": torch.tensor(1.0)}
+    scale_b = {"sb": torch.rand(6), "sb [7]": torch.rand(7), "sb 2-D": torch.rand(1, 6), "sb grad": grad(torch.rand(6)),
+               "sb meta": torch.rand(6, device="meta")}
+    bias = {"no bias": None, "bias": torch.rand(6), "bias bf16": torch.rand(6).bfloat16(), "bias [7]": torch.rand(7),
+            "bias int32": torch.ones(6, dtype=torch.int32), "bias grad": grad(torch.rand(6)),
+            "bias meta": torch.rand(6, device="meta")}
+    out_dtype = {"bf16": torch.bfloat16, "f32": torch.float32, "int8": torch.int8}
+    return a, b, scale_a, scale_b, bias, out_dtype
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False], ids=["grad", "no_grad"])
+def test_the_fast_acceptance_agrees_with_the_checks(grad_enabled):
+    """The int8 GEMMs accept a common call at once (kernelhub/kernels/int8_gemm/ops.py) and run
+    their checks only for the others: whatever is accepted must pass the checks, and every call
+    that passes them with plain CPU tensors (nothing requiring grad) must be accepted."""
+    def plain(*tensors):
+        return all(t is None or (t.is_cpu and not t.requires_grad) for t in tensors)
+
+    a, b, scale_a, scale_b, bias, out_dtype = _operand_variants()
+    counts = {"accepted": 0, "refused": 0}
+    with torch.set_grad_enabled(grad_enabled):
+        for x, y in itertools.product(a.values(), b.values()):
+            accepted = int8_ops._accepted_int8_shape(x, y) is not None
+            refused = _refused(int8_ops._check_int8_gemm, x, y, None)
+            assert not (accepted and refused)
+            if not refused and plain(x, y):
+                assert accepted
+        for x, y, sa, sb, c, dtype in itertools.product(a.values(), b.values(), scale_a.values(), scale_b.values(),
+                                                        bias.values(), out_dtype.values()):
+            accepted = int8_ops._accepts_scaled(x, y, sa, sb, c, dtype)
+            refused = _refused(int8_ops._check_int8_scaled_gemm, x, y, sa, sb, c, dtype, None)
+            assert not (accepted and refused), (x, y, sa, sb, c, dtype)
+            if not refused and plain(x, y, sa, sb, c):
+                assert accepted, (x, y, sa, sb, c, dtype)
+            counts["accepted"] += accepted
+            counts["refused"] += refused
+    assert counts["accepted"] > 0 and counts["refused"] > 0
 
 
 def test_k_beyond_int32_exactness_is_rejected():

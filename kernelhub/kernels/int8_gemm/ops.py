@@ -43,6 +43,60 @@ def _check_int8_operands(a, b) -> tuple[int, int, int]:
     return m, n, k
 
 
+# The common call, accepted at once. The checks (`_check_int8_gemm`, `_check_int8_scaled_gemm`)
+# name what is wrong, and on the CPU they cost more than a decode-size kernel's launch: each is a
+# Python call with keyword arguments, and `same_device` builds a dictionary of the tensors. The two
+# functions below ask the same questions with the fewest attribute reads and answer yes only when
+# every check would pass; anything else (an error, a tensor that requires grad, a device other than
+# the CPU or one CUDA device, an `out=`) runs the checks, which raise or let the call through.
+# What each costs: benchmarks/cpu_int8.py's second table. tests/test_ops.py holds the two to
+# agreeing on every call it builds.
+
+def _accepted_int8_shape(a, b) -> tuple[int, int] | None:
+    """(M, N) when `_check_int8_operands(a, b)` passes and a and b are on the CPU or on one CUDA
+    device, else None. (An int8 tensor never requires grad: torch allows it only for floats.)"""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype is torch.int8
+            and b.dtype is torch.int8):
+        return None
+    try:
+        (m, k), (k_b, n) = a.shape, b.shape
+    except ValueError:  # not 2-D
+        return None
+    if k != k_b or k > MAX_K:
+        return None
+    if (a.is_cpu and b.is_cpu) or (a.is_cuda and b.is_cuda and a.get_device() == b.get_device()):
+        return m, n
+    return None
+
+
+def _accepts_scaled(a, b, scale_a, scale_b, bias, out_dtype) -> bool:
+    """Whether int8_scaled_gemm's checks (`out` aside) pass for these arguments."""
+    shape = _accepted_int8_shape(a, b)
+    if shape is None or out_dtype not in _FLOAT_DTYPES or not (
+            isinstance(scale_a, torch.Tensor) and isinstance(scale_b, torch.Tensor)
+            and scale_a.dtype is torch.float32 and scale_b.dtype is torch.float32):
+        return False
+    m, n = shape
+    if scale_a.shape != (m,) or scale_b.shape != (n,) or scale_a.requires_grad or scale_b.requires_grad:
+        return False
+    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.dtype in _FLOAT_DTYPES
+                                 and bias.shape == (n,) and not bias.requires_grad):
+        return False
+    if a.is_cpu:  # so is b (above)
+        return scale_a.is_cpu and scale_b.is_cpu and (bias is None or bias.is_cpu)
+    index = a.get_device()  # a and b are on this CUDA device
+    return (scale_a.is_cuda and scale_a.get_device() == index and scale_b.is_cuda and scale_b.get_device() == index
+            and (bias is None or (bias.is_cuda and bias.get_device() == index)))
+
+
+def _check_int8_gemm(a, b, out) -> None:
+    """int8_gemm's checks, each error naming its argument."""
+    m, n, _ = _check_int8_operands(a, b)
+    device = validation.same_device(a=a, b=b)
+    if out is not None:
+        validation.out_tensor(out, shape=(m, n), dtype=torch.int32, device=device, inputs={"a": a, "b": b})
+
+
 def _fake_int8_gemm(a, b):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
 
@@ -71,11 +125,27 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = No
     with one memory location per element, sharing no memory with a or b. Equivalent to
     `(a.to(torch.float64) @ b.to(torch.float64)).to(torch.int32)`.
     """
-    m, n, _ = _check_int8_operands(a, b)
-    device = validation.same_device(a=a, b=b)
-    if out is not None:
-        validation.out_tensor(out, shape=(m, n), dtype=torch.int32, device=device, inputs={"a": a, "b": b})
+    if out is not None or _accepted_int8_shape(a, b) is None:
+        _check_int8_gemm(a, b, out)
     return _int8_gemm(a, b, out)
+
+
+def _check_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> None:
+    """int8_scaled_gemm's checks, each error naming its argument."""
+    m, n, _ = _check_int8_operands(a, b)
+    validation.tensor("scale_a", scale_a, dtypes=_FLOAT32, ndim=1)
+    validation.shape("scale_a", scale_a, (m,), "[M]")
+    validation.tensor("scale_b", scale_b, dtypes=_FLOAT32, ndim=1)
+    validation.shape("scale_b", scale_b, (n,), "[N]")
+    if bias is not None:
+        validation.tensor("bias", bias, dtypes=_FLOAT_DTYPES, ndim=1)
+        validation.shape("bias", bias, (n,), "[N]")
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {out_dtype}")
+    device = validation.same_device(a=a, b=b, scale_a=scale_a, scale_b=scale_b, bias=bias)
+    if out is not None:
+        validation.out_tensor(out, shape=(m, n), dtype=out_dtype, device=device,
+                              inputs={"a": a, "b": b, "scale_a": scale_a, "scale_b": scale_b, "bias": bias})
 
 
 def _fake_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype):
@@ -121,20 +191,8 @@ def int8_scaled_gemm(
 
     within one rounding of out_dtype (the kernels accumulate exactly in int32, then scale in float32).
     """
-    m, n, _ = _check_int8_operands(a, b)
-    validation.tensor("scale_a", scale_a, dtypes=_FLOAT32, ndim=1)
-    validation.shape("scale_a", scale_a, (m,), "[M]")
-    validation.tensor("scale_b", scale_b, dtypes=_FLOAT32, ndim=1)
-    validation.shape("scale_b", scale_b, (n,), "[N]")
-    if bias is not None:
-        validation.tensor("bias", bias, dtypes=_FLOAT_DTYPES, ndim=1)
-        validation.shape("bias", bias, (n,), "[N]")
-    if out_dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"out_dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {out_dtype}")
-    device = validation.same_device(a=a, b=b, scale_a=scale_a, scale_b=scale_b, bias=bias)
-    if out is not None:
-        validation.out_tensor(out, shape=(m, n), dtype=out_dtype, device=device,
-                              inputs={"a": a, "b": b, "scale_a": scale_a, "scale_b": scale_b, "bias": bias})
+    if out is not None or not _accepts_scaled(a, b, scale_a, scale_b, bias, out_dtype):
+        _check_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out)
     return _int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out)
 
 
