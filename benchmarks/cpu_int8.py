@@ -10,7 +10,8 @@ cost of dequantising into bfloat16 with bias); `vs fp32` is fp32 matmul time ove
 int8_scaled_gemm time. A second table gives the per-call cost of the Python layer and of the
 torch.library registration on tiny shapes, where the kernel itself costs almost nothing: each op
 over the CPU path it dispatches to (`added us`, `over`), and int8_scaled_gemm's argument checks
-alone, 20th percentile of interleaved rounds of 1000 calls.
+alone: interleaved rounds of 1000 calls, each path's 20th percentile, and what it adds as the
+median over rounds of the difference within a round.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from kernelhub.kernels.int8_gemm import ops as int8_ops
 from kernelhub.kernels.int8_gemm.cpu import cpu_int8_scaled_gemm, int_mm_cpu, quantize_int8_cpu
 from kernelhub.kernels.int8_gemm.space import LLAMA3_8B
 
-from harness import (BenchmarkParser, fixed, markdown_table, percent_change, publish, ratio, time_cpu,
-                     time_cpu_interleaved, times)
+from harness import (BenchmarkParser, fixed, markdown_table, paired_difference_ms, percent_change, publish, ratio,
+                     time_cpu, time_cpu_rounds, times)
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:
@@ -85,12 +86,14 @@ def overhead_rows(reps: int) -> list[dict]:
                 fn()
         return run
 
-    # The 20th percentile of the rounds: on a shared VM a microsecond loop's median moves with the
-    # neighbours' load (bare `_int_mm` from 2 to 3.5 us between two runs); its fast rounds do not.
-    timings = time_cpu_interleaved({name: loop(fn) for name, _, fn in paths}, reps=max(60, reps))
-    us = {name: t.p20_ms * 1e3 / calls for name, t in timings.items()}
-    return [{"path": name, "us per call": us[name], "added us": None if over is None else us[name] - us[over],
-             "over": over or ""} for name, over, _ in paths]
+    # Microsecond loops on a shared VM move with the neighbours' load (bare `_int_mm` from 2 to 3.5
+    # us between two runs): each path's time is its rounds' 20th percentile (the fast rounds move
+    # least), and what it adds is the median of its time minus the other's in the same round.
+    samples = time_cpu_rounds({name: loop(fn) for name, _, fn in paths}, reps=max(60, reps))
+    us = {name: sorted(ms)[len(ms) // 5] * 1e3 / calls for name, ms in samples.items()}
+    return [{"path": name, "us per call": us[name], "over": over or "",
+             "added us": None if over is None else paired_difference_ms(samples, name, over) * 1e3 / calls}
+            for name, over, _ in paths]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -59,11 +59,22 @@ def time_cpu(fn: Callable[[], object], *, reps: int, warmup: int = 3) -> Timing:
 def time_cpu_interleaved(fns: Mapping[str, Callable[[], object]], *, reps: int, warmup: int = 2,
                          cold: bool = False) -> dict[str, Timing]:
     """Each of `fns` on the CPU, one call of each in turn, `reps` rounds after `warmup` untimed
-    rounds: a drift of the machine (a noisy 2-core VM, a frequency change) hits every contender
-    alike. Each round calls them in another order (a seeded shuffle), so that each follows every
-    other about equally often: a call pays for what the call before it left behind (on the 2-core
-    VM, kernelhub's quantiser ran 2.6x to 5.5x slower right after the plain torch quantisation,
-    which allocates and frees tens of MB, than after itself: cpu_cold_calls.py's second table).
+    rounds (`time_cpu_rounds`): the median and percentiles of each one's calls."""
+    samples = time_cpu_rounds(fns, reps=reps, warmup=warmup, cold=cold)
+    return {name: Timing(statistics.median(ms), *_percentiles(ms), reps, torch.get_num_threads())
+            for name, ms in samples.items()}
+
+
+def time_cpu_rounds(fns: Mapping[str, Callable[[], object]], *, reps: int, warmup: int = 2,
+                    cold: bool = False) -> dict[str, list[float]]:
+    """Milliseconds of each of `fns` on the CPU, round by round (entry i of every list is round i):
+    one call of each in turn, `reps` rounds after `warmup` untimed rounds, so that a drift of the
+    machine (a noisy 2-core VM, a frequency change) hits every contender alike, and the difference
+    of two contenders within a round cancels most of it (`paired_difference_ms`). Each round calls
+    them in another order (a seeded shuffle), so that each follows every other about equally often:
+    a call pays for what the call before it left behind (on the 2-core VM, kernelhub's quantiser
+    ran 2.6x to 5.5x slower right after the plain torch quantisation, which allocates and frees
+    tens of MB, than after itself: cpu_cold_calls.py's second table).
     `cold`: before every timed call, read a buffer twice the last-level cache (untimed), so
     that no call finds data in the cache that an earlier call left there, its own or another
     contender's sharing it: as in a model, where the other layers' weights pass through the cache
@@ -83,8 +94,13 @@ def time_cpu_interleaved(fns: Mapping[str, Callable[[], object]], *, reps: int, 
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: Timing(statistics.median(ms), *_percentiles(ms), reps, torch.get_num_threads())
-            for name, ms in samples.items()}
+    return samples
+
+
+def paired_difference_ms(samples: Mapping[str, Sequence[float]], name: str, baseline: str) -> float:
+    """The median over rounds of `name`'s time minus `baseline`'s in the same round (`time_cpu_rounds`):
+    what `name` adds, with the machine's drift between rounds cancelled."""
+    return statistics.median(x - y for x, y in zip(samples[name], samples[baseline], strict=True))
 
 
 def last_level_cache_bytes() -> int:

@@ -69,6 +69,26 @@ def test_time_cpu_interleaved_alternates_the_contenders_and_times_each(monkeypat
     assert timed["a"].reps == timed["b"].reps == 5
 
 
+def test_paired_difference_is_the_median_of_the_differences_within_rounds(monkeypatch):
+    """A drift of the machine that slows every contender of a round alike cancels in the paired
+    difference, though it moves each one's own median and percentiles."""
+    clock = [0.0]
+    drift = iter([1.0, 1.0, 1.0, 1.0, 5.0, 5.0, 9.0, 9.0])  # one warm-up round, then three; per round
+    base_ms = {"op": 3.0, "kernel": 1.0}
+
+    def contender(name):
+        def fn():
+            clock[0] += (base_ms[name] + next(drift)) / 1e3
+        return fn
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    samples = harness.time_cpu_rounds({name: contender(name) for name in base_ms}, reps=3, warmup=1)
+    monkeypatch.undo()
+    assert samples["kernel"] == pytest.approx([2.0, 6.0, 10.0]) and samples["op"] == pytest.approx([4.0, 8.0, 12.0])
+    assert harness.paired_difference_ms(samples, "op", "kernel") == pytest.approx(2.0)
+    assert harness.paired_difference_ms(samples, "kernel", "op") == pytest.approx(-2.0)
+
+
 def test_time_cpu_interleaved_cold_flushes_the_cache_before_every_timed_call(monkeypatch):
     calls = []
     monkeypatch.setattr(harness, "_cpu_cache_flusher", lambda: lambda: calls.append("flush"))

@@ -136,19 +136,22 @@ def _refused(check, *args) -> bool:
 
 def _operand_variants():
     """Operands around a good call (M = 4, N = 6, K = 8), each failing one check or passing it
-    in another form: (name, a variants, b variants, scale_a, scale_b, bias, out_dtype variants)."""
+    in another form: a dict (name -> value) for each of a, b, scale_a, scale_b, bias, out_dtype."""
     good_a, good_b = _operands(4, 6, 8, seed=3)
     big_k = torch.zeros(1, 1, dtype=torch.int8).expand(4, int8_ops.MAX_K + 1)  # K past the int32 limit, no memory
     a = {"a": good_a, "a view": good_a.t().contiguous().t(), "a float": good_a.float(), "a 3-D": good_a[..., None],
          "a meta": good_a.to("meta"), "a K=9": torch.zeros(4, 9, dtype=torch.int8), "a str": "a",
          "a big K": big_k}
     b = {"b": good_b, "b [K, N]": good_b.contiguous(), "b int32": good_b.to(torch.int32), "b meta": good_b.to("meta"),
-         "b 1-D": good_b[:, 0], "b big K": big_k.t()[:, :6]}
+         "b 1-D": good_b[:, 0], "b big K": big_k.t()[:, :6],
+         "b parameter": torch.nn.Parameter(good_b.contiguous(), requires_grad=False)}
     grad = lambda t: t.clone().requires_grad_()  # noqa: E731
     scale_a = {"sa": torch.rand(4), "sa [5]": torch.rand(5), "sa f16": torch.rand(4).half(),
                "sa grad": grad(torch.rand(4)), "sa meta": torch.rand(4, device="meta"), "sa 0-D": torch.tensor(1.0)}
+    with torch.inference_mode():
+        scale_a["sa inference"] = torch.rand(4)
     scale_b = {"sb": torch.rand(6), "sb [7]": torch.rand(7), "sb 2-D": torch.rand(1, 6), "sb grad": grad(torch.rand(6)),
-               "sb meta": torch.rand(6, device="meta")}
+               "sb meta": torch.rand(6, device="meta"), "sb parameter": torch.nn.Parameter(torch.rand(6))}
     bias = {"no bias": None, "bias": torch.rand(6), "bias bf16": torch.rand(6).bfloat16(), "bias [7]": torch.rand(7),
             "bias int32": torch.ones(6, dtype=torch.int32), "bias grad": grad(torch.rand(6)),
             "bias meta": torch.rand(6, device="meta")}
@@ -167,19 +170,20 @@ def test_the_fast_acceptance_agrees_with_the_checks(grad_enabled):
     a, b, scale_a, scale_b, bias, out_dtype = _operand_variants()
     counts = {"accepted": 0, "refused": 0}
     with torch.set_grad_enabled(grad_enabled):
-        for x, y in itertools.product(a.values(), b.values()):
+        for (name_a, x), (name_b, y) in itertools.product(a.items(), b.items()):
             accepted = int8_ops._accepted_int8_shape(x, y) is not None
             refused = _refused(int8_ops._check_int8_gemm, x, y, None)
-            assert not (accepted and refused)
+            assert not (accepted and refused), (name_a, name_b)
             if not refused and plain(x, y):
-                assert accepted
-        for x, y, sa, sb, c, dtype in itertools.product(a.values(), b.values(), scale_a.values(), scale_b.values(),
-                                                        bias.values(), out_dtype.values()):
-            accepted = int8_ops._accepts_scaled(x, y, sa, sb, c, dtype)
-            refused = _refused(int8_ops._check_int8_scaled_gemm, x, y, sa, sb, c, dtype, None)
-            assert not (accepted and refused), (x, y, sa, sb, c, dtype)
-            if not refused and plain(x, y, sa, sb, c):
-                assert accepted, (x, y, sa, sb, c, dtype)
+                assert accepted, (name_a, name_b)
+        for named in itertools.product(a.items(), b.items(), scale_a.items(), scale_b.items(), bias.items(),
+                                       out_dtype.items()):
+            names, args = zip(*named)
+            accepted = int8_ops._accepts_scaled(*args)
+            refused = _refused(int8_ops._check_int8_scaled_gemm, *args, None)
+            assert not (accepted and refused), names
+            if not refused and plain(*args[:5]):
+                assert accepted, names
             counts["accepted"] += accepted
             counts["refused"] += refused
     assert counts["accepted"] > 0 and counts["refused"] > 0
