@@ -27,7 +27,7 @@ from kernelhub.kernels.int8_gemm.cpu import cpu_int8_scaled_gemm, int_mm_cpu, qu
 from kernelhub.kernels.int8_gemm.space import LLAMA3_8B
 
 from harness import (BenchmarkParser, fixed, markdown_table, paired_difference_ms, percent_change, publish, ratio,
-                     time_cpu, time_cpu_rounds, times)
+                     summarise_rounds, time_cpu, time_cpu_rounds, times)
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:
@@ -90,7 +90,7 @@ def overhead_rows(reps: int) -> list[dict]:
     # us between two runs): each path's time is its rounds' 20th percentile (the fast rounds move
     # least), and what it adds is the median of its time minus the other's in the same round.
     samples = time_cpu_rounds({name: loop(fn) for name, _, fn in paths}, reps=max(60, reps))
-    us = {name: sorted(ms)[len(ms) // 5] * 1e3 / calls for name, ms in samples.items()}
+    us = {name: t.p20_ms * 1e3 / calls for name, t in summarise_rounds(samples).items()}
     return [{"path": name, "us per call": us[name], "over": over or "",
              "added us": None if over is None else paired_difference_ms(samples, name, over) * 1e3 / calls}
             for name, over, _ in paths]

@@ -30,7 +30,6 @@ from torch import nn
 
 import kernelhub.ops as ops
 from kernelhub.kernels.int8_gemm import cpu as int8_cpu
-from kernelhub.kernels.int8_gemm.cpu import quantize_int8_cpu
 from kernelhub.nn import Int8Linear
 from kernelhub.nn.int8 import FBGEMM_MAX_ROWS
 
@@ -82,7 +81,7 @@ def linear_rows(ms: list[int], models: dict, reps: int) -> list[dict]:
 def prepacked_gemm_alone(layer: Int8Linear, x: torch.Tensor):
     """The prepacked GEMM `layer` calls for `x` (fbgemm's or oneDNN's), on q made once: what the
     layer's own per-call work (quantising, scaling, Python) comes on top of."""
-    q, _ = quantize_int8_cpu(x, torch.float32 if x.shape[0] <= FBGEMM_MAX_ROWS else torch.uint8)
+    q, _ = int8_cpu.quantize_int8_cpu(x, torch.float32 if x.shape[0] <= FBGEMM_MAX_ROWS else torch.uint8)
     return lambda: layer._prepacked_product(q)
 
 
@@ -118,7 +117,7 @@ def block_rows(ms: list[int], blocks: list[int], reps: int) -> list[dict]:
             def run():
                 int8_cpu._BLOCK_ELEMENTS = elements
                 try:
-                    return quantize_int8_cpu(x)
+                    return int8_cpu.quantize_int8_cpu(x)
                 finally:
                     int8_cpu._BLOCK_ELEMENTS = shipped
             return run

@@ -60,8 +60,12 @@ def time_cpu_interleaved(fns: Mapping[str, Callable[[], object]], *, reps: int, 
                          cold: bool = False) -> dict[str, Timing]:
     """Each of `fns` on the CPU, one call of each in turn, `reps` rounds after `warmup` untimed
     rounds (`time_cpu_rounds`): the median and percentiles of each one's calls."""
-    samples = time_cpu_rounds(fns, reps=reps, warmup=warmup, cold=cold)
-    return {name: Timing(statistics.median(ms), *_percentiles(ms), reps, torch.get_num_threads())
+    return summarise_rounds(time_cpu_rounds(fns, reps=reps, warmup=warmup, cold=cold))
+
+
+def summarise_rounds(samples: Mapping[str, Sequence[float]]) -> dict[str, Timing]:
+    """`time_cpu_rounds`' milliseconds as each contender's Timing (median, 20th/80th percentiles)."""
+    return {name: Timing(statistics.median(ms), *_percentiles(ms), len(ms), torch.get_num_threads())
             for name, ms in samples.items()}
 
 
