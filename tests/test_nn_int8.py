@@ -62,7 +62,7 @@ def test_a_dtype_cast_of_the_model_keeps_the_float32_scales_and_bias(cast):
     assert cast_layer.weight_scale.dtype == cast_layer.bias.dtype == torch.float32
     assert cast_layer.weight_q.dtype == torch.int8
     with torch.no_grad():
-        for rows in (3, FBGEMM_MAX_ROWS + 12):
+        for rows in (1, 3, FBGEMM_MAX_ROWS + 12):
             x = torch.randn(rows, 96).to(torch.bfloat16)
             assert torch.equal(cast_layer(x), layer(x))
     no_bias = Int8Linear.from_float(_linear(bias=False)).to(torch.float16)
@@ -71,15 +71,15 @@ def test_a_dtype_cast_of_the_model_keeps_the_float32_scales_and_bias(cast):
 
 @pytest.mark.parametrize("copy_by", ["deepcopy", "torch.save"])
 def test_a_layer_that_has_run_can_be_copied_and_pickled(copy_by):
-    """After calls at both sizes (the packed weights made), the layer deep-copies and pickles; the
+    """After calls at every size (the packed weights made), the layer deep-copies and pickles; the
     copy computes what the original does, and follows its own buffers, not the original's packs."""
     import copy
     import io
 
     layer = Int8Linear.from_float(_linear())
-    small, large = torch.randn(3, 96), torch.randn(FBGEMM_MAX_ROWS + 12, 96)
+    one, small, large = torch.randn(1, 96), torch.randn(3, 96), torch.randn(FBGEMM_MAX_ROWS + 12, 96)
     with torch.no_grad():
-        before = layer(small), layer(large)
+        before = layer(one), layer(small), layer(large)
         if copy_by == "deepcopy":
             twin = copy.deepcopy(layer)
         else:
@@ -87,9 +87,10 @@ def test_a_layer_that_has_run_can_be_copied_and_pickled(copy_by):
             torch.save(layer, buffer)
             buffer.seek(0)
             twin = torch.load(buffer, weights_only=False)
-        assert torch.equal(twin(small), before[0]) and torch.equal(twin(large), before[1])
+        assert all(torch.equal(twin(x), y) for x, y in zip((one, small, large), before))
         twin.weight_q.neg_()  # the copy's own weight changes; the original's does not
-        assert torch.equal(layer(small), before[0]) and not torch.equal(twin(small), before[0])
+        for x, y in zip((one, small), before):
+            assert torch.equal(layer(x), y) and not torch.equal(twin(x), y)
     assert ("_packs" in layer.__dict__) == _prepacked_gemms_are_exact()  # the original keeps its packs
 
 
@@ -125,6 +126,48 @@ def test_the_prepacked_cpu_path_is_the_same_w8a8_computation(rows, monkeypatch):
         assert not layer._prepacked_path(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_one_token_is_the_same_w8a8_computation(dtype, bias):
+    """A decode step's single row: fbgemm quantises `fl(q * s)` itself and fuses the scales and the
+    bias, and gets the int32 sums of the reference's quantisation. Rows of any range, views, rows
+    whose scale needs the reference's clamp or NaN handling, and a bias written after the first
+    call all give int8_scaled_gemm's result."""
+    import kernelhub.ops as ops
+
+    layer = Int8Linear.from_float(_linear(k=301, n=67, bias=bias))
+    generator = torch.Generator().manual_seed(3)
+
+    def check(x):
+        with torch.no_grad():
+            q, s = ops.quantize_int8(x)
+            expected = ops.int8_scaled_gemm(q, layer.weight_q.t(), s, layer.weight_scale, layer.bias, torch.float32)
+            y = layer(x)
+        assert y.shape == (1, 67) and y.dtype == x.dtype
+        tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # the output rounded to 16 bits
+        torch.testing.assert_close(y.float(), expected.to(dtype).float(), rtol=tolerance, atol=tolerance,
+                                   equal_nan=True)
+
+    for magnitude in (1e-30, 1e-3, 1.0, 3e4):  # float16 holds 3e4; 1e-30 is zero in it
+        check((torch.randn(1, 301, generator=generator) * magnitude).to(dtype))
+    base = torch.randn(301, 5, generator=generator).to(dtype)
+    check(base.t()[2:3])  # a column: stride 5
+    check(base[:1, :1].expand(1, 301))  # one value throughout: stride 0
+    check(torch.zeros(1, 301, dtype=dtype))  # scale 0: the bias alone
+    check(torch.full((1, 301), 2.0**-140).to(dtype))  # a subnormal scale (zero in 16 bits): the clamp
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(1, 301, generator=generator).to(dtype)
+        x[0, 7] = bad
+        check(x)
+    check(torch.randn(1, 301, generator=generator, requires_grad=True).to(dtype))  # no_grad: it runs
+    if bias:
+        with torch.no_grad():
+            layer.bias.add_(1.0)  # written after the one-token pack was made: packed anew
+        check(torch.randn(1, 301, generator=generator).to(dtype))
+    if _prepacked_gemms_are_exact():
+        assert ("fbgemm_bias" if bias else "fbgemm") in layer._packs
+
+
 def test_a_layer_made_and_called_under_inference_mode():
     """inference_mode makes inference tensors, which have no version counter: the exactness probe,
     asked first there, gives the answer it gives outside; a layer built, reloaded and given new
@@ -136,7 +179,7 @@ def test_a_layer_made_and_called_under_inference_mode():
         with torch.inference_mode():
             asked_inside = _prepacked_gemms_are_exact()
             layer = Int8Linear.from_float(_linear(k=300, n=70))
-            for rows in (3, FBGEMM_MAX_ROWS + 5):  # fbgemm, then oneDNN
+            for rows in (1, 3, FBGEMM_MAX_ROWS + 5):  # fbgemm (one token: with the bias), then oneDNN
                 x = torch.randn(rows, 300)
                 assert layer._prepacked_path(x) == asked_inside
                 q, s = ops.quantize_int8(x)
@@ -166,17 +209,18 @@ def test_a_new_buffer_at_the_address_of_the_old_is_packed_anew():
     x = torch.randn(3, 96)
     with torch.no_grad():
         layer.weight_q = torch.from_numpy(memory)
-        address, before = layer.weight_q.data_ptr(), layer(x)  # packed from this tensor
+        address, before, before_one = layer.weight_q.data_ptr(), layer(x), layer(x[:1])  # packed from this tensor
         memory[:] = -memory  # new values, written behind torch's back
         layer.weight_q = torch.from_numpy(memory)  # a new tensor: the same address, version 0
         assert layer.weight_q.data_ptr() == address and layer.weight_q._version == 0
         q, s = ops.quantize_int8(x)
         expected = ops.int8_scaled_gemm(q, layer.weight_q.t(), s, layer.weight_scale, layer.bias, torch.float32)
         torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
-        assert not torch.equal(layer(x), before)
+        torch.testing.assert_close(layer(x[:1]), expected[:1], rtol=1e-6, atol=1e-6)  # the one-token pack too
+        assert not torch.equal(layer(x), before) and not torch.equal(layer(x[:1]), before_one)
 
 
-@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_any_input_view_gives_the_result_of_its_contiguous_copy(rows, dtype):
     layer = Int8Linear.from_float(_linear(k=96, n=40))
@@ -205,10 +249,11 @@ def test_bad_input_is_a_clear_error():
 
 @pytest.mark.skipif(not _prepacked_gemms_are_exact(), reason="fbgemm's exact (VNNI/AMX) int8 GEMM is not here")
 def test_fbgemm_quantising_itself_would_not_be_the_reference_rounding():
-    """Why the layer hands fbgemm exact integers (scale 1) instead of letting it quantise x itself
-    with the row's scale: fbgemm adds the zero point before rounding, so a quotient just above a
-    half rounds down where the reference's round-half-even of x / scale rounds up. Read through an
-    identity weight, fbgemm's output is the integer it made of each input."""
+    """Why the layer hands fbgemm exact integers (scale 1), or for one token `fl(q * s)` with scale s
+    (quotients within 2**-16 of the integers), instead of letting it quantise x itself with the
+    row's scale: fbgemm adds the zero point before rounding, so a quotient just above a half rounds
+    down where the reference's round-half-even of x / scale rounds up. Read through an identity
+    weight, fbgemm's output is the integer it made of each input."""
     k = 8
     layer = Int8Linear(k, k, bias=False)
     layer.weight_q.copy_(torch.eye(k, dtype=torch.int8))

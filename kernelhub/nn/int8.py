@@ -6,10 +6,11 @@ with `q_W, s_W = quantize_int8(W)` per output channel (once, at conversion) and
 `q_x, s_x = quantize_int8(x)` per token (every call), through `kernelhub.ops` (the Triton kernels
 on a GPU, oneDNN's int8 GEMM on the CPU). An eager CPU call where the prepacked int8 GEMMs sum
 exactly (VNNI or AMX) multiplies the same int8 values with a prepacked copy of q_W instead:
-fbgemm's for at most FBGEMM_MAX_ROWS tokens (decode), oneDNN's u8 x s8 above (q_x + 128 with zero
-point 128); the int32 sums are those of `int8_scaled_gemm`, and the float epilogue agrees within
-float32 rounding. Per-token activation scales are about twice as accurate as torch.ao's
-per-tensor dynamic ones on LLM activations, whose rows differ widely in range.
+fbgemm's for at most FBGEMM_MAX_ROWS tokens (decode; for one token with the scales and bias fused
+into its epilogue), oneDNN's u8 x s8 above (q_x + 128 with zero point 128); the int32 sums are
+those of `int8_scaled_gemm`, and the float epilogue agrees within float32 rounding. Per-token
+activation scales are about twice as accurate as torch.ao's per-tensor dynamic ones on LLM
+activations, whose rows differ widely in range.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import nn
 
 import kernelhub.ops as ops
 from kernelhub import backend, validation
-from kernelhub.kernels.int8_gemm.cpu import quantize_int8_cpu
+from kernelhub.kernels.int8_gemm.cpu import quantize_int8_cpu, quantize_token_scaled
+from kernelhub.reference import int8_gemm as int8_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -36,7 +38,8 @@ FBGEMM_MAX_ROWS = 8
 @functools.cache
 def _prepacked_gemms_are_exact() -> bool:
     """Whether fbgemm's and oneDNN's prepacked u8 x s8 GEMMs are here and sum exactly, checked once
-    on full-range operands through both (`_prepacked_product` at 1 and FBGEMM_MAX_ROWS + 9 rows).
+    on full-range operands through both (`_prepacked_product` at 1 and FBGEMM_MAX_ROWS + 9 rows),
+    and through the one-token path (`_prepacked_gemm`), whose input fbgemm quantises itself.
     With VNNI or AMX they multiply-add into int32; without (AVX2, AVX-512 without VNNI, or
     `ONEDNN_MAX_CPU_ISA` set to one of those for oneDNN) they add pairs of products in saturating
     int16, which full-range activations overflow (torch.ao's `reduce_range` exists for that)."""
@@ -49,7 +52,7 @@ def _prepacked_gemms_are_exact() -> bool:
     with torch.inference_mode(False), torch.no_grad():
         weight = torch.full((out_features, in_features), 127, dtype=torch.int8)
         weight[1::2, 1::2] = -127  # odd output channels alternate in sign along K, even ones stay at 127
-        probe = Int8Linear(in_features, out_features, bias=False)
+        probe = Int8Linear(in_features, out_features, bias=True)  # a zero bias: the one token's pack holds it
         probe.weight_q.copy_(weight)
         probe.weight_scale.fill_(1.0)
         try:
@@ -60,9 +63,38 @@ def _prepacked_gemms_are_exact() -> bool:
                 given = q if rows <= FBGEMM_MAX_ROWS else (q + 128).to(torch.uint8)
                 if not torch.equal(probe._prepacked_product(given).double(), exact):
                     return False
+            # One token of awkward scale, with values between the extremes: its sums, from the
+            # reference's quantisation, come back from the float product within float32 rounding.
+            token = torch.full((1, in_features), 127.0)
+            token[:, ::3], token[:, 1::5] = -127.0, 41.0
+            token_q, token_scale = int8_ref.quantize_int8(token * 0.0173)
+            exact = token_q.double() @ weight.double().t()
+            if not torch.equal((probe._prepacked_gemm(token * 0.0173).double() / token_scale.double()).round(), exact):
+                return False
         except RuntimeError:  # an engine that cannot run here
             return False
     return True
+
+
+# The packed weights a CPU layer may make, each from the buffers named: oneDNN's (above
+# FBGEMM_MAX_ROWS rows; the scales are passed per call), fbgemm's with the weight scales (2 to
+# FBGEMM_MAX_ROWS rows, and one token of a layer without bias), and fbgemm's with the bias too (one
+# token of a layer with bias: fbgemm fuses it).
+_PACKED_FROM = {"onednn": ("weight_q",), "fbgemm": ("weight_q", "weight_scale"),
+                "fbgemm_bias": ("weight_q", "weight_scale", "bias")}
+
+
+def _pack(form: str, weight_q: torch.Tensor, weight_scale: torch.Tensor | None = None,
+          bias: torch.Tensor | None = None):
+    """The `form`'s packed weight (`_PACKED_FROM`) of int8 `weight_q [N, K]`, float32
+    `weight_scale [N]` and `bias [N]`: oneDNN's with its int64 zero points, or fbgemm's."""
+    zero_points = torch.zeros(weight_q.shape[0], dtype=torch.int64)
+    if form == "onednn":
+        return torch.ops.onednn.qlinear_prepack(weight_q, None), zero_points
+    with warnings.catch_warnings():  # quantized tensors are deprecated in torch; fbgemm still takes them
+        warnings.simplefilter("ignore")
+        weight = torch._make_per_channel_quantized_tensor(weight_q, weight_scale.double(), zero_points, 0)
+        return torch.ops.quantized.linear_prepack(weight, None if bias is None else bias.to(torch.float32))
 
 
 class Int8Linear(nn.Module):
@@ -164,7 +196,17 @@ class Int8Linear(nn.Module):
 
     def _prepacked_gemm(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 `(q @ weight_q^T) * scale[:, None] * weight_scale + bias` of `rows`' per-token
-        quantisation, through the prepacked GEMM for its number of rows (`_prepacked_product`)."""
+        quantisation, through the prepacked GEMM for its number of rows (`_prepacked_product`).
+
+        One token (a decode step) whose scale is normal and finite goes to fbgemm as `fl(q * s)`
+        with input scale s: fbgemm quantises it back to exactly q + 128 and fuses s, weight_scale
+        and the bias into its epilogue, so the call makes no torch op besides the GEMM."""
+        if rows.shape[0] == 1:
+            token = quantize_token_scaled(rows)
+            if token is not None:
+                scaled, scale = token
+                packed = self._packed("fbgemm" if self._buffers["bias"] is None else "fbgemm_bias")
+                return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(scaled, scale, 128, packed)
         q, scale = quantize_int8_cpu(rows, torch.float32 if rows.shape[0] <= FBGEMM_MAX_ROWS else torch.uint8)
         y = self._prepacked_product(q)
         bias, scale = self._buffers["bias"], scale[:, None]
@@ -180,31 +222,23 @@ class Int8Linear(nn.Module):
         return torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, weight, self._buffers["weight_scale"], zero_points,
                                                   None, 1.0, 0, torch.float32, "none", [], "")
 
-    def _packed(self, library: str):
-        """The `library`'s ("fbgemm", "onednn") packed form of (weight_q, weight_scale), made at first
-        use and again whenever either buffer changed (load_state_dict, a copy into them); not part of
-        the state dict. A layer called at both sizes holds both: two more copies of the int8 weight."""
-        buffers = self._buffers
-        weight_q, weight_scale = buffers["weight_q"], buffers["weight_scale"]
-        if weight_q.is_inference() or weight_scale.is_inference():  # made or moved under inference_mode
-            with torch.inference_mode(False):  # the same values in tensors with a version counter
-                weight_q = buffers["weight_q"] = weight_q.clone()
-                weight_scale = buffers["weight_scale"] = weight_scale.clone()
+    def _packed(self, form: str):
+        """A packed weight (see _PACKED_FROM), made at first use and again whenever a buffer it is
+        made from changed (load_state_dict, a copy into it); not part of the state dict. A layer
+        called at several sizes holds several: each is one more copy of the int8 weight."""
+        buffers, names = self._buffers, _PACKED_FROM[form]
+        for name in names:
+            if buffers[name].is_inference():  # made or moved under inference_mode
+                with torch.inference_mode(False):  # the same values in a tensor with a version counter
+                    buffers[name] = buffers[name].clone()
+        sources = tuple(buffers[name] for name in names)
         # Which tensors, where their data is, and how often written: the entry holds the tensors it
         # was made from, so a replaced buffer cannot be freed and its address reused by the next.
-        key = (weight_q.data_ptr(), weight_q._version, weight_scale.data_ptr(), weight_scale._version)
+        key = tuple((source.data_ptr(), source._version) for source in sources)
         packs = self.__dict__.setdefault("_packs", {})
-        entry = packs.get(library)
-        if entry is None or entry[0] != key or entry[2][0] is not weight_q or entry[2][1] is not weight_scale:
-            zero_points = torch.zeros(self.out_features, dtype=torch.int64)
-            if library == "onednn":
-                packed = (torch.ops.onednn.qlinear_prepack(weight_q, None), zero_points)
-            else:
-                with warnings.catch_warnings():  # quantized tensors are deprecated in torch; fbgemm still takes them
-                    warnings.simplefilter("ignore")
-                    weight = torch._make_per_channel_quantized_tensor(weight_q, weight_scale.double(), zero_points, 0)
-                    packed = torch.ops.quantized.linear_prepack(weight, None)
-            entry = packs[library] = (key, packed, (weight_q, weight_scale))
+        entry = packs.get(form)
+        if entry is None or entry[0] != key or any(old is not new for old, new in zip(entry[2], sources)):
+            entry = packs[form] = (key, _pack(form, *sources), sources)
         return entry[1]
 
     def extra_repr(self) -> str:
