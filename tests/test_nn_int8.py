@@ -168,6 +168,34 @@ def test_one_token_is_the_same_w8a8_computation(dtype, bias):
         assert ("fbgemm_bias" if bias else "fbgemm") in layer._packs
 
 
+def test_threads_calling_one_layer_get_their_own_results():
+    """The one-token path quantises into a per-thread scratch buffer: threads decoding through the
+    same layers at once (two widths, as a model's layers alternate) each get their own token's
+    result."""
+    import threading
+
+    layers = [Int8Linear.from_float(_linear(k=k, n=40)) for k in (96, 160)]
+    tokens = [[torch.randn(1, layer.in_features) for _ in range(30)] for layer in layers]
+    with torch.no_grad():
+        expected = [[layer(x) for x in xs] for layer, xs in zip(layers, tokens)]
+    mismatches = []
+
+    def decode(offset):
+        with torch.no_grad():
+            for step in range(60):
+                i = (step + offset) % 2
+                j = (step // 2 + offset) % 30
+                if not torch.equal(layers[i](tokens[i][j]), expected[i][j]):
+                    mismatches.append((offset, step))
+
+    threads = [threading.Thread(target=decode, args=(offset,)) for offset in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not mismatches
+
+
 def test_a_layer_made_and_called_under_inference_mode():
     """inference_mode makes inference tensors, which have no version counter: the exactness probe,
     asked first there, gives the answer it gives outside; a layer built, reloaded and given new

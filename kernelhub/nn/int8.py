@@ -227,19 +227,22 @@ class Int8Linear(nn.Module):
         made from changed (load_state_dict, a copy into it); not part of the state dict. A layer
         called at several sizes holds several: each is one more copy of the int8 weight."""
         buffers, names = self._buffers, _PACKED_FROM[form]
+        packs = self.__dict__.setdefault("_packs", {})
+        # An entry is (key, pack, sources): the tensors it was made from (so that a replaced buffer
+        # cannot be freed and its address reused by the next), where their data is, and how often
+        # they had been written. It stands while the buffers are those tensors, unwritten since.
+        entry = packs.get(form)
+        if (entry is not None and all(buffers[name] is source for name, source in zip(names, entry[2]))
+                and entry[0] == tuple((source.data_ptr(), source._version) for source in entry[2])):
+            return entry[1]
         for name in names:
-            if buffers[name].is_inference():  # made or moved under inference_mode
-                with torch.inference_mode(False):  # the same values in a tensor with a version counter
+            if buffers[name].is_inference():  # made or moved under inference_mode: no version counter
+                with torch.inference_mode(False):  # the same values in a tensor with one
                     buffers[name] = buffers[name].clone()
         sources = tuple(buffers[name] for name in names)
-        # Which tensors, where their data is, and how often written: the entry holds the tensors it
-        # was made from, so a replaced buffer cannot be freed and its address reused by the next.
         key = tuple((source.data_ptr(), source._version) for source in sources)
-        packs = self.__dict__.setdefault("_packs", {})
-        entry = packs.get(form)
-        if entry is None or entry[0] != key or any(old is not new for old, new in zip(entry[2], sources)):
-            entry = packs[form] = (key, _pack(form, *sources), sources)
-        return entry[1]
+        packs[form] = (key, _pack(form, *sources), sources)
+        return packs[form][1]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, W8A8"

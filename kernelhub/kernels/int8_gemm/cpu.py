@@ -170,24 +170,32 @@ def quantize_token_scaled(x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
     """One token `x [1, K]` (float32, float16 or bfloat16, any strides) quantised as the reference
     does, then multiplied back by its scale: float32 `fl(q * s) [1, K]` and s as a Python float, or
     None where s is not a normal, finite float32 (the row is zero, tiny, or holds NaN or Inf; those
-    need quantize_int8_cpu's clamp and NaN handling).
+    need quantize_int8_cpu's clamp and NaN handling). The tensor is this thread's scratch for K,
+    overwritten by its next call: use it before then.
 
     For a GEMM that quantises its float input itself with a per-tensor scale (fbgemm's), which for
     one token is the token's own: with scale s it makes `round(fl(fl(q s) fl(1/s)) + 128)`, and the
     product is q within 3 roundings, |error| <= 127 * 3 * 2**-24, so it gets back q + 128 exactly
-    and fuses s into its epilogue. Four numpy calls over K, no torch op: at decode size each op's
-    code, evicted by the other layers' weights, costs more than its arithmetic.
+    and fuses s into its epilogue. Four numpy calls over K and no torch op, into a reused buffer:
+    at decode size each call's code, evicted by the other layers' weights, costs more than its
+    arithmetic.
     """
     if x.dtype != torch.float32:
         x = x.to(torch.float32)
     xf = (x.detach() if x.requires_grad else x).numpy()
-    scale = np.maximum.reduce(np.abs(xf), axis=None) / _127  # float32; NaN propagates
+    q = np.abs(xf)
+    scale = np.maximum.reduce(q, axis=None) / _127  # float32; NaN propagates
     if not _SMALLEST_NORMAL <= scale < _INF:  # NaN fails too
         return None
-    q = np.divide(xf, scale)  # IEEE float32 division by the scale, as the reference's
-    np.rint(q, out=q)  # rounds half to even; |q| <= 127 (see above)
-    np.multiply(q, scale, out=q)
-    return torch.from_numpy(q), float(scale)
+    tokens = _scratch.__dict__.setdefault("tokens", {})
+    token = tokens.get(q.shape)
+    if token is None:
+        tensor = torch.empty(q.shape, dtype=torch.float32)
+        token = tokens[q.shape] = (tensor, tensor.numpy())
+    np.divide(xf, scale, out=token[1])  # IEEE float32 division by the scale, as the reference's
+    np.rint(token[1], out=token[1])  # rounds half to even; |q| <= 127 (see above)
+    np.multiply(token[1], scale, out=token[1])
+    return token[0], float(scale)
 
 
 def _normal_and_finite(scale: torch.Tensor) -> bool:
