@@ -7,9 +7,9 @@ dynamic int8 Linear (`quantize_dynamic`), and `quantize_int8` against the plain 
 Linear: every linear shape of Llama-3-8B and Qwen2-7B (qkv and gate_up fused), random weights, at M
 tokens; the layer's whole call (quantise the activations, int8 GEMM, scales and bias) against
 torch.ao's (which quantises per tensor; kernelhub per token); `GEMM alone`: the prepacked GEMM the
-layer calls (fbgemm's up to FBGEMM_MAX_ROWS tokens, oneDNN's above) on q made once, what the layer's
-own per-call work comes on top of. `error`: ||y - y_fp32|| / ||y_fp32||
-of each on the same input, activations with rows of different ranges as LLM activations have.
+layer calls (fbgemm's up to FBGEMM_MAX_ROWS tokens, for one token with the scales and bias fused;
+oneDNN's above) on its input made once, what the layer's own per-call work comes on top of.
+`error`: ||y - y_fp32|| / ||y_fp32|| of each on the same input, activations with rows of different ranges as LLM activations have.
 Quantise: float32 `[M, 4096]`; the plain expression is `round(x / (absmax / 127)).clamp(-127, 127)`
 with absmax per row, to int8 (what one writes without kernelhub; it is not bit-exact with the
 reference on non-finite rows, kernelhub's is). Medians of `--reps` rounds after warm-up (five times
@@ -79,8 +79,15 @@ def linear_rows(ms: list[int], models: dict, reps: int) -> list[dict]:
 
 
 def prepacked_gemm_alone(layer: Int8Linear, x: torch.Tensor):
-    """The prepacked GEMM `layer` calls for `x` (fbgemm's or oneDNN's), on q made once: what the
-    layer's own per-call work (quantising, scaling, Python) comes on top of."""
+    """The prepacked GEMM `layer` calls for `x` (fbgemm's or oneDNN's; for one token fbgemm's with
+    the scales and bias fused), on its input made once: what the layer's own per-call work
+    (quantising, scaling, Python) comes on top of."""
+    token = int8_cpu.quantize_token_scaled(x) if x.shape[0] == 1 else None
+    if token is not None:
+        scaled, scale = token[0].clone(), token[1]  # the layer's calls overwrite the scratch buffer
+        packed = layer._packed("fbgemm" if layer.bias is None else "fbgemm_bias")
+        fused = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+        return lambda: fused(scaled, scale, 128, packed)
     q, _ = int8_cpu.quantize_int8_cpu(x, torch.float32 if x.shape[0] <= FBGEMM_MAX_ROWS else torch.uint8)
     return lambda: layer._prepacked_product(q)
 

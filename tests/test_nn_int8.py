@@ -278,7 +278,7 @@ def test_bad_input_is_a_clear_error():
 @pytest.mark.skipif(not _prepacked_gemms_are_exact(), reason="fbgemm's exact (VNNI/AMX) int8 GEMM is not here")
 def test_fbgemm_quantising_itself_would_not_be_the_reference_rounding():
     """Why the layer hands fbgemm exact integers (scale 1), or for one token `fl(q * s)` with scale s
-    (quotients within 2**-16 of the integers), instead of letting it quantise x itself with the
+    (quotients within 2**-15 of the integers), instead of letting it quantise x itself with the
     row's scale: fbgemm adds the zero point before rounding, so a quotient just above a half rounds
     down where the reference's round-half-even of x / scale rounds up. Read through an identity
     weight, fbgemm's output is the integer it made of each input."""
