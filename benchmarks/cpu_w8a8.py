@@ -9,7 +9,8 @@ tokens; the layer's whole call (quantise the activations, int8 GEMM, scales and 
 torch.ao's (which quantises per tensor; kernelhub per token); `GEMM alone`: the prepacked GEMM the
 layer calls (fbgemm's up to FBGEMM_MAX_ROWS tokens, for one token with the scales and bias fused;
 oneDNN's above) on its input made once, what the layer's own per-call work comes on top of.
-`error`: ||y - y_fp32|| / ||y_fp32|| of each on the same input, activations with rows of different ranges as LLM activations have.
+`error`: ||y - y_fp32|| / ||y_fp32|| of each on the same input, activations with rows of
+different ranges as LLM activations have.
 Quantise: float32 `[M, 4096]`; the plain expression is `round(x / (absmax / 127)).clamp(-127, 127)`
 with absmax per row, to int8 (what one writes without kernelhub; it is not bit-exact with the
 reference on non-finite rows, kernelhub's is). Medians of `--reps` rounds after warm-up (five times
