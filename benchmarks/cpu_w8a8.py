@@ -13,7 +13,9 @@ oneDNN's above) on its input made once, what the layer's own per-call work comes
 different ranges as LLM activations have.
 Quantise: float32 `[M, 4096]`; the plain expression is `round(x / (absmax / 127)).clamp(-127, 127)`
 with absmax per row, to int8 (what one writes without kernelhub; it is not bit-exact with the
-reference on non-finite rows, kernelhub's is). Medians of `--reps` rounds after warm-up (five times
+reference on non-finite rows, kernelhub's is); `fallback`: kernelhub's numpy and torch path, which
+runs where the compiled quantiser (kernelhub/kernels/int8_gemm/native.py) cannot be built, as the
+block sweep does. Medians of `--reps` rounds after warm-up (five times
 as many below 100 tokens, where a call is short), the contenders' calls alternating within a round
 (`time_cpu_interleaved`). The linear calls run cold (`cold=True`: twice the last-level cache is read
 before each): as in a model, where the other layers' weights pass through the cache between two
@@ -31,6 +33,7 @@ from torch import nn
 
 import kernelhub.ops as ops
 from kernelhub.kernels.int8_gemm import cpu as int8_cpu
+from kernelhub.kernels.int8_gemm import native
 from kernelhub.nn import Int8Linear
 from kernelhub.nn.int8 import FBGEMM_MAX_ROWS
 
@@ -98,17 +101,31 @@ def plain_quantize(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x / scale).clamp(-127, 127).to(torch.int8)
 
 
+def without_compiled_quantizer(fn):
+    """`fn` run as where the compiled quantiser cannot be built: on the numpy and torch path."""
+    def run():
+        compiled = native.quantizer
+        native.quantizer = lambda: None
+        try:
+            return fn()
+        finally:
+            native.quantizer = compiled
+    return run
+
+
 def quantize_rows(ms: list[int], reps: int) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     rows = []
     for m in ms:
         x = activations(m, 4096, gen)
-        timed = time_cpu_interleaved({"ours": lambda: ops.quantize_int8(x), "plain": lambda: plain_quantize(x)},
+        timed = time_cpu_interleaved({"ours": lambda: ops.quantize_int8(x), "plain": lambda: plain_quantize(x),
+                                      "fallback": without_compiled_quantizer(lambda: ops.quantize_int8(x))},
                                      reps=reps * 5 if m < 100 else reps)
-        ours, plain = timed["ours"].median_ms, timed["plain"].median_ms
+        ours, plain, fallback = (timed[name].median_ms for name in ("ours", "plain", "fallback"))
         nbytes = x.numel() * (4 + 1) + m * 4  # read x, write q and the scales
         rows.append({"M": m, "K": 4096, "kernelhub ms": ours, "plain torch ms": plain, "speedup": ratio(plain, ours),
-                     "kernelhub GB/s": gbs(nbytes, ours)})
+                     "kernelhub GB/s": gbs(nbytes, ours), "fallback ms": fallback,
+                     "fallback speedup": ratio(plain, fallback)})
     return rows
 
 
@@ -130,7 +147,7 @@ def block_rows(ms: list[int], blocks: list[int], reps: int) -> list[dict]:
                     int8_cpu._BLOCK_ELEMENTS = shipped
             return run
 
-        timed = time_cpu_interleaved({e: with_block(e) for e in blocks}, reps=reps)
+        timed = time_cpu_interleaved({e: without_compiled_quantizer(with_block(e)) for e in blocks}, reps=reps)
         for elements in blocks:
             rows.append({"M": m, "elements per block": elements, "ms": timed[elements].median_ms,
                          "vs shipped": ratio(timed[elements].median_ms, timed[shipped].median_ms)
@@ -157,6 +174,7 @@ def main(argv=None) -> None:
     linear = linear_rows(args.ms, models, args.reps)
     quantize = quantize_rows(args.quantize_ms, args.reps)
     blocks = block_rows(args.block_ms, [1 << e for e in range(17, 23)], args.reps * 4)
+    compiled = "built" if native.quantizer() is not None else f"unavailable ({native.unavailable_reason()})"
     per_m = {m: geomean([r["speedup"] for r in linear if r["M"] == m]) for m in args.ms}
     summary = [{"M": m, "speedup (geomean over layers)": s} for m, s in per_m.items()]
     summary.append({"M": "all", "speedup (geomean over layers)": geomean([r["speedup"] for r in linear])})
@@ -166,11 +184,12 @@ def main(argv=None) -> None:
                                 "GEMM alone ms", "kernelhub error", "torch.ao error"],
                        {"speedup": times, "kernelhub error": lambda v: f"{v:.3g}", "torch.ao error": lambda v: f"{v:.3g}"}),
         markdown_table(summary, ["M", "speedup (geomean over layers)"], {"speedup (geomean over layers)": times}),
-        "quantize_int8 (bit-exact with the reference) vs the plain torch expression, float32 [M, 4096]",
-        markdown_table(quantize, ["M", "K", "kernelhub ms", "plain torch ms", "speedup", "kernelhub GB/s"],
-                       {"speedup": times}),
-        f"The blocked quantiser by elements per block of rows, K = 4096 (shipped: {int8_cpu._BLOCK_ELEMENTS}; "
-        "vs shipped = its time / the shipped block's)",
+        "quantize_int8 (bit-exact with the reference) vs the plain torch expression, float32 [M, 4096]; "
+        f"compiled quantiser: {compiled}; fallback: the numpy and torch path",
+        markdown_table(quantize, ["M", "K", "kernelhub ms", "plain torch ms", "speedup", "kernelhub GB/s",
+                                  "fallback ms", "fallback speedup"], {"speedup": times, "fallback speedup": times}),
+        "The fallback's blocked quantiser by elements per block of rows, K = 4096 (shipped: "
+        f"{int8_cpu._BLOCK_ELEMENTS}; vs shipped = its time / the shipped block's)",
         markdown_table(blocks, ["M", "elements per block", "ms", "vs shipped"], {"vs shipped": times}),
     ])
     publish(text, args)

@@ -24,5 +24,19 @@ def private_config_db(tmp_path, monkeypatch):
     configs.clear_cache()
 
 
+@pytest.fixture(params=["compiled", "numpy-torch"])
+def cpu_quantiser(request, monkeypatch):
+    """Each CPU quantiser of the int8 family in turn: the compiled one (kernelhub/kernels/int8_gemm/
+    native.py), and the numpy and torch code that runs where it cannot be built. The compiled one
+    is skipped only where it is unavailable, which tests/test_int8_native.py holds to no compiler."""
+    from kernelhub.kernels.int8_gemm import native
+
+    if request.param == "compiled" and native.quantizer() is None:
+        pytest.skip(f"no compiled quantiser here: {native.unavailable_reason()}")
+    if request.param == "numpy-torch":
+        monkeypatch.setattr(native, "quantizer", lambda: None)
+    return request.param
+
+
 # A throwaway PostgreSQL server (or KERNELHUB_TEST_POSTGRES) and a fresh database on it per test.
 from postgres import postgres_server, postgres_url  # noqa: E402, F401

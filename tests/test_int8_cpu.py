@@ -1,6 +1,7 @@
-"""The CPU quantiser (kernelhub/kernels/int8_gemm/cpu.py): bit-exact with the reference on both of
-its paths (numpy for small problems, blocked torch above), every dtype, layout and special row, in
-each form it gives q in (int8; uint8 holding q + 128; float32 holding q)."""
+"""The CPU quantiser (kernelhub/kernels/int8_gemm/cpu.py): bit-exact with the reference on each of
+its paths (the compiled one, on one thread and on several; numpy for small problems and blocked
+torch above, where it cannot be built), every dtype, layout and special row, in each form it gives
+q in (int8; uint8 holding q + 128; float32 holding q)."""
 
 import pytest
 import torch
@@ -8,15 +9,18 @@ import torch
 from kernelhub.kernels.int8_gemm import cpu
 from kernelhub.reference import int8_gemm as ref
 
-# (M, K) on either side of each path's limit (numpy up to 8 x 4096 elements, one pass up to 32 x
-# 4096, blocks of rows above), one block and several, the last block of rows partial.
+# (M, K) on either side of each path's limit (compiled: one thread up to 128 x 4096 elements;
+# numpy up to 8 x 4096, one pass up to 32 x 4096, blocks of rows above), one block and several, the
+# last block of rows partial, rows split unevenly over threads.
 SHAPES = [(1, 1), (1, 4096), (7, 129), (8, 4096), (9, 4096), (16, 4096), (32, 4096), (33, 4096), (129, 1000),
-          (300, 4097), (3, 70001), (4, 4096), (5, 4096)]
+          (300, 4097), (3, 70001), (4, 4096), (5, 4096), (128, 4096), (129, 4096)]
+
+pytestmark = pytest.mark.usefixtures("cpu_quantiser")
 
 
 def test_the_shapes_straddle_each_limit():
     sizes = [m * k for m, k in SHAPES]
-    for limit in (cpu._NUMPY_MAX_ELEMENTS, cpu._ONE_PASS_MAX_ELEMENTS):
+    for limit in (cpu._NUMPY_MAX_ELEMENTS, cpu._ONE_PASS_MAX_ELEMENTS, cpu._THREADED_MIN_ELEMENTS):
         assert limit in sizes and limit + 4096 in sizes
 
 

@@ -103,6 +103,7 @@ def test_torch_compile_traces_the_layer_without_graph_breaks():
 
 
 @pytest.mark.parametrize("rows", [1, 7, FBGEMM_MAX_ROWS, FBGEMM_MAX_ROWS + 1, 63, 257])  # fbgemm, then oneDNN
+@pytest.mark.usefixtures("cpu_quantiser")
 def test_the_prepacked_cpu_path_is_the_same_w8a8_computation(rows, monkeypatch):
     import kernelhub.ops as ops
 
@@ -128,6 +129,7 @@ def test_the_prepacked_cpu_path_is_the_same_w8a8_computation(rows, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.usefixtures("cpu_quantiser")
 def test_one_token_is_the_same_w8a8_computation(dtype, bias):
     """A decode step's single row: fbgemm quantises `fl(q * s)` itself and fuses the scales and the
     bias, and gets the int32 sums of the reference's quantisation. Rows of any range, views, rows
@@ -168,6 +170,7 @@ def test_one_token_is_the_same_w8a8_computation(dtype, bias):
         assert ("fbgemm_bias" if bias else "fbgemm") in layer._packs
 
 
+@pytest.mark.usefixtures("cpu_quantiser")
 def test_threads_calling_one_layer_get_their_own_results():
     """The one-token path quantises into a per-thread scratch buffer: threads decoding through the
     same layers at once (two widths, as a model's layers alternate) each get their own token's
@@ -250,6 +253,7 @@ def test_a_new_buffer_at_the_address_of_the_old_is_packed_anew():
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("cpu_quantiser")
 def test_any_input_view_gives_the_result_of_its_contiguous_copy(rows, dtype):
     layer = Int8Linear.from_float(_linear(k=96, n=40))
     base = torch.randn(2, 96, rows + 1).to(dtype)

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import torch
 
+from kernelhub.kernels.int8_gemm import native
 from kernelhub.reference import int8_gemm as int8_ref
 
 
@@ -107,6 +108,10 @@ def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.
 
 # -- quantize_int8 -------------------------------------------------------------------------------
 #
+# Where a C compiler is at hand, the compiled quantiser (native.py, quantize_rows.c) does it all: one
+# call, each row read from memory once, large problems on torch's number of threads. Elsewhere
+# (or with KERNELHUB_NATIVE=0), as exact and slower, numpy and torch:
+#
 # Measured on the 2-core CI VM (benchmarks/cpu_w8a8.py): a fresh float32 tensor of tens of MB costs
 # more than the arithmetic on it (its pages are faulted in on first touch), and `torch.aminmax` over
 # rows of x is far slower than `amax` and `amin` apart. So, block of rows by block: the row maxima
@@ -121,10 +126,13 @@ def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.
 # to at most 127. Only a subnormal scale (its quotients reach 191, see quantize.py), a zero scale
 # (0 / 0) or a non-finite one needs the reference's clamp and NaN handling.
 
+_THREADED_MIN_ELEMENTS = 1 << 19  # below this, starting a thread costs more than half the rows' work
 _BLOCK_ELEMENTS = 1 << 20  # float32 quotients per block: 4 MiB
 _NUMPY_MAX_ELEMENTS = 1 << 15  # M = 8 at K = 4096
 _ONE_PASS_MAX_ELEMENTS = 1 << 17  # up to here fresh temporaries cost less than the blocked loop's copies
 _INF = np.float32(np.inf)
+_SMALLEST_NORMAL_FLOAT = float(np.finfo(np.float32).tiny)  # as Python floats, for Python floats
+_INF_FLOAT = float("inf")
 _SMALLEST_NORMAL = np.float32(np.finfo(np.float32).tiny)
 _127 = np.float32(127.0)
 _LISTED_SCALES = 64  # up to here `_normal_and_finite` reads the scales as a list
@@ -176,26 +184,37 @@ def quantize_token_scaled(x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
     For a GEMM that quantises its float input itself with a per-tensor scale (fbgemm's), which for
     one token is the token's own: with scale s it makes `round(fl(fl(q s) fl(1/s)) + 128)`, and the
     product is q within 3 roundings, |error| <= 127 * 3 * 2**-24, so it gets back q + 128 exactly
-    and fuses s into its epilogue. Four numpy calls over K and no torch op, into a reused buffer:
-    at decode size each call's code, evicted by the other layers' weights, costs more than its
-    arithmetic.
+    and fuses s into its epilogue. One call of the compiled quantiser (else four numpy calls over
+    K) and no torch op, into a reused buffer: at decode size each call's code, evicted by the other
+    layers' weights, costs more than its arithmetic.
     """
     if x.dtype != torch.float32:
         x = x.to(torch.float32)
+    quantizer = native.quantizer()
+    if quantizer is not None:
+        token = _token_scratch(x.shape[1])
+        scale = quantizer.token_scaled(x, token[0])
+        return (token[0], scale) if _SMALLEST_NORMAL_FLOAT <= scale < _INF_FLOAT else None  # NaN fails
     xf = (x.detach() if x.requires_grad else x).numpy()
     q = np.abs(xf)
     scale = np.maximum.reduce(q, axis=None) / _127  # float32; NaN propagates
     if not _SMALLEST_NORMAL <= scale < _INF:  # NaN fails too
         return None
-    tokens = _scratch.__dict__.setdefault("tokens", {})
-    token = tokens.get(q.shape)
-    if token is None:
-        tensor = torch.empty(q.shape, dtype=torch.float32)
-        token = tokens[q.shape] = (tensor, tensor.numpy())
+    token = _token_scratch(x.shape[1])
     np.divide(xf, scale, out=token[1])  # IEEE float32 division by the scale, as the reference's
     np.rint(token[1], out=token[1])  # rounds half to even; |q| <= 127 (see above)
     np.multiply(token[1], scale, out=token[1])
     return token[0], float(scale)
+
+
+def _token_scratch(k: int) -> tuple[torch.Tensor, np.ndarray]:
+    """This thread's float32 `[1, k]` token buffer, as a tensor and as an array of the same memory."""
+    tokens = _scratch.__dict__.setdefault("tokens", {})
+    token = tokens.get(k)
+    if token is None:
+        tensor = torch.empty((1, k), dtype=torch.float32)
+        token = tokens[k] = (tensor, tensor.numpy())
+    return token
 
 
 def _normal_and_finite(scale: torch.Tensor) -> bool:
@@ -237,6 +256,12 @@ def quantize_int8_cpu(x: torch.Tensor, form: torch.dtype = torch.int8) -> tuple[
     if m == 0 or k == 0:
         q, scale = int8_ref.quantize_int8(x)
         return q.to(form), scale  # q has no elements
+    quantizer = native.quantizer()
+    if quantizer is not None:
+        q, scale = torch.empty((m, k), dtype=form), torch.empty(m, dtype=torch.float32)
+        threads = torch.get_num_threads() if m * k >= _THREADED_MIN_ELEMENTS else 1
+        quantizer.rows(x if x.dtype == torch.float32 else x.to(torch.float32), q, scale, threads)
+        return q, scale
     if m * k <= _NUMPY_MAX_ELEMENTS:
         return _quantize_numpy(x, form)
     shift = 128.0 if form == torch.uint8 else 0.0

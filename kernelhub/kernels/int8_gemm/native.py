@@ -1,0 +1,206 @@
+"""The compiled CPU quantiser: quantize_rows.c, built at first use with the system C compiler.
+
+Per-token quantisation is a few passes of cheap arithmetic, which numpy and torch can only spell as
+one operation per pass: each reads and writes the whole tensor, and each call of a short one costs
+more than its arithmetic when a model's weights have evicted its code (benchmarks/cpu_cold_calls.py).
+The C file does it in one call, one read of each row from memory, rows split over threads, bit for
+bit as the reference (`quantize_rows.c` says how). `quantizer()` gives it, or None, and then the
+numpy and torch paths of cpu.py run instead, as exact and slower:
+
+- `KERNELHUB_NATIVE=0` turns it off;
+- no C compiler (`$CC`, else `cc`), a failed build, an unwritable cache, a library that does not
+  load, or one that differs from the reference on the probe rows (`_agrees_with_reference`).
+  `unavailable_reason()` says which.
+
+The library is cached in `$XDG_CACHE_HOME/kernelhub/native` (else `~/.cache/...`) under a name that
+covers the source, the flags, the compiler and the CPU (it is built for the CPU it runs on,
+`-march=native`), written through a temporary file and renamed, so processes building it at once
+each get a whole one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kernelhub.reference import int8_gemm as int8_ref
+
+NATIVE_ENV = "KERNELHUB_NATIVE"
+SOURCE = Path(__file__).with_name("quantize_rows.c")
+# Vectorised, but neither reassociated nor fused (no fast-math, no contraction): IEEE as written.
+_FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
+_NATIVE_FLAGS = ("-march=native",)  # dropped where the compiler does not take it
+# The q forms of quantize_rows.c, by the dtype cpu.py asks for (float32: q itself).
+FORM_CODES = {torch.int8: 0, torch.uint8: 1, torch.float32: 2}
+_BUILD_TIMEOUT_S = 120
+
+_c_int64, _c_ptr = ctypes.c_int64, ctypes.c_void_p
+_reason: str | None = None
+
+
+class Quantizer:
+    """The loaded library's two entry points, on CPU tensors the caller has checked."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._library = library  # kept: the functions below live in it
+        self._rows = library.kernelhub_quantize_rows
+        self._rows.argtypes = [_c_ptr, _c_int64, _c_int64, _c_int64, _c_int64, _c_ptr, ctypes.c_int, _c_ptr,
+                               ctypes.c_int]
+        self._rows.restype = ctypes.c_int
+        self._token = library.kernelhub_quantize_token_scaled
+        self._token.argtypes = [_c_ptr, _c_int64, _c_int64, _c_ptr]
+        self._token.restype = ctypes.c_float
+
+    def rows(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, threads: int) -> None:
+        """float32 `x [M, K]` (any strides) -> q `[M, K]` (contiguous, a dtype of FORM_CODES) and
+        float32 `scale [M]` (contiguous), as the reference; the rows split over `threads` threads."""
+        m, k = x.shape
+        self._rows(x.data_ptr(), m, k, *x.stride(), q.data_ptr(), FORM_CODES[q.dtype], scale.data_ptr(), threads)
+
+    def token_scaled(self, x: torch.Tensor, out: torch.Tensor) -> float:
+        """float32 `x [1, K]` (any strides) -> `fl(q * s)` into float32 `out [1, K]` (contiguous),
+        returning s; out is unwritten where s is not a normal, finite float32."""
+        return self._token(x.data_ptr(), x.shape[1], x.stride(1), out.data_ptr())
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    return Path(base) / "kernelhub" / "native"
+
+
+def unavailable_reason() -> str | None:
+    """Why `quantizer()` gave None (after it was called), else None."""
+    return _reason
+
+
+@functools.cache
+def quantizer() -> Quantizer | None:
+    """The compiled quantiser, built (or found built) and checked at the first call; None where it
+    is off or cannot be had here (`unavailable_reason()` says why). Never raises."""
+    global _reason
+    if os.environ.get(NATIVE_ENV, "").strip() == "0":
+        _reason = f"{NATIVE_ENV}=0"
+        return None
+    try:
+        try:
+            library = ctypes.CDLL(str(_built_library()))
+        except OSError:  # a cached file that does not load (truncated, of another machine): built anew
+            library = ctypes.CDLL(str(_built_library(replace=True)))
+        found = Quantizer(library)
+    except (OSError, subprocess.SubprocessError, AttributeError, _BuildError) as exc:
+        _reason = str(exc) or type(exc).__name__
+        return None
+    if not _agrees_with_reference(found):
+        _reason = f"the compiled quantiser ({SOURCE.name}) differs from the reference on this machine"
+        return None
+    return found
+
+
+class _BuildError(Exception):
+    pass
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC", "").strip() or "cc")
+
+
+def _cpu_identity() -> str:
+    """What `-march=native` builds for: the CPU's model and feature flags where Linux says them."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            lines = [line for line in info if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _run_compiler(args: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+    except FileNotFoundError:
+        raise _BuildError(f"no C compiler: {args[0]!r} not found (set CC to one)") from None
+    except subprocess.TimeoutExpired:
+        raise _BuildError(f"building {SOURCE.name} took over {_BUILD_TIMEOUT_S} s") from None
+
+
+def _built_library(replace: bool = False) -> Path:
+    """The cached shared library for this source, compiler and CPU, built first if absent (or
+    if `replace`)."""
+    compiler = _compiler()
+    version = _run_compiler([*compiler, "--version"])
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), version.stdout.encode(),
+                                     " ".join(_FLAGS + _NATIVE_FLAGS).encode(), platform.machine().encode(),
+                                     _cpu_identity().encode()])).hexdigest()[:24]
+    directory = cache_dir()
+    target = directory / f"quantize_rows-{key}.so"
+    if target.is_file() and not replace:
+        return target
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".quantize_rows-", suffix=".so")
+        os.close(handle)
+    except OSError as exc:
+        raise _BuildError(f"cannot write the native build cache {directory}: {exc.strerror or exc}") from None
+    try:
+        for flags in (_FLAGS + _NATIVE_FLAGS, _FLAGS):  # -march=native is not every compiler's
+            built = _run_compiler([*compiler, *flags, "-o", temporary, str(SOURCE)])
+            if built.returncode == 0:
+                os.replace(temporary, target)
+                return target
+        message = (built.stderr or built.stdout).strip().splitlines()
+        raise _BuildError(f"building {SOURCE.name} failed: {message[-1] if message else built.returncode}")
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _probe_rows() -> torch.Tensor:
+    """float32 rows of every kind the quantiser treats apart: ordinary ones, ties at .5, a zero row,
+    NaN and +-Inf rows, a subnormal scale from a normal and from a subnormal absmax, extremes."""
+    generator = torch.Generator().manual_seed(0)
+    k = 67  # not a multiple of any vector width
+    rows = torch.randn(12, k, generator=generator) * torch.logspace(-30, 30, 12)[:, None]
+    rows[0] = torch.arange(k).remainder(9).sub(4).mul(0.5)  # scale 1: quotients at ties (+-0.5, +-1.5)
+    rows[0, 0] = 127.0
+    rows[1] = 0.0
+    rows[2, 5] = float("nan")
+    rows[3, 9], rows[4, 0] = float("inf"), -float("inf")
+    rows[5] = rows[5] / rows[5].abs().max() * 1e-37  # normal absmax, subnormal scale
+    rows[6] = torch.randint(-190, 191, (k,), generator=generator).double().mul(2.0**-149).float()
+    rows[6, 0] = 190 * 2.0**-149  # subnormal absmax: scale 2**-149, quotients up to 190 (clamped)
+    rows[7, :3] = torch.tensor([torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max, 1.0])
+    rows[8] = rows[8].abs().max() * torch.tensor([1.0, -1.0]).repeat(k)[:k]  # every element +-absmax
+    return rows
+
+
+def _agrees_with_reference(found: Quantizer) -> bool:
+    """Whether `found` gives the reference's q and scale on `_probe_rows` in every form, from
+    contiguous and strided rows, on one thread and on several, and its token entry its q * s."""
+    rows = _probe_rows()
+    q_ref, scale_ref = int8_ref.quantize_int8(rows)
+    for x in (rows, rows.t().contiguous().t(), torch.stack([rows, -rows], 2).flatten(1)[:, ::2]):
+        for dtype in FORM_CODES:
+            for threads in (1, 3):
+                q = torch.empty(x.shape, dtype=dtype)
+                scale = torch.empty(x.shape[0], dtype=torch.float32)
+                found.rows(x, q, scale, threads)
+                as_int8 = (q.to(torch.int16) - 128).to(torch.int8) if dtype == torch.uint8 else q.to(torch.int8)
+                if not (torch.equal(as_int8, q_ref) and torch.equal(scale.nan_to_num(7.0), scale_ref.nan_to_num(7.0))
+                        and (dtype != torch.float32 or torch.equal(q, q.round()))):
+                    return False
+        for r in (0, 7, 9):  # rows of normal, finite scale
+            out = torch.empty(1, x.shape[1])
+            scale = found.token_scaled(x[r:r + 1], out)
+            if scale != scale_ref[r].item() or not torch.equal(out, q_ref[r:r + 1].float() * scale_ref[r]):
+                return False
+    return True

@@ -1,0 +1,150 @@
+/* Per-row symmetric int8 quantisation of float32 rows, bit for bit as
+ * kernelhub.reference.int8_gemm.quantize_int8 (see kernelhub/kernels/int8_gemm/native.py, which
+ * builds this file with the system C compiler and checks it against the reference before use):
+ *
+ *     scale[r] = max_k |x[r, k]| / 127          (IEEE float32 division; NaN if the row holds one)
+ *     q[r, k]  = rint(x[r, k] / scale[r])       (IEEE division, rounded half to even)
+ *                clamped to [-127, 127], and 0 throughout a row whose scale is not > 0 and finite
+ *
+ * in one read of each row from memory: the absmax pass brings the row into the cache, the second
+ * pass reads it there. Built without fast-math and with floating-point contraction off, so the
+ * compiler may vectorise but not reassociate or fuse.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <float.h>
+
+/* The forms q is written in: the int8 values; the same plus 128 as uint8 (oneDNN's u8 input, zero
+ * point 128); the same as float32 (fbgemm's float input, scale 1, zero point 128); or as float32
+ * q * scale (fbgemm's float input with the row's own scale, which it quantises back to q). */
+enum { FORM_INT8 = 0, FORM_UINT8 = 1, FORM_FLOAT = 2, FORM_FLOAT_SCALED = 3 };
+
+/* The largest |x| of a row as its bit pattern: for non-negative floats the integer order of the
+ * bits is the float order, and every NaN lies above +Inf (0x7f800000), so this max propagates NaN
+ * where a float max would drop it, and it vectorises exactly. */
+static uint32_t row_absmax_bits(const float *x, int64_t k, int64_t stride_k) {
+    uint32_t largest = 0;
+    if (stride_k == 1) {
+        for (int64_t i = 0; i < k; i++) {
+            uint32_t bits;
+            memcpy(&bits, x + i, sizeof bits);
+            bits &= 0x7fffffffu;
+            largest = bits > largest ? bits : largest;
+        }
+    } else {
+        for (int64_t i = 0; i < k; i++) {
+            uint32_t bits;
+            memcpy(&bits, x + i * stride_k, sizeof bits);
+            bits &= 0x7fffffffu;
+            largest = bits > largest ? bits : largest;
+        }
+    }
+    return largest;
+}
+
+/* One row's quotients in `form`. `clamp` only where the scale is subnormal (its quotients reach
+ * 191); a normal finite scale gives |x| / scale <= 127 (1 + 2^-24)^2 < 127.5, which rounds to at
+ * most 127. */
+#define QUANTISE_LOOP(STORE)                                                               \
+    do {                                                                                   \
+        if (stride_k == 1) {                                                               \
+            for (int64_t i = 0; i < k; i++) {                                              \
+                float v = rintf(x[i] / scale);                                             \
+                if (clamp) v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);          \
+                STORE;                                                                     \
+            }                                                                              \
+        } else {                                                                           \
+            for (int64_t i = 0; i < k; i++) {                                              \
+                float v = rintf(x[i * stride_k] / scale);                                  \
+                if (clamp) v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);          \
+                STORE;                                                                     \
+            }                                                                              \
+        }                                                                                  \
+    } while (0)
+
+static void quantise_row(const float *x, int64_t k, int64_t stride_k, void *q, int form, float *scale_out) {
+    uint32_t bits = row_absmax_bits(x, k, stride_k);
+    float absmax;
+    memcpy(&absmax, &bits, sizeof absmax);
+    float scale = absmax / 127.0f;
+    *scale_out = scale;
+    if (!(scale > 0.0f && bits < 0x7f800000u)) { /* zero, NaN or Inf: q = 0 throughout */
+        switch (form) {
+        case FORM_INT8: memset(q, 0, (size_t)k); break;
+        case FORM_UINT8: memset(q, 128, (size_t)k); break;
+        default: memset(q, 0, (size_t)k * sizeof(float)); break; /* all-zero bits are +0.0f */
+        }
+        return;
+    }
+    int clamp = scale < FLT_MIN;
+    switch (form) {
+    case FORM_INT8: { int8_t *out = q; QUANTISE_LOOP(out[i] = (int8_t)(int32_t)v); break; }
+    case FORM_UINT8: { uint8_t *out = q; QUANTISE_LOOP(out[i] = (uint8_t)((int32_t)v + 128)); break; }
+    case FORM_FLOAT: { float *out = q; QUANTISE_LOOP(out[i] = v); break; }
+    default: { float *out = q; QUANTISE_LOOP(out[i] = v * scale); break; }
+    }
+}
+
+typedef struct {
+    const float *x;
+    int64_t k, stride_m, stride_k;
+    char *q;
+    int64_t q_row_bytes;
+    int form;
+    float *scale;
+    int64_t first, last; /* rows [first, last) */
+} rows_job;
+
+static void *quantise_rows_job(void *argument) {
+    const rows_job *job = argument;
+    for (int64_t r = job->first; r < job->last; r++)
+        quantise_row(job->x + r * job->stride_m, job->k, job->stride_k, job->q + r * job->q_row_bytes,
+                     job->form, job->scale + r);
+    return NULL;
+}
+
+/* x float32 [m, k] with strides (stride_m, stride_k) in elements; q contiguous [m, k] in `form`;
+ * scale float32 [m]. Rows are split over `threads` threads (the caller's, and threads - 1 more).
+ * Returns 0, or -1 where a thread could not be started (then every row is still done). */
+int kernelhub_quantize_rows(const float *x, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k,
+                            void *q, int form, float *scale, int threads) {
+    int64_t element = form == FORM_INT8 || form == FORM_UINT8 ? 1 : (int64_t)sizeof(float);
+    if (threads > 64) threads = 64;
+    if (threads > m) threads = (int)m;
+    if (threads < 1) threads = 1;
+    rows_job jobs[64];
+    pthread_t handles[64];
+    int started[64] = {0};
+    int status = 0;
+    for (int t = 0; t < threads; t++) {
+        jobs[t] = (rows_job){x, k, stride_m, stride_k, q, k * element, form, scale, m * t / threads,
+                             m * (t + 1) / threads};
+    }
+    for (int t = 1; t < threads; t++) {
+        started[t] = pthread_create(&handles[t], NULL, quantise_rows_job, &jobs[t]) == 0;
+        if (!started[t]) status = -1;
+    }
+    quantise_rows_job(&jobs[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(handles[t], NULL);
+        else quantise_rows_job(&jobs[t]);
+    }
+    return status;
+}
+
+/* One row x float32 [k] (stride_k) quantised, then multiplied back by its scale, into out [k]
+ * (contiguous): fl(q * scale), for a GEMM that quantises its float input again with that scale.
+ * Returns the scale. Where it is not a normal, finite float32 (zero, subnormal, NaN or Inf: rows
+ * that need the clamp or q = 0), out is left unwritten, and the caller takes another path. */
+float kernelhub_quantize_token_scaled(const float *x, int64_t k, int64_t stride_k, float *out) {
+    uint32_t bits = row_absmax_bits(x, k, stride_k);
+    float absmax;
+    memcpy(&absmax, &bits, sizeof absmax);
+    float scale = absmax / 127.0f;
+    if (!(scale >= FLT_MIN && bits < 0x7f800000u)) return scale;
+    int clamp = 0;
+    QUANTISE_LOOP(out[i] = v * scale);
+    return scale;
+}
