@@ -15,7 +15,8 @@ Quantise: float32 `[M, 4096]`; the plain expression is `round(x / (absmax / 127)
 with absmax per row, to int8 (what one writes without kernelhub; it is not bit-exact with the
 reference on non-finite rows, kernelhub's is); `fallback`: kernelhub's numpy and torch path, which
 runs where the compiled quantiser (kernelhub/kernels/int8_gemm/native.py) cannot be built, as the
-block sweep does. Medians of `--reps` rounds after warm-up (five times
+block sweep does; `1 thread`: kernelhub's with torch on one thread (the compiled quantiser splits
+rows over torch's threads only from `_THREADED_MIN_ELEMENTS` on). Medians of `--reps` rounds after warm-up (five times
 as many below 100 tokens, where a call is short), the contenders' calls alternating within a round
 (`time_cpu_interleaved`). The linear calls run cold (`cold=True`: twice the last-level cache is read
 before each): as in a model, where the other layers' weights pass through the cache between two
@@ -113,18 +114,32 @@ def without_compiled_quantizer(fn):
     return run
 
 
+def on_one_thread(fn):
+    """`fn` run with torch (and so the compiled quantiser) on one thread."""
+    def run():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
+    return run
+
+
 def quantize_rows(ms: list[int], reps: int) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     rows = []
     for m in ms:
         x = activations(m, 4096, gen)
         timed = time_cpu_interleaved({"ours": lambda: ops.quantize_int8(x), "plain": lambda: plain_quantize(x),
-                                      "fallback": without_compiled_quantizer(lambda: ops.quantize_int8(x))},
+                                      "fallback": without_compiled_quantizer(lambda: ops.quantize_int8(x)),
+                                      "one thread": on_one_thread(lambda: ops.quantize_int8(x))},
                                      reps=reps * 5 if m < 100 else reps)
         ours, plain, fallback = (timed[name].median_ms for name in ("ours", "plain", "fallback"))
         nbytes = x.numel() * (4 + 1) + m * 4  # read x, write q and the scales
         rows.append({"M": m, "K": 4096, "kernelhub ms": ours, "plain torch ms": plain, "speedup": ratio(plain, ours),
-                     "kernelhub GB/s": gbs(nbytes, ours), "fallback ms": fallback,
+                     "kernelhub GB/s": gbs(nbytes, ours), "1 thread ms": timed["one thread"].median_ms,
+                     "fallback ms": fallback,
                      "fallback speedup": ratio(plain, fallback)})
     return rows
 
@@ -164,7 +179,7 @@ def main(argv=None) -> None:
                              quick={"ms": [1, 96], "quantize_ms": [1, 640], "block_ms": [300], "layers": ["o"],
                                     "reps": 2})
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 8, 16, 96, 384, 1536, 2048], help="tokens M")
-    parser.add_argument("--quantize-ms", type=int, nargs="+", default=[1, 16, 128, 512, 640, 2048, 3000])
+    parser.add_argument("--quantize-ms", type=int, nargs="+", default=[1, 16, 128, 512, 640, 1536, 2048, 3000])
     parser.add_argument("--block-ms", type=int, nargs="+", default=[512, 2048], help="tokens M of the block sweep")
     parser.add_argument("--layers", nargs="+", default=None, help="only these layers (qkv, o, gate_up, down)")
     parser.add_argument("--json", help="also write the raw rows here")
@@ -187,7 +202,8 @@ def main(argv=None) -> None:
         "quantize_int8 (bit-exact with the reference) vs the plain torch expression, float32 [M, 4096]; "
         f"compiled quantiser: {compiled}; fallback: the numpy and torch path",
         markdown_table(quantize, ["M", "K", "kernelhub ms", "plain torch ms", "speedup", "kernelhub GB/s",
-                                  "fallback ms", "fallback speedup"], {"speedup": times, "fallback speedup": times}),
+                                  "1 thread ms", "fallback ms", "fallback speedup"],
+                       {"speedup": times, "fallback speedup": times}),
         "The fallback's blocked quantiser by elements per block of rows, K = 4096 (shipped: "
         f"{int8_cpu._BLOCK_ELEMENTS}; vs shipped = its time / the shipped block's)",
         markdown_table(blocks, ["M", "elements per block", "ms", "vs shipped"], {"vs shipped": times}),

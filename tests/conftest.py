@@ -24,17 +24,22 @@ def private_config_db(tmp_path, monkeypatch):
     configs.clear_cache()
 
 
-@pytest.fixture(params=["compiled", "numpy-torch"])
-def cpu_quantiser(request, monkeypatch):
-    """Each CPU quantiser of the int8 family in turn: the compiled one (kernelhub/kernels/int8_gemm/
-    native.py), and the numpy and torch code that runs where it cannot be built. The compiled one
-    is skipped only where it is unavailable, which tests/test_int8_native.py holds to no compiler."""
+def select_cpu_quantiser(path: str, monkeypatch) -> None:
+    """Make the int8 family's CPU quantiser take `path`: "compiled" (kernelhub/kernels/int8_gemm/
+    native.py; skipped only where it is unavailable, which tests/test_int8_native.py holds to no
+    compiler) or "numpy-torch" (what runs where it cannot be built)."""
     from kernelhub.kernels.int8_gemm import native
 
-    if request.param == "compiled" and native.quantizer() is None:
+    if path == "compiled" and native.quantizer() is None:
         pytest.skip(f"no compiled quantiser here: {native.unavailable_reason()}")
-    if request.param == "numpy-torch":
+    if path == "numpy-torch":
         monkeypatch.setattr(native, "quantizer", lambda: None)
+
+
+@pytest.fixture(params=["compiled", "numpy-torch"])
+def cpu_quantiser(request, monkeypatch):
+    """Each CPU quantiser of the int8 family in turn (`select_cpu_quantiser`)."""
+    select_cpu_quantiser(request.param, monkeypatch)
     return request.param
 
 

@@ -6,21 +6,36 @@ q in (int8; uint8 holding q + 128; float32 holding q)."""
 import pytest
 import torch
 
+from conftest import select_cpu_quantiser
 from kernelhub.kernels.int8_gemm import cpu
 from kernelhub.reference import int8_gemm as ref
 
-# (M, K) on either side of each path's limit (compiled: one thread up to 128 x 4096 elements;
-# numpy up to 8 x 4096, one pass up to 32 x 4096, blocks of rows above), one block and several, the
-# last block of rows partial, rows split unevenly over threads.
+# (M, K) on either side of each limit of the numpy and torch path (numpy up to 8 x 4096 elements,
+# one pass up to 32 x 4096, blocks of rows above), one block and several, the last block of rows
+# partial. The compiled one splits rows over threads from a size these stay below: `threads` runs
+# every test both ways.
 SHAPES = [(1, 1), (1, 4096), (7, 129), (8, 4096), (9, 4096), (16, 4096), (32, 4096), (33, 4096), (129, 1000),
-          (300, 4097), (3, 70001), (4, 4096), (5, 4096), (128, 4096), (129, 4096)]
+          (300, 4097), (3, 70001), (4, 4096), (5, 4096)]
 
-pytestmark = pytest.mark.usefixtures("cpu_quantiser")
+
+@pytest.fixture(autouse=True, params=["compiled", "compiled-threads", "numpy-torch"])
+def quantiser_path(request, monkeypatch):
+    """Each quantiser path; the compiled one also with its rows split over threads whatever their
+    number (three here: more threads than cores, and than rows at M = 1)."""
+    select_cpu_quantiser(request.param.removesuffix("-threads"), monkeypatch)
+    if request.param.endswith("-threads"):
+        monkeypatch.setattr(cpu, "_THREADED_MIN_ELEMENTS", 1)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(3)
+        yield request.param
+        torch.set_num_threads(previous)
+    else:
+        yield request.param
 
 
 def test_the_shapes_straddle_each_limit():
     sizes = [m * k for m, k in SHAPES]
-    for limit in (cpu._NUMPY_MAX_ELEMENTS, cpu._ONE_PASS_MAX_ELEMENTS, cpu._THREADED_MIN_ELEMENTS):
+    for limit in (cpu._NUMPY_MAX_ELEMENTS, cpu._ONE_PASS_MAX_ELEMENTS):
         assert limit in sizes and limit + 4096 in sizes
 
 
