@@ -8,8 +8,10 @@ Each contender runs after a preparation that is not timed: nothing (back to back
 `--stream-mb` MB (what the other layers' weights do to the caches between two calls of one layer),
 one call of the Llama-3-8B `down` projection's prepacked int8 GEMM (its 58 MB weight streams
 through the caches), or a 5 ms sleep (the core idles). Contenders, all on one token `[1, 14336]`:
-kernelhub's CPU quantiser, the plain torch expression, the fbgemm GEMM alone on q made once, and
-torch.ao's whole dynamic int8 Linear (one C++ op). Medians of `--reps` calls, microseconds.
+kernelhub's CPU quantiser (compiled, and its numpy fallback), the one-token quantiser the layer
+calls (`quantize_token_scaled`, both ways), the plain torch expression, the fbgemm GEMM alone on q
+made once, kernelhub's whole layer and torch.ao's whole dynamic int8 Linear (one C++ op). Medians
+of `--reps` calls, microseconds.
 
 A second table is why `time_cpu_interleaved` shuffles its contenders' order: kernelhub's quantiser
 and the plain expression on `[M, 4096]`, each right after a call of the other and of itself (the
@@ -24,10 +26,10 @@ import time
 import torch
 from torch import nn
 
-from kernelhub.kernels.int8_gemm.cpu import quantize_int8_cpu
+from kernelhub.kernels.int8_gemm.cpu import quantize_int8_cpu, quantize_token_scaled
 from kernelhub.nn import Int8Linear
 
-from cpu_w8a8 import activations, plain_quantize, torch_ao
+from cpu_w8a8 import activations, plain_quantize, torch_ao, without_compiled_quantizer
 from harness import BenchmarkParser, fixed, markdown_table, publish
 
 
@@ -55,6 +57,9 @@ def rows(n: int, k: int, stream_mb: int, reps: int) -> list[dict]:
                     "after the GEMM": lambda: layer._prepacked_product(q),
                     "after a 5 ms sleep": lambda: time.sleep(0.005)}
     contenders = {"kernelhub quantize_int8 (CPU path)": lambda: quantize_int8_cpu(x, torch.float32),
+                  "quantize_int8, numpy fallback": without_compiled_quantizer(lambda: quantize_int8_cpu(x, torch.float32)),
+                  "kernelhub one-token quantiser": lambda: quantize_token_scaled(x),
+                  "one-token, numpy fallback": without_compiled_quantizer(lambda: quantize_token_scaled(x)),
                   "plain torch quantisation": lambda: plain_quantize(x),
                   "fbgemm GEMM alone": lambda: layer._prepacked_product(q),
                   "kernelhub Int8Linear": lambda: layer(x), "torch.ao dynamic Linear": lambda: ao(x)}
