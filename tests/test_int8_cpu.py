@@ -12,8 +12,8 @@ from kernelhub.reference import int8_gemm as ref
 
 # (M, K) on either side of each limit of the numpy and torch path (numpy up to 8 x 4096 elements,
 # one pass up to 32 x 4096, blocks of rows above), one block and several, the last block of rows
-# partial. The compiled one splits rows over threads from a size these stay below: `threads` runs
-# every test both ways.
+# partial. The compiled quantiser splits rows over threads from a size these stay below:
+# `quantiser_path` runs every test on it with the split forced too.
 SHAPES = [(1, 1), (1, 4096), (7, 129), (8, 4096), (9, 4096), (16, 4096), (32, 4096), (33, 4096), (129, 1000),
           (300, 4097), (3, 70001), (4, 4096), (5, 4096)]
 
