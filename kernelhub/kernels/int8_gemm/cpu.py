@@ -126,10 +126,10 @@ def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.
 # to at most 127. Only a subnormal scale (its quotients reach 191, see quantize.py), a zero scale
 # (0 / 0) or a non-finite one needs the reference's clamp and NaN handling.
 
-# From here the compiled quantiser splits the rows over torch's threads. Below, one thread was as
-# fast or faster on the 2-core VM (benchmarks/cpu_w8a8.py, its `1 thread` column: each call starts
-# its threads, which then contend with torch's spinning OpenMP workers): [1536, 4096] even, [2048,
-# 4096] and [3000, 4096] 1.16x and 1.66x faster on two (ad-hoc runs, 2026-12-03).
+# From here the compiled quantiser splits the rows over torch's threads: on the 2-core VM one thread
+# took 1.12x / 1.18x the time at [2048, 4096] / [3000, 4096] (benchmarks/cpu_w8a8.py, its `1 thread`
+# column). Each call starts its threads, which contend with torch's spinning OpenMP workers; a lower
+# limit was chosen against in unrecorded runs (no faster at [512, 4096] to [1536, 4096]).
 _THREADED_MIN_ELEMENTS = 1 << 23
 _BLOCK_ELEMENTS = 1 << 20  # float32 quotients per block: 4 MiB
 _NUMPY_MAX_ELEMENTS = 1 << 15  # M = 8 at K = 4096

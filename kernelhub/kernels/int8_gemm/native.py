@@ -185,21 +185,22 @@ def _probe_rows() -> torch.Tensor:
 
 def _agrees_with_reference(found: Quantizer) -> bool:
     """Whether `found` gives the reference's q and scale on `_probe_rows` in every form, from
-    contiguous and strided rows, on one thread and on several, and its token entry its q * s."""
+    contiguous and strided rows, on one thread and on several, and its token entry its q * s, into
+    poisoned outputs (an element left unwritten fails)."""
     rows = _probe_rows()
     q_ref, scale_ref = int8_ref.quantize_int8(rows)
     for x in (rows, rows.t().contiguous().t(), torch.stack([rows, -rows], 2).flatten(1)[:, ::2]):
         for dtype in FORM_CODES:
             for threads in (1, 3):
-                q = torch.empty(x.shape, dtype=dtype)
-                scale = torch.empty(x.shape[0], dtype=torch.float32)
+                q = torch.full(x.shape, 99, dtype=dtype)  # 99 is no probe row's q
+                scale = torch.full((x.shape[0],), -1.0)
                 found.rows(x, q, scale, threads)
                 as_int8 = (q.to(torch.int16) - 128).to(torch.int8) if dtype == torch.uint8 else q.to(torch.int8)
                 if not (torch.equal(as_int8, q_ref) and torch.equal(scale.nan_to_num(7.0), scale_ref.nan_to_num(7.0))
                         and (dtype != torch.float32 or torch.equal(q, q.round()))):
                     return False
         for r in (0, 7, 9):  # rows of normal, finite scale
-            out = torch.empty(1, x.shape[1])
+            out = torch.full((1, x.shape[1]), float("nan"))
             scale = found.token_scaled(x[r:r + 1], out)
             if scale != scale_ref[r].item() or not torch.equal(out, q_ref[r:r + 1].float() * scale_ref[r]):
                 return False
