@@ -13,8 +13,8 @@ truncated SVD's is the optimum (Eckart-Young). `svd_lowrank` runs with q = rank 
 
 A second table says where lowrank_keys' time goes and what bounds it: its three steps alone (the
 float32 Gram matrix's lower block triangle, `eigh` of it, the projection `a = K V_r`), the int8
-method's own steps (the per-channel quantisation, the int32 Gram, its projection from the
-unmerged keys), the full
+method's own steps (the per-channel quantisation: the scales, then each chunk of tokens into one
+buffer; the int32 Gram of the chunks; the projection from the unmerged keys), the full
 `K^T K` product with float32 and with bfloat16 inputs (torch's CPU GEMM; bfloat16 pays only where the
 CPU has AMX or AVX512-BF16 kernels that are faster than its float32 ones), and the error of the
 factorisation from bfloat16 keys two ways: the Gram matrix accumulated and kept in float32 (what a
@@ -72,14 +72,23 @@ def breakdown(seq: int, reps: int) -> dict:
     with torch.inference_mode():
         gram = _merged_gram(merged)
         basis = _basis_from_gram(gram, RANK, torch.float32)
-        scratch = torch.empty(4096, D)
-        quantized = lowrank_cpu.quantize_channels(keys, lowrank_cpu.channel_scales(keys, scratch), scratch)
+        chunk = lowrank_cpu._TOKENS_PER_CHUNK
+        buffer = torch.empty(chunk, H_KV * D, dtype=torch.int8)
+
+        def quantise(into=None):  # the int8 method's quantisation: the scales, then every chunk
+            scale = lowrank_cpu.channel_scales(keys)[0]
+            for start in range(0, seq, chunk):
+                out = buffer if into is None else into[start:start + chunk]
+                lowrank_cpu.quantize_channels(keys[0, :, start:start + chunk], scale, out[:min(chunk, seq - start)])
+
+        quantized = torch.empty(seq, H_KV * D, dtype=torch.int8)
+        quantise(quantized)
         row = {"S": seq, "Gram (lower triangle) s": seconds(lambda: _merged_gram(merged)),
                "eigh s": seconds(lambda: torch.linalg.eigh(gram)),
                "projection s": seconds(lambda: merged @ basis.transpose(1, 2)),
-               "int8: quantisation s": seconds(lambda: lowrank_cpu.quantize_channels(
-                   keys, lowrank_cpu.channel_scales(keys, scratch), scratch)),
-               "int8: Gram s": seconds(lambda: lowrank_cpu._integer_gram(quantized[0])),
+               "int8: quantisation s": seconds(quantise),
+               "int8: Gram s": seconds(lambda: [lowrank_cpu._integer_gram(quantized[start:start + chunk])
+                                                for start in range(0, seq, chunk)]),
                "int8: projection s": seconds(lambda: lowrank_cpu.project_heads(keys, basis)),
                "full K^T K float32 s": seconds(lambda: merged.transpose(1, 2) @ merged),
                "full K^T K bfloat16 s": seconds(lambda: rounded.transpose(1, 2) @ rounded)}

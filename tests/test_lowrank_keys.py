@@ -401,11 +401,9 @@ def test_int8_gram_allowance_is_tight_enough_to_fail():
     assert error > optimum + (factor_tolerance(torch.float32) + int8_error_allowance(k, 24)) * float(merged.norm())
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_int8_channel_quantisation_is_the_reference_bit_for_bit(dtype, monkeypatch):
-    """Blocks of 5 tokens (the last one partial), on a strided slice, with an all-zero channel, a
-    subnormal one (quotients up to 191, clamped), a huge one and a constant one."""
-    monkeypatch.setattr(lowrank_cpu, "_TOKENS_PER_BLOCK", 5)
+def channel_test_keys(dtype):
+    """`[2, 3, 23, 9]` keys stored D-major and sliced, with an all-zero channel, a subnormal one
+    (quotients up to 191, clamped), a huge one and a constant one."""
     gen = torch.Generator().manual_seed(21)
     full = torch.randn(2, 3, 40, 9, generator=gen)
     full[0, 1, :, 2] = 0.0
@@ -413,15 +411,50 @@ def test_int8_channel_quantisation_is_the_reference_bit_for_bit(dtype, monkeypat
         full[1, 0, :, 4] *= 1e-39  # a subnormal scale: quotients up to 191, clamped
     full[1, 2, :, 0] *= 1e4 if dtype == torch.float16 else 1e30  # within the dtype's range
     full[0, 2, :, 8] = -0.75
-    k = full.to(dtype).transpose(2, 3).contiguous().transpose(2, 3)[:, :, 3:26]  # D-major storage, sliced
-    scratch = torch.empty(5, 9)
-    scale = lowrank_cpu.channel_scales(k, scratch)
-    q = lowrank_cpu.quantize_channels(k, scale, scratch)
+    return full.to(dtype).transpose(2, 3).contiguous().transpose(2, 3)[:, :, 3:26]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_int8_channel_quantisation_is_the_reference_bit_for_bit(dtype, cpu_quantiser, monkeypatch):
+    """Chunks of 7 tokens (the last one partial) and torch's blocks of 5 within them, into a
+    poisoned q."""
+    monkeypatch.setattr(lowrank_cpu, "_TOKENS_PER_BLOCK", 5)
+    monkeypatch.setattr(lowrank_cpu, "_TOKENS_PER_CHUNK", 7)
+    k = channel_test_keys(dtype)
+    scale = lowrank_cpu.channel_scales(k)
+    q = torch.full((2, 23, 27), 99, dtype=torch.int8)  # 99 is no quantised key
+    for b in range(2):
+        for start in range(0, 23, 7):
+            lowrank_cpu.quantize_channels(k[b, :, start:start + 7], scale[b], q[b, start:start + 7])
     q_ref, scale_ref = ref.channel_quantized_keys(k)
     assert torch.equal(scale.reshape(2, 27), scale_ref)
     assert torch.equal(q, q_ref)
     if dtype == torch.float32:
         assert int(q[1, :, 4].abs().max()) == 127  # the subnormal channel was clamped
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_int8_gram_is_exact_over_chunks_of_tokens(dtype, cpu_quantiser, monkeypatch):
+    """int8_gram sums Q^T Q chunk by chunk in one reused buffer: its lower triangle is the exact
+    integer product of the reference's int8 keys, scaled as the op does, to the last bit."""
+    monkeypatch.setattr(lowrank_cpu, "_TOKENS_PER_CHUNK", 7)
+    monkeypatch.setattr(lowrank_cpu, "_GRAM_BLOCK", 5)
+    k = channel_test_keys(dtype)
+    gram = lowrank_cpu.int8_gram(k)
+    q, scale = ref.channel_quantized_keys(k)
+    scale = scale.double()
+    unit = scale / scale.amax(dim=1, keepdim=True)
+    exact = q.double().transpose(1, 2) @ q.double()  # integer sums, exact in float64
+    expected = (exact * unit[:, :, None] * unit[:, None, :]).float()
+    assert torch.equal(torch.tril(gram), torch.tril(expected))
+
+
+def test_int8_gram_of_non_finite_keys_is_none(cpu_quantiser):
+    k = torch.randn(1, 2, 30, 4)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        poisoned = k.clone()
+        poisoned[0, 1, 17, 3] = bad
+        assert lowrank_cpu.int8_gram(poisoned) is None
 
 
 def test_int8_gram_sums_long_sequences_without_int32_overflow():

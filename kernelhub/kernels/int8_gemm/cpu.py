@@ -131,6 +131,14 @@ def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.
 # column). Each call starts its threads, which contend with torch's spinning OpenMP workers; a lower
 # limit was chosen against in unrecorded runs (no faster at [512, 4096] to [1536, 4096]).
 _THREADED_MIN_ELEMENTS = 1 << 23
+
+
+def native_threads(elements: int) -> int:
+    """The threads a compiled quantiser call over `elements` floats runs on: torch's number from
+    _THREADED_MIN_ELEMENTS on, else 1."""
+    return torch.get_num_threads() if elements >= _THREADED_MIN_ELEMENTS else 1
+
+
 _BLOCK_ELEMENTS = 1 << 20  # float32 quotients per block: 4 MiB
 _NUMPY_MAX_ELEMENTS = 1 << 15  # M = 8 at K = 4096
 _ONE_PASS_MAX_ELEMENTS = 1 << 17  # up to here fresh temporaries cost less than the blocked loop's copies
@@ -263,8 +271,7 @@ def quantize_int8_cpu(x: torch.Tensor, form: torch.dtype = torch.int8) -> tuple[
     quantizer = native.quantizer()
     if quantizer is not None:
         q, scale = torch.empty((m, k), dtype=form), torch.empty(m, dtype=torch.float32)
-        threads = torch.get_num_threads() if m * k >= _THREADED_MIN_ELEMENTS else 1
-        quantizer.rows(x if x.dtype == torch.float32 else x.to(torch.float32), q, scale, threads)
+        quantizer.rows(x if x.dtype == torch.float32 else x.to(torch.float32), q, scale, native_threads(m * k))
         return q, scale
     if m * k <= _NUMPY_MAX_ELEMENTS:
         return _quantize_numpy(x, form)

@@ -59,6 +59,12 @@ class Quantizer:
         self._token = library.kernelhub_quantize_token_scaled
         self._token.argtypes = [_c_ptr, _c_int64, _c_int64, _c_ptr]
         self._token.restype = ctypes.c_float
+        self._absmax_bits = library.kernelhub_channel_absmax_bits
+        self._absmax_bits.argtypes = [_c_ptr, *[_c_int64] * 6, _c_ptr, ctypes.c_int]
+        self._absmax_bits.restype = ctypes.c_int
+        self._channels = library.kernelhub_quantize_channels
+        self._channels.argtypes = [_c_ptr, *[_c_int64] * 6, _c_ptr, _c_ptr, _c_int64, ctypes.c_int]
+        self._channels.restype = ctypes.c_int
 
     def rows(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, threads: int) -> None:
         """float32 `x [M, K]` (any strides) -> q `[M, K]` (contiguous, a dtype of FORM_CODES) and
@@ -70,6 +76,20 @@ class Quantizer:
         """float32 `x [1, K]` (any strides) -> `fl(q * s)` into float32 `out [1, K]` (contiguous),
         returning s; out is unwritten where s is not a normal, finite float32."""
         return self._token(x.data_ptr(), x.shape[1], x.stride(1), out.data_ptr())
+
+    def channel_absmax_bits(self, x: torch.Tensor, largest: torch.Tensor, threads: int) -> None:
+        """float32 `x [H, T, C]` (any strides): `largest [H * C]` (int32, contiguous) becomes the
+        elementwise max of itself and the bit patterns of max_t |x[h, t, c]| (NaN's above all others).
+        Start from zeros; viewed as float32 it is then the absmax of every chunk passed. The heads
+        split over `threads` threads."""
+        self._absmax_bits(x.data_ptr(), *x.shape, *x.stride(), largest.data_ptr(), threads)
+
+    def channels(self, x: torch.Tensor, scale: torch.Tensor, q: torch.Tensor, threads: int) -> None:
+        """float32 `x [H, T, C]` (any strides) and float32 `scale [H * C]` (contiguous) -> int8
+        `q [T, H * C]` (unit column stride): q[t, h * C + c] = x[h, t, c] quantised with scale[h * C + c]
+        as the reference's rows are (0 throughout a channel whose scale is not > 0 and finite). The
+        heads split over `threads` threads."""
+        self._channels(x.data_ptr(), *x.shape, *x.stride(), scale.data_ptr(), q.data_ptr(), q.stride(0), threads)
 
 
 def cache_dir() -> Path:
@@ -185,10 +205,13 @@ def _probe_rows() -> torch.Tensor:
 
 def _agrees_with_reference(found: Quantizer) -> bool:
     """Whether `found` gives the reference's q and scale on `_probe_rows` in every form, from
-    contiguous and strided rows, on one thread and on several, and its token entry its q * s, into
-    poisoned outputs (an element left unwritten fails)."""
+    contiguous and strided rows, on one thread and on several, its token entry its q * s, and its
+    channel entries the same q and scale along the other axis, into poisoned outputs (an element
+    left unwritten fails)."""
     rows = _probe_rows()
     q_ref, scale_ref = int8_ref.quantize_int8(rows)
+    if not _channels_agree(found, rows, q_ref, scale_ref):
+        return False
     for x in (rows, rows.t().contiguous().t(), torch.stack([rows, -rows], 2).flatten(1)[:, ::2]):
         for dtype in FORM_CODES:
             for threads in (1, 3):
@@ -204,4 +227,27 @@ def _agrees_with_reference(found: Quantizer) -> bool:
             scale = found.token_scaled(x[r:r + 1], out)
             if scale != scale_ref[r].item() or not torch.equal(out, q_ref[r:r + 1].float() * scale_ref[r]):
                 return False
+    return True
+
+
+def _channels_agree(found: Quantizer, rows: torch.Tensor, q_ref: torch.Tensor, scale_ref: torch.Tensor) -> bool:
+    """The channel entries on the probe rows as channels: 3 heads of 4 channels over 67 tokens, from
+    contiguous, channel-major and strided keys (on 1, 2 and 3 threads), the absmax taken in two
+    chunks of tokens, into a q with a gap between its rows that must stay as it was."""
+    heads, channels = 3, rows.shape[0] // 3
+    keys = rows.reshape(heads, channels, -1).transpose(1, 2)  # [H, T, C]: channel h * C + c is row h * C + c
+    tokens = keys.shape[1]
+    expected_q = q_ref.t()  # [T, H * C]
+    layouts = (keys.contiguous(), keys, torch.stack([keys, -keys], 3).flatten(2)[:, :, ::2])
+    for x, threads in zip(layouts, (1, 2, 3)):
+        largest = torch.zeros(heads * channels, dtype=torch.int32)
+        for part in (x[:, :40], x[:, 40:]):
+            found.channel_absmax_bits(part, largest, threads)
+        scale = largest.view(torch.float32) / torch.full_like(scale_ref, 127.0)
+        if not torch.equal(scale.nan_to_num(7.0), scale_ref.nan_to_num(7.0)):
+            return False
+        padded = torch.full((tokens, heads * channels + 5), 99, dtype=torch.int8)  # 99 is no probe q
+        found.channels(x, scale, padded, threads)
+        if not (torch.equal(padded[:, :heads * channels], expected_q) and bool((padded[:, heads * channels:] == 99).all())):
+            return False
     return True

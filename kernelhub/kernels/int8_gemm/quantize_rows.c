@@ -7,8 +7,9 @@
  *                clamped to [-127, 127], and 0 throughout a row whose scale is not > 0 and finite
  *
  * in one read of each row from memory: the absmax pass brings the row into the cache, the second
- * pass reads it there. Built without fast-math and with floating-point contraction off, so the
- * compiler may vectorise but not reassociate or fuse.
+ * pass reads it there. `kernelhub_quantize_channels` is the same quantisation along the other axis,
+ * one scale per column (lowrank_keys' per-channel keys). Built without fast-math and with
+ * floating-point contraction off, so the compiler may vectorise but not reassociate or fuse.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -147,4 +148,124 @@ float kernelhub_quantize_token_scaled(const float *x, int64_t k, int64_t stride_
     int clamp = 0;
     QUANTISE_LOOP(out[i] = v * scale);
     return scale;
+}
+
+
+/* Per-channel quantisation (lowrank_keys' int8 Gram: one scale per channel of the merged keys, over
+ * every token), the rows' rule along the other axis, in two calls: the caller takes the absmax of
+ * every channel over all tokens (kernelhub_channel_absmax_bits, chunk by chunk), divides it by 127,
+ * then quantises chunk by chunk (kernelhub_quantize_channels). Both read x float32
+ * [heads, tokens, channels] with strides (stride_h, stride_t, stride_c), one [B, H_kv, S, D]
+ * sequence's keys, along its rows. Each pass is inlined twice, once with stride_c = 1 (keys stored
+ * [.., S, D]: the inner loop vectorises over the channels) and once with any stride. */
+static inline void absmax_bits_pass(const float *x, int64_t tokens, int64_t channels, int64_t stride_t,
+                                    int64_t stride_c, uint32_t *largest) {
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *row = x + t * stride_t;
+        for (int64_t c = 0; c < channels; c++) {
+            uint32_t bits;
+            memcpy(&bits, row + c * stride_c, sizeof bits);
+            bits &= 0x7fffffffu;
+            largest[c] = bits > largest[c] ? bits : largest[c];
+        }
+    }
+}
+
+/* One call's heads, split over threads: each thread takes whole heads, so none writes what another
+ * reads or writes (a head's channels of q, a head's absmax). */
+typedef struct {
+    const float *x;
+    int64_t tokens, channels, stride_h, stride_t, stride_c;
+    uint32_t *largest;                 /* the absmax pass */
+    const float *scale;                /* the quantise pass */
+    int8_t *q;
+    int64_t q_stride_t;
+    int64_t first, last;               /* heads [first, last) */
+} heads_job;
+
+static int run_over_heads(void *(*pass)(void *), heads_job job, int64_t heads, int threads) {
+    if (threads > 64) threads = 64;
+    if (threads > heads) threads = (int)heads;
+    if (threads < 1) threads = 1;
+    heads_job jobs[64];
+    pthread_t handles[64];
+    int started[64] = {0};
+    int status = 0;
+    for (int t = 0; t < threads; t++) {
+        jobs[t] = job;
+        jobs[t].first = heads * t / threads;
+        jobs[t].last = heads * (t + 1) / threads;
+    }
+    for (int t = 1; t < threads; t++) {
+        started[t] = pthread_create(&handles[t], NULL, pass, &jobs[t]) == 0;
+        if (!started[t]) status = -1;
+    }
+    pass(&jobs[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(handles[t], NULL);
+        else pass(&jobs[t]);
+    }
+    return status;
+}
+
+static void *absmax_heads(void *argument) {
+    const heads_job *j = argument;
+    for (int64_t h = j->first; h < j->last; h++) {
+        if (j->stride_c == 1)
+            absmax_bits_pass(j->x + h * j->stride_h, j->tokens, j->channels, j->stride_t, 1, j->largest + h * j->channels);
+        else
+            absmax_bits_pass(j->x + h * j->stride_h, j->tokens, j->channels, j->stride_t, j->stride_c,
+                             j->largest + h * j->channels);
+    }
+    return NULL;
+}
+
+/* largest[h * channels + c] = max(itself, max_t of |x[h, t, c]|'s bits): as row_absmax_bits, NaN
+ * bits lie above every other. The caller zeroes `largest` before the first chunk. Heads are split
+ * over `threads` threads; returns 0, or -1 where a thread could not be started (then every head is
+ * still done). */
+int kernelhub_channel_absmax_bits(const float *x, int64_t heads, int64_t tokens, int64_t channels,
+                                  int64_t stride_h, int64_t stride_t, int64_t stride_c, uint32_t *largest,
+                                  int threads) {
+    heads_job job = {x, tokens, channels, stride_h, stride_t, stride_c, largest, NULL, NULL, 0, 0, 0};
+    return run_over_heads(absmax_heads, job, heads, threads);
+}
+
+/* One channel's rule is the rows': q = rint(x / s) clamped to [-127, 127], 0 where s is not > 0 and
+ * finite. The clamp is applied to every channel: for a normal scale it changes nothing (see
+ * QUANTISE_LOOP), and a branch-free loop vectorises. */
+static inline void quantise_pass(const float *x, int64_t tokens, int64_t channels, int64_t stride_t,
+                                 int64_t stride_c, const float *scale, int8_t *q, int64_t q_stride_t) {
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *row = x + t * stride_t;
+        int8_t *out = q + t * q_stride_t;
+        for (int64_t c = 0; c < channels; c++) {
+            float s = scale[c];
+            float v = rintf(row[c * stride_c] / s);
+            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+            out[c] = s > 0.0f && s <= FLT_MAX ? (int8_t)(int32_t)v : 0;
+        }
+    }
+}
+
+static void *quantise_heads(void *argument) {
+    const heads_job *j = argument;
+    for (int64_t h = j->first; h < j->last; h++) {
+        const float *keys = j->x + h * j->stride_h;
+        const float *s = j->scale + h * j->channels;
+        int8_t *out = j->q + h * j->channels;
+        if (j->stride_c == 1) quantise_pass(keys, j->tokens, j->channels, j->stride_t, 1, s, out, j->q_stride_t);
+        else quantise_pass(keys, j->tokens, j->channels, j->stride_t, j->stride_c, s, out, j->q_stride_t);
+    }
+    return NULL;
+}
+
+/* q[t, h * channels + c] (int8, row stride q_stride_t) from x[h, t, c] and float32
+ * scale[h * channels + c]: one chunk of tokens of the merged [S, H_kv * D] int8 keys. Heads are
+ * split over `threads` threads; returns as kernelhub_channel_absmax_bits. */
+int kernelhub_quantize_channels(const float *x, int64_t heads, int64_t tokens, int64_t channels,
+                                int64_t stride_h, int64_t stride_t, int64_t stride_c, const float *scale,
+                                int8_t *q, int64_t q_stride_t, int threads) {
+    heads_job job = {x, tokens, channels, stride_h, stride_t, stride_c, NULL, scale, q, q_stride_t, 0, 0};
+    return run_over_heads(quantise_heads, job, heads, threads);
 }

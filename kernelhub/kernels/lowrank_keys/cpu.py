@@ -13,63 +13,108 @@ the quantisation (a is projected from the exact keys), and what it perturbs is h
 near the rank cut mix: on the benchmark's keys the error grows by about 0.1% of itself from
 S = 2K on. (With no more tokens than H_kv * D the op computes the float32 Gram instead: ops.py.)
 
-Every pass reads the keys `[B, H_kv, S, D]` where they lie (a cache slice in place, any strides),
-in blocks of tokens: no merged `[B, S, H_kv * D]` float copy is made.
+The quantisation is the compiled quantiser's (kernelhub/kernels/int8_gemm/native.py, its channel
+entries) where it is built, else torch's passes, bit for bit the same. The Gram matrix is summed
+chunk by chunk of tokens: each chunk's int8 keys are written into one reused buffer and go into
+the int32 product while they are in the cache, so no [B, S, H_kv * D] int8 copy is made (at
+S = 32K it would be 32 MiB, allocated and page-faulted in at every call). Every pass reads the keys
+`[B, H_kv, S, D]` where they lie (a cache slice in place, any strides).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernelhub.kernels.int8_gemm.cpu import int_mm_cpu
+from kernelhub.kernels.int8_gemm import native
+from kernelhub.kernels.int8_gemm.cpu import int_mm_cpu, native_threads
 
-# Tokens per block of every pass: a [4096, D] float32 block (2 MiB at D = 128) stays in the cache
-# between the operations on it.
+# Tokens per block of torch's passes: a [4096, D] float32 block (2 MiB at D = 128) stays in the
+# cache between the operations on it.
 _TOKENS_PER_BLOCK = 4096
+# Tokens per chunk of the int8 Gram: 8 MiB of int8 keys at H_kv * D = 1024, reused for every chunk;
+# the int32 product of chunks this long ran within 5% of one product over all tokens (2-core Xeon VM).
+_TOKENS_PER_CHUNK = 8192
 # int32 holds a sum of S products of int8 values in [-127, 127] for S < 2**31 / 127**2 = 133,144:
 # longer sequences are summed in chunks of this many tokens, then in int64.
 MAX_TOKENS_PER_PRODUCT = 1 << 17
 # Columns per block row of the Gram matrix's lower block triangle (H_kv * D = 1024: 9/16 of the work).
 _GRAM_BLOCK = 128
-_DIVISOR_127 = torch.tensor([127.0])  # a tensor divisor, as the reference's
 _SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 
 
-def _blocks(seq: int):
-    return ((start, min(seq, start + _TOKENS_PER_BLOCK)) for start in range(0, seq, _TOKENS_PER_BLOCK))
+def _blocks(seq: int, size: int | None = None):
+    """(start, stop) of each block of `size` tokens (default _TOKENS_PER_BLOCK) of `seq`."""
+    size = size or _TOKENS_PER_BLOCK
+    return ((start, min(seq, start + size)) for start in range(0, seq, size))
 
 
-def channel_scales(k: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+def _divided_by_127(absmax: torch.Tensor) -> torch.Tensor:
+    return absmax / torch.full_like(absmax, 127.0)  # a tensor divisor, as the reference's
+
+
+def _as_float32(keys: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """`keys [H, T, D]` itself when float32, else converted (exactly) into `scratch`."""
+    if keys.dtype == torch.float32:
+        return keys
+    return scratch[:, :keys.shape[1]].copy_(keys)
+
+
+def _conversion_scratch(k: torch.Tensor, tokens: int) -> torch.Tensor | None:
+    heads, head_dim = k.shape[1], k.shape[3]
+    return None if k.dtype == torch.float32 else torch.empty(heads, tokens, head_dim, dtype=torch.float32)
+
+
+def channel_scales(k: torch.Tensor) -> torch.Tensor:
     """float32 `[B, H_kv, D]`: max over tokens of |k| per channel, divided by a tensor 127 (NaN
     where a channel holds NaN, Inf where it holds Inf and no NaN). One read of k."""
     batch, heads, seq, head_dim = k.shape
+    quantizer = native.quantizer()
+    if quantizer is not None:
+        chunk = min(seq, _TOKENS_PER_CHUNK)
+        scratch = _conversion_scratch(k, chunk)
+        largest = torch.zeros(batch, heads * head_dim, dtype=torch.int32)
+        for b in range(batch):
+            for start, stop in _blocks(seq, chunk):
+                keys = _as_float32(k[b, :, start:stop], scratch)
+                quantizer.channel_absmax_bits(keys, largest[b], native_threads(keys.numel()))
+        return _divided_by_127(largest.view(torch.float32).view(batch, heads, head_dim))
     absmax = torch.zeros(batch, heads, head_dim, dtype=torch.float32)
+    scratch = torch.empty(min(seq, _TOKENS_PER_BLOCK), head_dim, dtype=torch.float32)
     for b in range(batch):
         for h in range(heads):
             for start, stop in _blocks(seq):
                 keys, into = k[b, h, start:stop], scratch[:stop - start]
                 block = torch.abs(keys, out=into) if keys.dtype == torch.float32 else into.copy_(keys).abs_()
                 torch.maximum(absmax[b, h], block.amax(dim=0), out=absmax[b, h])  # NaN propagates
-    return torch.div(absmax, _DIVISOR_127)
+    return _divided_by_127(absmax)
 
 
-def quantize_channels(k: torch.Tensor, scale: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """int8 `[B, S, H_kv * D]`: the merged keys quantised with the finite per-channel `scale
-    [B, H_kv, D]`, bit for bit `reference.lowrank_keys.channel_quantized_keys`. A channel whose
-    scale is normal needs no clamp (its quotients stay below 127.5: kernelhub/kernels/int8_gemm/cpu.py);
-    a subnormal one gets the reference's clamp, an all-zero one (0 / 0) q = 0."""
-    batch, heads, seq, head_dim = k.shape
-    q = torch.empty(batch, seq, heads * head_dim, dtype=torch.int8)
+def quantize_channels(keys: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
+                      scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 `out [T, H_kv * D]` (unit column stride): one sequence's keys `[H_kv, T, D]` (a chunk
+    of its tokens) merged and quantised with the finite per-channel `scale [H_kv, D]` (contiguous),
+    bit for bit `reference.lowrank_keys.channel_quantized_keys`. `scratch`: float32 `[H_kv, >= T, D]`
+    for keys of another dtype (converted there, exactly). Torch's passes: a channel whose scale is
+    normal needs no clamp (its quotients stay below 127.5: kernelhub/kernels/int8_gemm/cpu.py), a
+    subnormal one gets the reference's clamp, an all-zero one (0 / 0) q = 0."""
+    heads, tokens, head_dim = keys.shape
+    quantizer = native.quantizer()
+    if quantizer is not None:
+        if keys.dtype != torch.float32:
+            scratch = scratch if scratch is not None else torch.empty(heads, tokens, head_dim)
+            keys = _as_float32(keys, scratch)
+        quantizer.channels(keys, scale.reshape(heads * head_dim), out, native_threads(keys.numel()))
+        return out
     needs_clamp = bool((scale < _SMALLEST_NORMAL).any())
-    for b in range(batch):
-        for h in range(heads):
-            columns = slice(h * head_dim, (h + 1) * head_dim)
-            for start, stop in _blocks(seq):
-                quotient = torch.div(k[b, h, start:stop], scale[b, h], out=scratch[:stop - start]).round_()
-                if needs_clamp:
-                    quotient.clamp_(-127, 127).nan_to_num_(0.0)
-                q[b, start:stop, columns].copy_(quotient)
-    return q
+    block = torch.empty(min(tokens, _TOKENS_PER_BLOCK), head_dim, dtype=torch.float32)
+    for h in range(heads):
+        columns = slice(h * head_dim, (h + 1) * head_dim)
+        for start, stop in _blocks(tokens):
+            quotient = torch.div(keys[h, start:stop], scale[h], out=block[:stop - start]).round_()
+            if needs_clamp:
+                quotient.clamp_(-127, 127).nan_to_num_(0.0)
+            out[start:stop, columns].copy_(quotient)
+    return out
 
 
 def _integer_gram(q: torch.Tensor) -> torch.Tensor:
@@ -91,18 +136,22 @@ def int8_gram(k: torch.Tensor) -> torch.Tensor | None:
     largest scale (the eigenvectors do not change with the scale, and keys of any magnitude stay
     finite), or None when k holds NaN or Inf (its scales say so)."""
     batch, heads, seq, head_dim = k.shape
-    scratch = torch.empty(min(seq, _TOKENS_PER_BLOCK), head_dim, dtype=torch.float32)
-    scale = channel_scales(k, scratch)
+    hd = heads * head_dim
+    scale = channel_scales(k)
     if not bool(torch.isfinite(scale).all()):
         return None
-    q = quantize_channels(k, scale, scratch)
-    merged_scale = scale.reshape(batch, heads * head_dim).to(torch.float64)
+    chunk = min(seq, _TOKENS_PER_CHUNK)
+    q = torch.empty(chunk, hd, dtype=torch.int8)  # one chunk's int8 keys, reused
+    scratch = _conversion_scratch(k, chunk)
+    merged_scale = scale.reshape(batch, hd).to(torch.float64)
     largest = merged_scale.amax(dim=1, keepdim=True)
     unit = merged_scale / torch.where(largest > 0, largest, torch.ones_like(largest))  # [B, HD] in [0, 1]
-    gram = torch.empty(batch, heads * head_dim, heads * head_dim, dtype=torch.float32)
+    gram = torch.empty(batch, hd, hd, dtype=torch.float32)
     for b in range(batch):
-        exact = _integer_gram(q[b]).to(torch.float64)
-        gram[b] = exact.mul_(unit[b, :, None]).mul_(unit[b, None, :])
+        exact = torch.zeros(hd, hd, dtype=torch.int32 if seq <= MAX_TOKENS_PER_PRODUCT else torch.int64)
+        for start, stop in _blocks(seq, chunk):
+            exact += _integer_gram(quantize_channels(k[b, :, start:stop], scale[b], q[:stop - start], scratch))
+        gram[b] = exact.to(torch.float64).mul_(unit[b, :, None]).mul_(unit[b, None, :])
     return gram
 
 
