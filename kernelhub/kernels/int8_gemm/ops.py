@@ -52,11 +52,13 @@ def _check_int8_operands(a, b) -> tuple[int, int, int]:
 # What each costs: benchmarks/cpu_int8.py's second table. tests/test_ops.py holds the two to
 # agreeing on every call it builds.
 
+_TENSOR, _INT8_DTYPE, _FLOAT32_DTYPE = torch.Tensor, torch.int8, torch.float32  # module globals: one lookup each
+
+
 def _accepted_int8_shape(a, b) -> tuple[int, int] | None:
     """(M, N) when `_check_int8_operands(a, b)` passes and a and b are on the CPU or on one CUDA
     device, else None. (An int8 tensor never requires grad: torch allows it only for floats.)"""
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype is torch.int8
-            and b.dtype is torch.int8):
+    if not (isinstance(a, _TENSOR) and isinstance(b, _TENSOR) and a.dtype is _INT8_DTYPE and b.dtype is _INT8_DTYPE):
         return None
     try:
         (m, k), (k_b, n) = a.shape, b.shape
@@ -70,23 +72,29 @@ def _accepted_int8_shape(a, b) -> tuple[int, int] | None:
 
 
 def _accepts_scaled(a, b, scale_a, scale_b, bias, out_dtype) -> bool:
-    """Whether int8_scaled_gemm's checks (`out` aside) pass for these arguments."""
-    shape = _accepted_int8_shape(a, b)
-    if shape is None or out_dtype not in _FLOAT_DTYPES or not (
-            isinstance(scale_a, torch.Tensor) and isinstance(scale_b, torch.Tensor)
-            and scale_a.dtype is torch.float32 and scale_b.dtype is torch.float32):
+    """Whether int8_scaled_gemm's checks (`out` aside) pass for these arguments: the questions of
+    `_accepted_int8_shape` asked inline (one Python call fewer), the CPU's answer first."""
+    if not (isinstance(a, _TENSOR) and isinstance(b, _TENSOR) and isinstance(scale_a, _TENSOR)
+            and isinstance(scale_b, _TENSOR) and a.dtype is _INT8_DTYPE and b.dtype is _INT8_DTYPE
+            and scale_a.dtype is _FLOAT32_DTYPE and scale_b.dtype is _FLOAT32_DTYPE and out_dtype in _FLOAT_DTYPES):
         return False
-    m, n = shape
-    if scale_a.shape != (m,) or scale_b.shape != (n,) or scale_a.requires_grad or scale_b.requires_grad:
+    try:
+        (m, k), (k_b, n) = a.shape, b.shape
+    except ValueError:  # not 2-D
         return False
-    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.dtype in _FLOAT_DTYPES
+    if (k != k_b or k > MAX_K or scale_a.shape != (m,) or scale_b.shape != (n,)
+            or scale_a.requires_grad or scale_b.requires_grad):
+        return False
+    if bias is not None and not (isinstance(bias, _TENSOR) and bias.dtype in _FLOAT_DTYPES
                                  and bias.shape == (n,) and not bias.requires_grad):
         return False
-    if a.is_cpu:  # so is b (above)
-        return scale_a.is_cpu and scale_b.is_cpu and (bias is None or bias.is_cpu)
-    index = a.get_device()  # a and b are on this CUDA device
-    return (scale_a.is_cuda and scale_a.get_device() == index and scale_b.is_cuda and scale_b.get_device() == index
-            and (bias is None or (bias.is_cuda and bias.get_device() == index)))
+    if a.is_cpu:
+        return b.is_cpu and scale_a.is_cpu and scale_b.is_cpu and (bias is None or bias.is_cpu)
+    if not (a.is_cuda and b.is_cuda):
+        return False
+    index = a.get_device()
+    return (b.get_device() == index and scale_a.is_cuda and scale_a.get_device() == index and scale_b.is_cuda
+            and scale_b.get_device() == index and (bias is None or (bias.is_cuda and bias.get_device() == index)))
 
 
 def _check_int8_gemm(a, b, out) -> None:

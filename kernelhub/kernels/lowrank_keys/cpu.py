@@ -117,12 +117,14 @@ def quantize_channels(keys: torch.Tensor, scale: torch.Tensor, out: torch.Tensor
     return out
 
 
-def _integer_gram(q: torch.Tensor) -> torch.Tensor:
-    """int8 `q [S, HD]` -> `Q^T Q`, exact, its lower block triangle (above it 0): int32 when S fits
-    one product, int64 summed over chunks of tokens otherwise."""
+def _integer_gram(q: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 `q [S, HD]` -> `Q^T Q`, exact, its lower block triangle (above it 0), added into `total`
+    (int32 or int64 `[HD, HD]`) if given, else into a new one: int32 when S fits one product,
+    int64 summed over chunks of tokens otherwise."""
     seq, hd = q.shape
     chunks = [q[start:start + MAX_TOKENS_PER_PRODUCT] for start in range(0, seq, MAX_TOKENS_PER_PRODUCT)]
-    total = torch.zeros(hd, hd, dtype=torch.int32 if len(chunks) == 1 else torch.int64)
+    if total is None:
+        total = torch.zeros(hd, hd, dtype=torch.int32 if len(chunks) == 1 else torch.int64)
     for chunk in chunks:
         for start in range(0, hd, _GRAM_BLOCK):
             stop = min(hd, start + _GRAM_BLOCK)
@@ -150,7 +152,7 @@ def int8_gram(k: torch.Tensor) -> torch.Tensor | None:
     for b in range(batch):
         exact = torch.zeros(hd, hd, dtype=torch.int32 if seq <= MAX_TOKENS_PER_PRODUCT else torch.int64)
         for start, stop in _blocks(seq, chunk):
-            exact += _integer_gram(quantize_channels(k[b, :, start:stop], scale[b], q[:stop - start], scratch))
+            _integer_gram(quantize_channels(k[b, :, start:stop], scale[b], q[:stop - start], scratch), exact)
         gram[b] = exact.to(torch.float64).mul_(unit[b, :, None]).mul_(unit[b, None, :])
     return gram
 
