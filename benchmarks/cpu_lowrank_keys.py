@@ -9,7 +9,9 @@ Keys: B = 1, H_kv = 8, D = 128, float32 `[B, H_kv, S, D]` with a decaying spectr
 (`kernelhub.shadowkv.synthetic`'s keys: ShadowKV's observation that pre-RoPE keys are low rank), rank
 160. `error`: ||K - A B|| / ||K|| of each factorisation over the merged `[S, H_kv * D]` keys; the
 truncated SVD's is the optimum (Eckart-Young). `svd_lowrank` runs with q = rank and niter = 2
-(torch's default), the setting whose cost is comparable. Medians of `--reps` calls (the SVD: one).
+(torch's default), the setting whose cost is comparable. Medians of `--reps` calls, the SVD's too
+(with no warm-up call): a single call of it varied by 1.2x between runs on the Xeon VM, enough to
+move a ratio across 10x.
 
 A second table says where lowrank_keys' time goes and what bounds it: its three steps alone (the
 float32 Gram matrix's lower block triangle, `eigh` of it, the projection `a = K V_r`), the int8
@@ -49,7 +51,7 @@ def run(seq: int, reps: int) -> dict:
         a, basis = ops.lowrank_keys(keys, RANK)
         int8_s = time_cpu(lambda: ops.lowrank_keys(keys, RANK, gram="int8"), reps=reps, warmup=1).median_ms / 1e3
         a_int8, basis_int8 = ops.lowrank_keys(keys, RANK, gram="int8")
-        svd_s = time_cpu(lambda: torch.linalg.svd(merged, full_matrices=False), reps=1, warmup=0).median_ms / 1e3
+        svd_s = time_cpu(lambda: torch.linalg.svd(merged, full_matrices=False), reps=reps, warmup=0).median_ms / 1e3
         u, s, vh = torch.linalg.svd(merged, full_matrices=False)
         randomized_s = time_cpu(lambda: torch.svd_lowrank(merged, q=RANK, niter=2), reps=reps, warmup=1).median_ms / 1e3
         u_r, s_r, v_r = torch.svd_lowrank(merged, q=RANK, niter=2)
