@@ -96,10 +96,10 @@ def test_a_cached_file_that_does_not_load_is_built_anew(fresh_quantizer, monkeyp
 @pytest.mark.parametrize("fault", [
     ("rintf(", "truncf("), ("0x7f800000u", "0x7f800001u"), ("scale < FLT_MIN", "0"),
     ("memset(q, 0, (size_t)k)", "(void)0"),
-    # the channel entries: a max not carried over tokens, no clamp, heads left to no thread
+    # the channel entries: a max not carried over tokens, no clamp; rows and heads left to no thread
     ("largest[c] = bits > largest[c] ? bits : largest[c];", "largest[c] = bits;"),
     ("v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);\n            out[c]", "out[c]"),
-    ("jobs[t].first = heads * t / threads;", "jobs[t].first = heads * (t + 1) / threads;"),
+    ("range->first = count * t / threads;", "range->first = count * (t + 1) / threads;"),
 ])
 def test_a_build_that_differs_from_the_reference_is_refused(fresh_quantizer, monkeypatch, tmp_path, fault):
     """The probe rows catch a rounding that is not half-to-even, Inf rows taken for finite, a

@@ -88,19 +88,57 @@ static void quantise_row(const float *x, int64_t k, int64_t stride_k, void *q, i
     }
 }
 
+/* What each thread of a call does: [first, last) of its rows (or heads). Every job struct below
+ * begins with one. */
 typedef struct {
+    int64_t first, last;
+} span;
+
+#define MAX_THREADS 64
+
+/* Runs `pass` on `count` items split into `threads` spans (the caller's thread, and threads - 1
+ * more). `jobs` is an array of MAX_THREADS job structs of `job_size` bytes, each beginning with a
+ * span; jobs[0] is filled in by the caller and copied to the others. Returns 0, or -1 where a thread
+ * could not be started (then its span is run on the caller's thread: every item is still done). */
+static int run_split(void *(*pass)(void *), void *jobs, size_t job_size, int64_t count, int threads) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > count) threads = (int)count;
+    if (threads < 1) threads = 1;
+    char *job = jobs;
+    pthread_t handles[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    int status = 0;
+    for (int t = 0; t < threads; t++) {
+        if (t > 0) memcpy(job + t * job_size, job, job_size);
+        span *range = (span *)(job + t * job_size);
+        range->first = count * t / threads;
+        range->last = count * (t + 1) / threads;
+    }
+    for (int t = 1; t < threads; t++) {
+        started[t] = pthread_create(&handles[t], NULL, pass, job + t * job_size) == 0;
+        if (!started[t]) status = -1;
+    }
+    pass(job);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(handles[t], NULL);
+        else pass(job + t * job_size);
+    }
+    return status;
+}
+
+typedef struct {
+    span rows;
     const float *x;
     int64_t k, stride_m, stride_k;
     char *q;
     int64_t q_row_bytes;
     int form;
     float *scale;
-    int64_t first, last; /* rows [first, last) */
 } rows_job;
 
 static void *quantise_rows_job(void *argument) {
     const rows_job *job = argument;
-    for (int64_t r = job->first; r < job->last; r++)
+    for (int64_t r = job->rows.first; r < job->rows.last; r++)
         quantise_row(job->x + r * job->stride_m, job->k, job->stride_k, job->q + r * job->q_row_bytes,
                      job->form, job->scale + r);
     return NULL;
@@ -112,27 +150,9 @@ static void *quantise_rows_job(void *argument) {
 int kernelhub_quantize_rows(const float *x, int64_t m, int64_t k, int64_t stride_m, int64_t stride_k,
                             void *q, int form, float *scale, int threads) {
     int64_t element = form == FORM_INT8 || form == FORM_UINT8 ? 1 : (int64_t)sizeof(float);
-    if (threads > 64) threads = 64;
-    if (threads > m) threads = (int)m;
-    if (threads < 1) threads = 1;
-    rows_job jobs[64];
-    pthread_t handles[64];
-    int started[64] = {0};
-    int status = 0;
-    for (int t = 0; t < threads; t++) {
-        jobs[t] = (rows_job){x, k, stride_m, stride_k, q, k * element, form, scale, m * t / threads,
-                             m * (t + 1) / threads};
-    }
-    for (int t = 1; t < threads; t++) {
-        started[t] = pthread_create(&handles[t], NULL, quantise_rows_job, &jobs[t]) == 0;
-        if (!started[t]) status = -1;
-    }
-    quantise_rows_job(&jobs[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(handles[t], NULL);
-        else quantise_rows_job(&jobs[t]);
-    }
-    return status;
+    rows_job jobs[MAX_THREADS];
+    jobs[0] = (rows_job){{0, 0}, x, k, stride_m, stride_k, q, k * element, form, scale};
+    return run_split(quantise_rows_job, jobs, sizeof jobs[0], m, threads);
 }
 
 /* One row x float32 [k] (stride_k) quantised, then multiplied back by its scale, into out [k]
@@ -174,43 +194,18 @@ static inline void absmax_bits_pass(const float *x, int64_t tokens, int64_t chan
 /* One call's heads, split over threads: each thread takes whole heads, so none writes what another
  * reads or writes (a head's channels of q, a head's absmax). */
 typedef struct {
+    span heads;
     const float *x;
     int64_t tokens, channels, stride_h, stride_t, stride_c;
     uint32_t *largest;                 /* the absmax pass */
     const float *scale;                /* the quantise pass */
     int8_t *q;
     int64_t q_stride_t;
-    int64_t first, last;               /* heads [first, last) */
 } heads_job;
-
-static int run_over_heads(void *(*pass)(void *), heads_job job, int64_t heads, int threads) {
-    if (threads > 64) threads = 64;
-    if (threads > heads) threads = (int)heads;
-    if (threads < 1) threads = 1;
-    heads_job jobs[64];
-    pthread_t handles[64];
-    int started[64] = {0};
-    int status = 0;
-    for (int t = 0; t < threads; t++) {
-        jobs[t] = job;
-        jobs[t].first = heads * t / threads;
-        jobs[t].last = heads * (t + 1) / threads;
-    }
-    for (int t = 1; t < threads; t++) {
-        started[t] = pthread_create(&handles[t], NULL, pass, &jobs[t]) == 0;
-        if (!started[t]) status = -1;
-    }
-    pass(&jobs[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(handles[t], NULL);
-        else pass(&jobs[t]);
-    }
-    return status;
-}
 
 static void *absmax_heads(void *argument) {
     const heads_job *j = argument;
-    for (int64_t h = j->first; h < j->last; h++) {
+    for (int64_t h = j->heads.first; h < j->heads.last; h++) {
         if (j->stride_c == 1)
             absmax_bits_pass(j->x + h * j->stride_h, j->tokens, j->channels, j->stride_t, 1, j->largest + h * j->channels);
         else
@@ -227,8 +222,9 @@ static void *absmax_heads(void *argument) {
 int kernelhub_channel_absmax_bits(const float *x, int64_t heads, int64_t tokens, int64_t channels,
                                   int64_t stride_h, int64_t stride_t, int64_t stride_c, uint32_t *largest,
                                   int threads) {
-    heads_job job = {x, tokens, channels, stride_h, stride_t, stride_c, largest, NULL, NULL, 0, 0, 0};
-    return run_over_heads(absmax_heads, job, heads, threads);
+    heads_job jobs[MAX_THREADS];
+    jobs[0] = (heads_job){{0, 0}, x, tokens, channels, stride_h, stride_t, stride_c, largest, NULL, NULL, 0};
+    return run_split(absmax_heads, jobs, sizeof jobs[0], heads, threads);
 }
 
 /* One channel's rule is the rows': q = rint(x / s) clamped to [-127, 127], 0 where s is not > 0 and
@@ -250,7 +246,7 @@ static inline void quantise_pass(const float *x, int64_t tokens, int64_t channel
 
 static void *quantise_heads(void *argument) {
     const heads_job *j = argument;
-    for (int64_t h = j->first; h < j->last; h++) {
+    for (int64_t h = j->heads.first; h < j->heads.last; h++) {
         const float *keys = j->x + h * j->stride_h;
         const float *s = j->scale + h * j->channels;
         int8_t *out = j->q + h * j->channels;
@@ -266,6 +262,7 @@ static void *quantise_heads(void *argument) {
 int kernelhub_quantize_channels(const float *x, int64_t heads, int64_t tokens, int64_t channels,
                                 int64_t stride_h, int64_t stride_t, int64_t stride_c, const float *scale,
                                 int8_t *q, int64_t q_stride_t, int threads) {
-    heads_job job = {x, tokens, channels, stride_h, stride_t, stride_c, NULL, scale, q, q_stride_t, 0, 0};
-    return run_over_heads(quantise_heads, job, heads, threads);
+    heads_job jobs[MAX_THREADS];
+    jobs[0] = (heads_job){{0, 0}, x, tokens, channels, stride_h, stride_t, stride_c, NULL, scale, q, q_stride_t};
+    return run_split(quantise_heads, jobs, sizeof jobs[0], heads, threads);
 }
