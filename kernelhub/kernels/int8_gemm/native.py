@@ -248,6 +248,7 @@ def _channels_agree(found: Quantizer, rows: torch.Tensor, q_ref: torch.Tensor, s
             return False
         padded = torch.full((tokens, heads * channels + 5), 99, dtype=torch.int8)  # 99 is no probe q
         found.channels(x, scale, padded, threads)
-        if not (torch.equal(padded[:, :heads * channels], expected_q) and bool((padded[:, heads * channels:] == 99).all())):
+        written, gap = padded[:, :heads * channels], padded[:, heads * channels:]
+        if not (torch.equal(written, expected_q) and bool((gap == 99).all())):
             return False
     return True

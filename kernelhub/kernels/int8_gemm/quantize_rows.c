@@ -206,11 +206,10 @@ typedef struct {
 static void *absmax_heads(void *argument) {
     const heads_job *j = argument;
     for (int64_t h = j->heads.first; h < j->heads.last; h++) {
-        if (j->stride_c == 1)
-            absmax_bits_pass(j->x + h * j->stride_h, j->tokens, j->channels, j->stride_t, 1, j->largest + h * j->channels);
-        else
-            absmax_bits_pass(j->x + h * j->stride_h, j->tokens, j->channels, j->stride_t, j->stride_c,
-                             j->largest + h * j->channels);
+        const float *keys = j->x + h * j->stride_h;
+        uint32_t *largest = j->largest + h * j->channels;
+        if (j->stride_c == 1) absmax_bits_pass(keys, j->tokens, j->channels, j->stride_t, 1, largest);
+        else absmax_bits_pass(keys, j->tokens, j->channels, j->stride_t, j->stride_c, largest);
     }
     return NULL;
 }
