@@ -1,12 +1,15 @@
 """The CPU quantiser (kernelhub/kernels/int8_gemm/cpu.py): bit-exact with the reference on each of
 its paths (the compiled one, on one thread and on several; numpy for small problems and blocked
 torch above, where it cannot be built), every dtype, layout and special row, in each form it gives
-q in (int8; uint8 holding q + 128; float32 holding q)."""
+q in (int8; uint8 holding q + 128; float32 holding q). And int8_scaled_gemm's CPU epilogue on the
+same paths (compiled, or torch's passes)."""
 
 import pytest
 import torch
 
+import kernelhub.ops as ops
 from conftest import select_cpu_quantiser
+from kernelhub.checking import mismatch_close, poison_
 from kernelhub.kernels.int8_gemm import cpu
 from kernelhub.reference import int8_gemm as ref
 
@@ -152,3 +155,42 @@ def test_an_inexact_int_mm_is_never_called(monkeypatch):
     torch.testing.assert_close(ops.int8_scaled_gemm(a, w.t(), scale_a, scale_b, out_dtype=torch.float32),
                                ref.int8_scaled_gemm(a, w.t(), scale_a, scale_b, out_dtype=torch.float32))
 
+
+
+# -- int8_scaled_gemm's epilogue: compiled (one pass) or torch's passes ----------------------------
+
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (7, 63, 129), (33, 129, 64), (1, 4096, 32), (130, 70, 9)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16], ids=str)
+def test_the_scaled_gemm_epilogue_matches_the_reference(m, n, k, out_dtype, bias_dtype):
+    """Into a new tensor and into poisoned outs of every layout the epilogue treats apart (row-major,
+    padded rows, column-major), from broadcast and strided scales; the same values every time."""
+    gen = torch.Generator().manual_seed(m + n + k)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    scale_a = torch.rand(2 * m, generator=gen)[::2] * 0.01  # strided
+    scale_b = (torch.rand(1, generator=gen) * 0.01).expand(n)  # broadcast
+    bias = None if bias_dtype is None else torch.randn(n, generator=gen).to(bias_dtype)
+    expected = ref.int8_scaled_gemm(a, w.t(), scale_a, scale_b, bias, out_dtype)
+    result = ops.int8_scaled_gemm(a, w.t(), scale_a, scale_b, bias, out_dtype)
+    problem = mismatch_close(result, expected, rtol=2 * torch.finfo(out_dtype).eps, atol_frac=1e-6)
+    assert problem is None, problem
+    for out in (torch.empty(m, n, dtype=out_dtype), torch.empty(m, n + 3, dtype=out_dtype)[:, :n],
+                torch.empty(n, m, dtype=out_dtype).t()):
+        poison_(out)
+        assert ops.int8_scaled_gemm(a, w.t(), scale_a, scale_b, bias, out_dtype, out=out) is out
+        assert torch.equal(out, result)
+
+
+def test_the_scaled_gemm_epilogue_carries_non_finite_scales():
+    """NaN and Inf scales give NaN and Inf where the reference has them (a bfloat16 NaN of any bits)."""
+    a = torch.randint(-128, 128, (3, 8), dtype=torch.int8)
+    a[2] = 0  # 0 * Inf = NaN
+    w = torch.randint(-128, 128, (5, 8), dtype=torch.int8)
+    scale_a = torch.tensor([float("nan"), float("inf"), float("inf")])
+    scale_b = torch.rand(5)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        got = ops.int8_scaled_gemm(a, w.t(), scale_a, scale_b, None, out_dtype).float()
+        expected = ref.int8_scaled_gemm(a, w.t(), scale_a, scale_b, None, out_dtype).float()
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(0.0), expected.nan_to_num(0.0))

@@ -100,11 +100,15 @@ def test_a_cached_file_that_does_not_load_is_built_anew(fresh_quantizer, monkeyp
     ("largest[c] = bits > largest[c] ? bits : largest[c];", "largest[c] = bits;"),
     ("v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);\n            out[c]", "out[c]"),
     ("range->first = count * t / threads;", "range->first = count * (t + 1) / threads;"),
+    # the epilogue: two roundings where torch's addcmul makes one, bfloat16 truncated, not rounded
+    ("fmaf((float)acc[c] * sa, sb[c], bias[c])", "((float)acc[c] * sa) * sb[c] + bias[c]"),
+    ("(bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16", "bits >> 16"),
 ])
 def test_a_build_that_differs_from_the_reference_is_refused(fresh_quantizer, monkeypatch, tmp_path, fault):
     """The probe rows catch a rounding that is not half-to-even, Inf rows taken for finite, a
-    subnormal scale left unclamped, a zero row's int8 q left unwritten, and the same faults of the
-    channel entries: each faulty source builds, and is not used."""
+    subnormal scale left unclamped, a zero row's int8 q left unwritten, the same faults of the
+    channel entries, and an epilogue that rounds otherwise: each faulty source builds, and is not
+    used."""
     source = native.SOURCE.read_text()
     assert fault[0] in source
     faulty = tmp_path / "quantize_rows.c"

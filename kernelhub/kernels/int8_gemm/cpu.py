@@ -87,14 +87,25 @@ def int_mm_cpu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
 
 
 def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
-    """`torch._int_mm`, then the dequantisation as in-place float32 passes over its result.
+    """`torch._int_mm`, then the dequantisation: the compiled epilogue's one pass (native.py) where
+    it is built, else torch's passes (`torch_epilogue`), the same values. See
+    benchmarks/cpu_int8.py for what each costs over bare `_int_mm`."""
+    acc = int_mm_cpu(a, b)  # int32 [M, N]
+    quantizer = native.quantizer()
+    if quantizer is not None:
+        return compiled_epilogue(quantizer, acc, scale_a, scale_b, bias, out_dtype, out)
+    return torch_epilogue(acc, scale_a, scale_b, bias, out_dtype, out)
+
+
+def torch_epilogue(acc, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
+    """int32 `acc [M, N]` (contiguous, overwritten) -> `(acc * scale_a[:, None]) * scale_b + bias` in
+    out_dtype, in in-place float32 torch passes.
 
     torch has no fused int32 -> scaled float op, and its mixed-dtype elementwise kernels are
     about 3x slower than same-dtype ones, so: convert in place (the float32 view of the int32
-    buffer), scale rows, scale columns and add the bias in one `addcmul`, then round once to
-    out_dtype. See benchmarks/cpu_int8.py for what this costs over bare `_int_mm`.
+    buffer), scale rows, scale columns and add the bias in one `addcmul` (a fused multiply-add),
+    then round once to out_dtype.
     """
-    acc = int_mm_cpu(a, b)  # int32 [M, N]
     y = acc.view(torch.float32).copy_(acc)  # same bytes, now float32 values: no new allocation
     y.mul_(scale_a[:, None])
     if bias is None:
@@ -104,6 +115,25 @@ def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.
     if out is not None:
         return out.copy_(y)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def compiled_epilogue(quantizer, acc, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
+    """`torch_epilogue`'s values in one pass of quantize_rows.c: straight into `out` where the C can
+    write it as it lies (float32 or bfloat16, unit column stride), else into float32 in acc's own
+    memory or a new bfloat16 tensor, then rounded to float16 or copied into `out`."""
+    m, n = acc.shape
+    scale_a, scale_b = scale_a.contiguous(), scale_b.contiguous()  # a broadcast scale is read as a copy
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    threads = native_threads(m * n)
+    if out is not None and out.dtype in native.EPILOGUE_CODES and (out.stride(1) == 1 or n == 1):
+        # With one column its stride addresses nothing: the rows are out.stride(0) apart either way.
+        quantizer.dequantize_rows(acc, scale_a, scale_b, bias, out.as_strided((m, n), (out.stride(0), 1)), threads)
+        return out
+    y = torch.empty((m, n), dtype=torch.bfloat16) if out_dtype == torch.bfloat16 else acc.view(torch.float32)
+    quantizer.dequantize_rows(acc, scale_a, scale_b, bias, y, threads)
+    if out is not None:
+        return out.copy_(y)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 # -- quantize_int8 -------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ Per-token quantisation is a few passes of cheap arithmetic, which numpy and torc
 one operation per pass: each reads and writes the whole tensor, and each call of a short one costs
 more than its arithmetic when a model's weights have evicted its code (benchmarks/cpu_cold_calls.py).
 The C file does it in one call, one read of each row from memory, rows split over threads, bit for
-bit as the reference (`quantize_rows.c` says how). `quantizer()` gives it, or None, and then the
-numpy and torch paths of cpu.py run instead, as exact and slower:
+bit as the reference (`quantize_rows.c` says how). The same file holds the per-channel quantisation
+of lowrank_keys' int8 Gram and int8_scaled_gemm's dequantising epilogue. `quantizer()` gives it,
+or None, and then the numpy and torch paths run instead (cpu.py, lowrank_keys/cpu.py), giving the
+same results, slower:
 
 - `KERNELHUB_NATIVE=0` turns it off;
 - no C compiler (`$CC`, else `cc`), a failed build, an unwritable cache, a library that does not
@@ -28,8 +30,10 @@ import platform
 import shlex
 import subprocess
 import tempfile
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kernelhub.reference import int8_gemm as int8_ref
@@ -39,8 +43,11 @@ SOURCE = Path(__file__).with_name("quantize_rows.c")
 # Vectorised, but neither reassociated nor fused (no fast-math, no contraction): IEEE as written.
 _FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
 _NATIVE_FLAGS = ("-march=native",)  # dropped where the compiler does not take it
+_LIBRARIES = ("-lm",)  # fmaf, where the CPU has no fused multiply-add
 # The q forms of quantize_rows.c, by the dtype cpu.py asks for (float32: q itself).
 FORM_CODES = {torch.int8: 0, torch.uint8: 1, torch.float32: 2}
+# The output forms of the epilogue (kernelhub_dequantize_rows).
+EPILOGUE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _BUILD_TIMEOUT_S = 120
 
 _c_int64, _c_ptr = ctypes.c_int64, ctypes.c_void_p
@@ -65,6 +72,10 @@ class Quantizer:
         self._channels = library.kernelhub_quantize_channels
         self._channels.argtypes = [_c_ptr, *[_c_int64] * 6, _c_ptr, _c_ptr, _c_int64, ctypes.c_int]
         self._channels.restype = ctypes.c_int
+        self._epilogue = library.kernelhub_dequantize_rows
+        self._epilogue.argtypes = [_c_ptr, _c_int64, _c_int64, _c_ptr, _c_ptr, _c_ptr, _c_ptr, ctypes.c_int, _c_int64,
+                                   ctypes.c_int]
+        self._epilogue.restype = ctypes.c_int
 
     def rows(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, threads: int) -> None:
         """float32 `x [M, K]` (any strides) -> q `[M, K]` (contiguous, a dtype of FORM_CODES) and
@@ -90,6 +101,17 @@ class Quantizer:
         as the reference's rows are (0 throughout a channel whose scale is not > 0 and finite). The
         heads split over `threads` threads."""
         self._channels(x.data_ptr(), *x.shape, *x.stride(), scale.data_ptr(), q.data_ptr(), q.stride(0), threads)
+
+    def dequantize_rows(self, acc: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                        bias: torch.Tensor | None, out: torch.Tensor, threads: int) -> None:
+        """int32 `acc [M, N]` (contiguous), float32 `scale_a [M]`, `scale_b [N]` and `bias [N]` or None
+        (contiguous) -> `out [M, N]` (float32 or bfloat16, unit column stride; float32 may be acc's own
+        memory): `fma(fl(acc * scale_a[:, None]), scale_b, bias)` in float32, rounded once to out's dtype
+        (quantize_rows.c). The rows split over `threads` threads."""
+        m, n = acc.shape
+        self._epilogue(acc.data_ptr(), m, n, scale_a.data_ptr(), scale_b.data_ptr(),
+                       None if bias is None else bias.data_ptr(), out.data_ptr(), EPILOGUE_CODES[out.dtype],
+                       out.stride(0), threads)
 
 
 def cache_dir() -> Path:
@@ -159,7 +181,7 @@ def _built_library(replace: bool = False) -> Path:
     version = _run_compiler([*compiler, "--version"])
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), version.stdout.encode(),
-                                     " ".join(_FLAGS + _NATIVE_FLAGS).encode(), platform.machine().encode(),
+                                     " ".join(_FLAGS + _NATIVE_FLAGS + _LIBRARIES).encode(), platform.machine().encode(),
                                      _cpu_identity().encode()])).hexdigest()[:24]
     directory = cache_dir()
     target = directory / f"quantize_rows-{key}.so"
@@ -173,7 +195,7 @@ def _built_library(replace: bool = False) -> Path:
         raise _BuildError(f"cannot write the native build cache {directory}: {exc.strerror or exc}") from None
     try:
         for flags in (_FLAGS + _NATIVE_FLAGS, _FLAGS):  # -march=native is not every compiler's
-            built = _run_compiler([*compiler, *flags, "-o", temporary, str(SOURCE)])
+            built = _run_compiler([*compiler, *flags, "-o", temporary, str(SOURCE), *_LIBRARIES])
             if built.returncode == 0:
                 os.replace(temporary, target)
                 return target
@@ -205,12 +227,12 @@ def _probe_rows() -> torch.Tensor:
 
 def _agrees_with_reference(found: Quantizer) -> bool:
     """Whether `found` gives the reference's q and scale on `_probe_rows` in every form, from
-    contiguous and strided rows, on one thread and on several, its token entry its q * s, and its
-    channel entries the same q and scale along the other axis, into poisoned outputs (an element
-    left unwritten fails)."""
+    contiguous and strided rows, on one thread and on several, its token entry its q * s, its
+    channel entries the same q and scale along the other axis, and its epilogue the exactly rounded
+    values, into poisoned outputs (an element left unwritten fails)."""
     rows = _probe_rows()
     q_ref, scale_ref = int8_ref.quantize_int8(rows)
-    if not _channels_agree(found, rows, q_ref, scale_ref):
+    if not (_channels_agree(found, rows, q_ref, scale_ref) and _epilogue_agrees(found)):
         return False
     for x in (rows, rows.t().contiguous().t(), torch.stack([rows, -rows], 2).flatten(1)[:, ::2]):
         for dtype in FORM_CODES:
@@ -250,5 +272,46 @@ def _channels_agree(found: Quantizer, rows: torch.Tensor, q_ref: torch.Tensor, s
         found.channels(x, scale, padded, threads)
         written, gap = padded[:, :heads * channels], padded[:, heads * channels:]
         if not (torch.equal(written, expected_q) and bool((gap == 99).all())):
+            return False
+    return True
+
+
+def _nearest_float32(exact: Fraction) -> float:
+    """The float32 nearest to `exact`, ties to even (finite results only)."""
+    guess = np.float32(float(exact))
+    candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    distance = [abs(Fraction(float(c)) - exact) for c in candidates]
+    best = min(distance)
+    ties = [c for c, d in zip(candidates, distance) if d == best]
+    return float(min(ties, key=lambda c: int(np.array(c).view(np.uint32)) & 1))
+
+
+def _epilogue_agrees(found: Quantizer) -> bool:
+    """The epilogue on a [5, 37] int32 product (int32 extremes, values that float32 rounds, zeros;
+    scales of every sign, a zero one), with a bias and without, against the exactly rounded values
+    (Fractions), as float32 into a padded output and into the product's own memory, and as bfloat16
+    (which rounds the float32 to nearest even, as torch's conversion does); on 1 and 3 threads."""
+    generator = torch.Generator().manual_seed(1)
+    acc = torch.randint(-2**31, 2**31 - 1, (5, 37), dtype=torch.int32, generator=generator)
+    acc[0, :4] = torch.tensor([2**31 - 1, -2**31, 0, 2**24 + 1], dtype=torch.int32)
+    acc[1] = torch.randint(-300, 300, (37,), dtype=torch.int32, generator=generator)
+    scale_a = torch.randn(5, generator=generator).abs() * 1e-6
+    scale_b = torch.randn(37, generator=generator) * 1e-3
+    scale_b[3] = 0.0
+    bias = torch.randn(37, generator=generator)
+    rows = (acc.float() * scale_a[:, None]).tolist()  # fl(float(acc) * scale_a): one rounding in torch
+    for with_bias, threads in ((True, 1), (False, 3)):
+        expected = torch.tensor([[_nearest_float32(Fraction(y) * Fraction(float(scale_b[j]))
+                                                   + (Fraction(float(bias[j])) if with_bias else 0))
+                                  for j, y in enumerate(row)] for row in rows])
+        for dtype in EPILOGUE_CODES:
+            padded = torch.full((5, 40), float("nan"), dtype=dtype)
+            found.dequantize_rows(acc, scale_a, scale_b, bias if with_bias else None, padded, threads)
+            if not (torch.equal(padded[:, :37], expected.to(dtype)) and bool(padded[:, 37:].isnan().all())):
+                return False
+        in_place = acc.clone()
+        found.dequantize_rows(in_place, scale_a, scale_b, bias if with_bias else None, in_place.view(torch.float32),
+                              threads)
+        if not torch.equal(in_place.view(torch.float32), expected):
             return False
     return True

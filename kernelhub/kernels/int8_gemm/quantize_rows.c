@@ -265,3 +265,60 @@ int kernelhub_quantize_channels(const float *x, int64_t heads, int64_t tokens, i
     jobs[0] = (heads_job){{0, 0}, x, tokens, channels, stride_h, stride_t, stride_c, NULL, scale, q, q_stride_t};
     return run_split(quantise_heads, jobs, sizeof jobs[0], heads, threads);
 }
+
+/* The dequantising epilogue of int8_scaled_gemm on the CPU, in one pass over the int32 product,
+ * as torch's passes compute it (cpu.py, `cpu_int8_scaled_gemm`; torch's addcmul is a fused
+ * multiply-add):
+ *
+ *     y[i, j] = fma(fl(float(acc[i, j]) * scale_a[i]), scale_b[j], bias[j])
+ *     y[i, j] = fl(fl(float(acc[i, j]) * scale_a[i]) * scale_b[j])          (no bias)
+ *
+ * in float32 (the int32 rounded to nearest even), stored as float32 or as bfloat16 rounded to
+ * nearest even (NaN as 0x7fc0). acc [m, n] contiguous; out [m, n] with row stride out_stride_m
+ * (elements) and unit column stride, which may be acc's own memory (float32: each element is read
+ * before it is written). Rows are split over `threads` threads. */
+enum { EPILOGUE_FLOAT32 = 0, EPILOGUE_BFLOAT16 = 1 };
+
+typedef struct {
+    span rows;
+    const int32_t *acc;
+    int64_t n;
+    const float *scale_a, *scale_b, *bias;
+    void *out;
+    int64_t out_stride_m;
+    int out_form;
+} epilogue_job;
+
+static inline uint16_t bfloat16_bits(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static void *epilogue_rows(void *argument) {
+    const epilogue_job *j = argument;
+    for (int64_t i = j->rows.first; i < j->rows.last; i++) {
+        const int32_t *acc = j->acc + i * j->n;
+        const float sa = j->scale_a[i];
+        const float *sb = j->scale_b, *bias = j->bias;
+        if (j->out_form == EPILOGUE_FLOAT32) {
+            float *out = (float *)j->out + i * j->out_stride_m;
+            if (bias) for (int64_t c = 0; c < j->n; c++) out[c] = fmaf((float)acc[c] * sa, sb[c], bias[c]);
+            else for (int64_t c = 0; c < j->n; c++) out[c] = ((float)acc[c] * sa) * sb[c];
+        } else {
+            uint16_t *out = (uint16_t *)j->out + i * j->out_stride_m;
+            if (bias) for (int64_t c = 0; c < j->n; c++) out[c] = bfloat16_bits(fmaf((float)acc[c] * sa, sb[c], bias[c]));
+            else for (int64_t c = 0; c < j->n; c++) out[c] = bfloat16_bits(((float)acc[c] * sa) * sb[c]);
+        }
+    }
+    return NULL;
+}
+
+/* Returns as kernelhub_quantize_rows. */
+int kernelhub_dequantize_rows(const int32_t *acc, int64_t m, int64_t n, const float *scale_a, const float *scale_b,
+                              const float *bias, void *out, int out_form, int64_t out_stride_m, int threads) {
+    epilogue_job jobs[MAX_THREADS];
+    jobs[0] = (epilogue_job){{0, 0}, acc, n, scale_a, scale_b, bias, out, out_stride_m, out_form};
+    return run_split(epilogue_rows, jobs, sizeof jobs[0], m, threads);
+}
