@@ -88,11 +88,11 @@ def int_mm_cpu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
 
 def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
     """`torch._int_mm`, then the dequantisation: the compiled epilogue's one pass (native.py) where
-    it is built, else torch's passes (`torch_epilogue`), the same values. See
-    benchmarks/cpu_int8.py for what each costs over bare `_int_mm`."""
+    it is built and fmaf is one instruction, else torch's passes (`torch_epilogue`), the same
+    values. See benchmarks/cpu_int8.py for what each costs over bare `_int_mm`."""
     acc = int_mm_cpu(a, b)  # int32 [M, N]
     quantizer = native.quantizer()
-    if quantizer is not None:
+    if quantizer is not None and quantizer.fast_epilogue:
         return compiled_epilogue(quantizer, acc, scale_a, scale_b, bias, out_dtype, out)
     return torch_epilogue(acc, scale_a, scale_b, bias, out_dtype, out)
 

@@ -76,6 +76,7 @@ class Quantizer:
         self._epilogue.argtypes = [_c_ptr, _c_int64, _c_int64, _c_ptr, _c_ptr, _c_ptr, _c_ptr, ctypes.c_int, _c_int64,
                                    ctypes.c_int]
         self._epilogue.restype = ctypes.c_int
+        self.fast_epilogue = bool(library.kernelhub_fast_fma())  # else torch's passes are faster
 
     def rows(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, threads: int) -> None:
         """float32 `x [M, K]` (any strides) -> q `[M, K]` (contiguous, a dtype of FORM_CODES) and

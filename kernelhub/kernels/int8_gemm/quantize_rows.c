@@ -315,6 +315,16 @@ static void *epilogue_rows(void *argument) {
     return NULL;
 }
 
+/* Whether fmaf is one instruction here (the compiler's __FP_FAST_FMAF): elsewhere it is a libm call
+ * per element, slower than torch's passes, and the caller keeps to those. */
+int kernelhub_fast_fma(void) {
+#ifdef __FP_FAST_FMAF
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Returns as kernelhub_quantize_rows. */
 int kernelhub_dequantize_rows(const int32_t *acc, int64_t m, int64_t n, const float *scale_a, const float *scale_b,
                               const float *bias, void *out, int out_form, int64_t out_stride_m, int threads) {
