@@ -122,6 +122,7 @@ def compiled_epilogue(quantizer, acc, scale_a, scale_b, bias, out_dtype, out) ->
     write it as it lies (float32 or bfloat16, unit column stride), else into float32 in acc's own
     memory or a new bfloat16 tensor, then rounded to float16 or copied into `out`."""
     m, n = acc.shape
+    acc = acc.contiguous()  # as `_int_mm` gives it: a no-op
     scale_a, scale_b = scale_a.contiguous(), scale_b.contiguous()  # a broadcast scale is read as a copy
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     threads = native_threads(m * n)
