@@ -50,14 +50,16 @@ def gemm_rows(ms: Sequence[int], reps: int) -> list[dict]:
                 "fp32": lambda: torch.matmul(x, w_t),
                 "_int_mm": lambda: torch._int_mm(q_x, b),
                 "int8_scaled_gemm": lambda: ops.int8_scaled_gemm(q_x, b, x_scale, w_scale, bias),
-                "torch passes": lambda: torch_epilogue(int_mm_cpu(q_x, b), x_scale, w_scale, bias, torch.bfloat16, None),
+                "torch passes": lambda: torch_epilogue(int_mm_cpu(q_x, b), x_scale, w_scale, bias, torch.bfloat16,
+                                                       None),
             }, reps=reps)
             ms_of = {name: t.median_ms for name, t in summarise_rounds(samples).items()}
             cost = {name: paired_difference_ms(samples, name, "_int_mm") / ms_of["_int_mm"]
                     for name in ("int8_scaled_gemm", "torch passes")}
-            rows.append({"layer": layer, "M": m, "N": n, "K": k, "fp32 ms": ms_of["fp32"], "_int_mm ms": ms_of["_int_mm"],
-                         "int8_scaled_gemm ms": ms_of["int8_scaled_gemm"], "epilogue": cost["int8_scaled_gemm"],
-                         "epilogue, torch passes": cost["torch passes"], "vs fp32": ratio(ms_of["fp32"], ms_of["int8_scaled_gemm"])})
+            rows.append({"layer": layer, "M": m, "N": n, "K": k, "fp32 ms": ms_of["fp32"],
+                         "_int_mm ms": ms_of["_int_mm"], "int8_scaled_gemm ms": ms_of["int8_scaled_gemm"],
+                         "epilogue": cost["int8_scaled_gemm"], "epilogue, torch passes": cost["torch passes"],
+                         "vs fp32": ratio(ms_of["fp32"], ms_of["int8_scaled_gemm"])})
     return rows
 
 
@@ -65,12 +67,15 @@ def overhead_rows(reps: int) -> list[dict]:
     """Per-call microseconds on tiny operands (an [8, 64] @ [64, 8] GEMM, an [8, 64] quantisation),
     where the kernel itself costs almost nothing: each public op over the CPU path it dispatches
     to, that path over bare `torch._int_mm`, the registered torch.library op (which eager calls
-    bypass), and int8_scaled_gemm's argument checks alone, the full ones and the acceptance of a
-    common call at once (what the op runs: kernelhub/kernels/int8_gemm/ops.py)."""
+    bypass), int8_scaled_gemm's layers one inside the other (its implementation over its CPU path,
+    the compile-aware kernel op over the implementation), and its argument checks alone, the full
+    ones and the acceptance of a common call at once (what the op runs:
+    kernelhub/kernels/int8_gemm/ops.py)."""
     a = torch.randint(-128, 128, (8, 64), dtype=torch.int8)
     b = torch.randint(-128, 128, (8, 64), dtype=torch.int8).t()
     scale_a, scale_b, x = torch.rand(8), torch.rand(8), torch.randn(8, 64)
     scaled_args = (a, b, scale_a, scale_b, None, torch.float32)
+    scaled_impl = int8_ops._int8_scaled_gemm.impl
     calls = 1000
     # (path, what the row's `added us` is over, the call)
     paths = [
@@ -82,6 +87,12 @@ def overhead_rows(reps: int) -> list[dict]:
         ("cpu_int8_scaled_gemm (its CPU path)", None, lambda: cpu_int8_scaled_gemm(*scaled_args, None)),
         ("kernelhub.ops.int8_scaled_gemm", "cpu_int8_scaled_gemm (its CPU path)",
          lambda: ops.int8_scaled_gemm(*scaled_args)),
+        # where int8_scaled_gemm's part goes: the implementation (backend choice, then the CPU path), the
+        # compile-aware kernel op around it, and the public op (acceptance) around that
+        ("int8_scaled_gemm's implementation", "cpu_int8_scaled_gemm (its CPU path)",
+         lambda: scaled_impl(*scaled_args, None)),
+        ("int8_scaled_gemm's kernel op", "int8_scaled_gemm's implementation",
+         lambda: int8_ops._int8_scaled_gemm(*scaled_args, None)),
         ("int8_scaled_gemm's full checks alone", None, lambda: int8_ops._check_int8_scaled_gemm(*scaled_args, None)),
         ("int8_scaled_gemm's acceptance alone", None, lambda: int8_ops._accepts_scaled(*scaled_args)),
         ("quantize_int8_cpu (its CPU path)", None, lambda: quantize_int8_cpu(x)),

@@ -10,13 +10,15 @@ Keys: B = 1, H_kv = 8, D = 128, float32 `[B, H_kv, S, D]` with a decaying spectr
 160. `error`: ||K - A B|| / ||K|| of each factorisation over the merged `[S, H_kv * D]` keys; the
 truncated SVD's is the optimum (Eckart-Young). `svd_lowrank` runs with q = rank and niter = 2
 (torch's default), the setting whose cost is comparable. Medians of `--reps` calls, the SVD's too
-(with no warm-up call): a single call of it varied by 1.2x between runs on the Xeon VM, enough to
+(with no warm-up call): a single call of it varied by 1.3x between runs on the Xeon VM, enough to
 move a ratio across 10x.
 
 A second table says where lowrank_keys' time goes and what bounds it: its three steps alone (the
-float32 Gram matrix's lower block triangle, `eigh` of it, the projection `a = K V_r`), the int8
-method's own steps (the per-channel quantisation: the scales, then each chunk of tokens into one
-buffer; the int32 Gram of the chunks; the projection from the unmerged keys), the full
+float32 Gram matrix's lower block triangle, `eigh` of it and `eigvalsh` alone (its tridiagonal
+reduction: what a solver for the top eigenvectors only would still pay), the projection
+`a = K V_r`), the int8 method's own steps (the per-channel quantisation: the scales, then each
+chunk of tokens into one buffer; the int32 Gram of the chunks, and the full int32 `Q^T Q` in one
+product for its rate; the projection from the unmerged keys), the full
 `K^T K` product with float32 and with bfloat16 inputs (torch's CPU GEMM; bfloat16 pays only where the
 CPU has AMX or AVX512-BF16 kernels that are faster than its float32 ones), and the error of the
 factorisation from bfloat16 keys two ways: the Gram matrix accumulated and kept in float32 (what a
@@ -29,6 +31,7 @@ from __future__ import annotations
 import torch
 
 import kernelhub.ops as ops
+from kernelhub.kernels.int8_gemm.cpu import int_mm_cpu
 from kernelhub.kernels.lowrank_keys import cpu as lowrank_cpu
 from kernelhub.kernels.lowrank_keys.ops import _basis_from_gram, _merged_gram
 from kernelhub.reference.lowrank_keys import merge_heads
@@ -87,10 +90,12 @@ def breakdown(seq: int, reps: int) -> dict:
         quantise(quantized)
         row = {"S": seq, "Gram (lower triangle) s": seconds(lambda: _merged_gram(merged)),
                "eigh s": seconds(lambda: torch.linalg.eigh(gram)),
+               "eigvalsh s": seconds(lambda: torch.linalg.eigvalsh(gram)),
                "projection s": seconds(lambda: merged @ basis.transpose(1, 2)),
                "int8: quantisation s": seconds(quantise),
                "int8: Gram s": seconds(lambda: [lowrank_cpu._integer_gram(quantized[start:start + chunk])
                                                 for start in range(0, seq, chunk)]),
+               "int8: full Q^T Q s": seconds(lambda: int_mm_cpu(quantized.t(), quantized)),
                "int8: projection s": seconds(lambda: lowrank_cpu.project_heads(keys, basis)),
                "full K^T K float32 s": seconds(lambda: merged.transpose(1, 2) @ merged),
                "full K^T K bfloat16 s": seconds(lambda: rounded.transpose(1, 2) @ rounded)}

@@ -156,7 +156,6 @@ def test_an_inexact_int_mm_is_never_called(monkeypatch):
                                ref.int8_scaled_gemm(a, w.t(), scale_a, scale_b, out_dtype=torch.float32))
 
 
-
 # -- int8_scaled_gemm's epilogue: compiled (one pass) or torch's passes ----------------------------
 
 @pytest.mark.parametrize("m, n, k", [(1, 1, 1), (7, 63, 129), (33, 129, 64), (1, 4096, 32), (130, 70, 9)])

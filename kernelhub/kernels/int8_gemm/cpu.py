@@ -165,8 +165,8 @@ _THREADED_MIN_ELEMENTS = 1 << 23
 
 
 def native_threads(elements: int) -> int:
-    """The threads a compiled quantiser call over `elements` floats runs on: torch's number from
-    _THREADED_MIN_ELEMENTS on, else 1."""
+    """The threads a call of the compiled library over `elements` elements runs on (its rows, heads
+    or epilogue rows split among them): torch's number from _THREADED_MIN_ELEMENTS on, else 1."""
     return torch.get_num_threads() if elements >= _THREADED_MIN_ELEMENTS else 1
 
 

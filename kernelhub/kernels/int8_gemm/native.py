@@ -181,9 +181,9 @@ def _built_library(replace: bool = False) -> Path:
     compiler = _compiler()
     version = _run_compiler([*compiler, "--version"])
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), version.stdout.encode(),
-                                     " ".join(_FLAGS + _NATIVE_FLAGS + _LIBRARIES).encode(), platform.machine().encode(),
-                                     _cpu_identity().encode()])).hexdigest()[:24]
+    flags = " ".join(_FLAGS + _NATIVE_FLAGS + _LIBRARIES)
+    key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), version.stdout.encode(), flags.encode(),
+                                     platform.machine().encode(), _cpu_identity().encode()])).hexdigest()[:24]
     directory = cache_dir()
     target = directory / f"quantize_rows-{key}.so"
     if target.is_file() and not replace:

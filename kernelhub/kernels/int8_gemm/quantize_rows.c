@@ -8,8 +8,10 @@
  *
  * in one read of each row from memory: the absmax pass brings the row into the cache, the second
  * pass reads it there. `kernelhub_quantize_channels` is the same quantisation along the other axis,
- * one scale per column (lowrank_keys' per-channel keys). Built without fast-math and with
- * floating-point contraction off, so the compiler may vectorise but not reassociate or fuse.
+ * one scale per column (lowrank_keys' per-channel keys), and `kernelhub_dequantize_rows` is
+ * int8_scaled_gemm's epilogue (its int32 product scaled back to float). Built without fast-math and
+ * with floating-point contraction off, so the compiler may vectorise but not reassociate or fuse
+ * (the epilogue's one fused multiply-add is an explicit fmaf).
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -304,12 +306,16 @@ static void *epilogue_rows(void *argument) {
         const float *sb = j->scale_b, *bias = j->bias;
         if (j->out_form == EPILOGUE_FLOAT32) {
             float *out = (float *)j->out + i * j->out_stride_m;
-            if (bias) for (int64_t c = 0; c < j->n; c++) out[c] = fmaf((float)acc[c] * sa, sb[c], bias[c]);
-            else for (int64_t c = 0; c < j->n; c++) out[c] = ((float)acc[c] * sa) * sb[c];
+            if (bias)
+                for (int64_t c = 0; c < j->n; c++) out[c] = fmaf((float)acc[c] * sa, sb[c], bias[c]);
+            else
+                for (int64_t c = 0; c < j->n; c++) out[c] = ((float)acc[c] * sa) * sb[c];
         } else {
             uint16_t *out = (uint16_t *)j->out + i * j->out_stride_m;
-            if (bias) for (int64_t c = 0; c < j->n; c++) out[c] = bfloat16_bits(fmaf((float)acc[c] * sa, sb[c], bias[c]));
-            else for (int64_t c = 0; c < j->n; c++) out[c] = bfloat16_bits(((float)acc[c] * sa) * sb[c]);
+            if (bias)
+                for (int64_t c = 0; c < j->n; c++) out[c] = bfloat16_bits(fmaf((float)acc[c] * sa, sb[c], bias[c]));
+            else
+                for (int64_t c = 0; c < j->n; c++) out[c] = bfloat16_bits(((float)acc[c] * sa) * sb[c]);
         }
     }
     return NULL;
@@ -326,8 +332,9 @@ int kernelhub_fast_fma(void) {
 }
 
 /* Returns as kernelhub_quantize_rows. */
-int kernelhub_dequantize_rows(const int32_t *acc, int64_t m, int64_t n, const float *scale_a, const float *scale_b,
-                              const float *bias, void *out, int out_form, int64_t out_stride_m, int threads) {
+int kernelhub_dequantize_rows(const int32_t *acc, int64_t m, int64_t n, const float *scale_a,
+                              const float *scale_b, const float *bias, void *out, int out_form, int64_t out_stride_m,
+                              int threads) {
     epilogue_job jobs[MAX_THREADS];
     jobs[0] = (epilogue_job){{0, 0}, acc, n, scale_a, scale_b, bias, out, out_stride_m, out_form};
     return run_split(epilogue_rows, jobs, sizeof jobs[0], m, threads);

@@ -8,7 +8,7 @@ and a float32 projection of the keys themselves.
 
 Why: without AMX a float32 Gram runs at the core's float32 FMA rate, which bounds the float32
 method; the int8 product of the same shape ran 3 to 4 times faster on this project's AVX512-VNNI
-VMs (0.055 s against 0.17 s at S = 32K on the Xeon, benchmarks/results/cpu_lowrank_keys.md). Only
+VMs (0.06 s against 0.18 s at S = 32K on the Xeon, benchmarks/results/cpu_lowrank_keys.md). Only
 the basis sees the quantisation (a is projected from the exact keys), and what it perturbs is how
 the directions near the rank cut mix: on the benchmark's keys the error grows by about 0.1% of
 itself from S = 2K on. (With no more tokens than H_kv * D the op computes the float32 Gram instead: ops.py.)
