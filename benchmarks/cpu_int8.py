@@ -14,7 +14,9 @@ int8_scaled_gemm time. A second table gives the per-call cost of the Python laye
 torch.library registration on tiny shapes, where the kernel itself costs almost nothing: each op
 over the CPU path it dispatches to (`added us`, `over`), and int8_scaled_gemm's argument checks
 alone: interleaved rounds of 1000 calls, each path's 20th percentile, and what it adds as the
-median over rounds of the difference within a round.
+median over rounds of the difference within a round. A third table times the compiled library's
+calls (the quantiser, the epilogue after its `_int_mm`) on one thread, on threads each call starts,
+and on a team of torch's OpenMP workers (what it runs on where torch's runtime gives one).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Sequence
 import torch
 
 import kernelhub.ops as ops
+from kernelhub.kernels.int8_gemm import native
 from kernelhub.kernels.int8_gemm import ops as int8_ops
 from kernelhub.kernels.int8_gemm.cpu import cpu_int8_scaled_gemm, int_mm_cpu, quantize_int8_cpu, torch_epilogue
 from kernelhub.kernels.int8_gemm.space import LLAMA3_8B
@@ -115,6 +118,45 @@ def overhead_rows(reps: int) -> list[dict]:
             for name, over, _ in paths]
 
 
+def thread_rows(reps: int) -> list[dict]:
+    """The compiled library's calls on each source of threads (kernelhub/kernels/int8_gemm/native.py):
+    one thread, torch's number of threads started by the call, and a team of torch's own OpenMP
+    workers; quantisations of [M, 4096] float32 rows, and epilogues right after the `_int_mm` whose
+    product they read (the whole pair timed), in interleaved rounds, medians."""
+    quantizer = native.quantizer()
+    entries = native.openmp_entries()
+    if quantizer is None or entries is None:
+        return []
+    threads = torch.get_num_threads()
+    sources = {"one thread": (None, 1), "threads started": (None, threads), "team": (entries, threads)}
+    cases = []
+    for m in (8, 64, 512, 2048):
+        x = torch.randn(m, 4096)
+        q, scale = torch.empty(m, 4096, dtype=torch.int8), torch.empty(m)
+        cases.append((f"quantize_int8 [{m}, 4096]", lambda split, x=x, q=q, scale=scale: quantizer.rows(x, q, scale, split)))
+    for m, n, k in ((128, 6144, 4096), (512, 4096, 4096)):
+        a, b = torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.randint(-127, 128, (n, k), dtype=torch.int8).t()
+        scale_a, scale_b, bias = torch.rand(m), torch.rand(n), torch.randn(n)
+
+        def epilogue(split, a=a, b=b, scale_a=scale_a, scale_b=scale_b, bias=bias, shape=(m, n)):
+            out = torch.empty(shape, dtype=torch.bfloat16)
+            quantizer.dequantize_rows(torch._int_mm(a, b), scale_a, scale_b, bias, out, split)
+        cases.append((f"_int_mm + epilogue [{m}, {k}] @ [{k}, {n}]", epilogue))
+    rows = []
+    try:
+        for name, call in cases:
+            def on(source, call=call):
+                given, split = sources[source]
+                return lambda: (quantizer.use_team_threads(given), call(split))
+            samples = time_cpu_rounds({source: on(source) for source in sources}, reps=max(reps, 40))
+            ms_of = {source: t.median_ms for source, t in summarise_rounds(samples).items()}
+            rows.append({"call": name, **{f"{source} ms": ms_of[source] for source in sources},
+                         "team vs one thread": ratio(ms_of["one thread"], ms_of["team"])})
+    finally:
+        quantizer.use_team_threads(entries)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = BenchmarkParser(__file__, __doc__, reps=15, quick={"ms": [16], "reps": 3})
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 16, 128, 512])
@@ -128,7 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "fp32 ms": ms, "_int_mm ms": ms, "int8_scaled_gemm ms": ms})
     overhead = markdown_table(overhead_rows(args.reps), ["path", "us per call", "added us", "over"],
                               {"us per call": ms, "added us": ms})
-    publish(f"{gemm}\n\n{overhead}", args)
+    threads = markdown_table(thread_rows(args.reps),
+                             ["call", "one thread ms", "threads started ms", "team ms", "team vs one thread"],
+                             {"one thread ms": fixed(4), "threads started ms": fixed(4), "team ms": fixed(4),
+                              "team vs one thread": times})
+    publish(f"{gemm}\n\n{overhead}\n\n{threads}", args)
     return 0
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures. Every test runs against a private config database, never the user's cache."""
 
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
@@ -36,11 +37,42 @@ def select_cpu_quantiser(path: str, monkeypatch) -> None:
         monkeypatch.setattr(native, "quantizer", lambda: None)
 
 
-@pytest.fixture(params=["compiled", "numpy-torch"])
+@contextlib.contextmanager
+def threads_split(source: str, monkeypatch):
+    """The compiled quantiser (which must be there) with every call split over three threads (more
+    than cores, and than rows at M = 1): `source` "team", a team of torch's OpenMP workers (skipped
+    where torch's runtime exports none), or "started", threads each call starts."""
+    import torch
+
+    from kernelhub.kernels.int8_gemm import cpu, native
+
+    quantizer = native.quantizer()
+    entries = native.openmp_entries() if source == "team" else None
+    if source == "team" and entries is None:
+        pytest.skip("torch's parallel backend here is not an OpenMP runtime that exports its entries")
+    monkeypatch.setattr(cpu, "_TEAM_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(cpu, "_THREADED_MIN_ELEMENTS", 1)
+    previous = (torch.get_num_threads(), native.openmp_entries() if quantizer.team_threads else None)
+    quantizer.use_team_threads(entries)
+    torch.set_num_threads(3)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous[0])
+        quantizer.use_team_threads(previous[1])
+
+
+@pytest.fixture(params=["compiled", "compiled-team", "compiled-started-threads", "numpy-torch"])
 def cpu_quantiser(request, monkeypatch):
-    """Each CPU quantiser of the int8 family in turn (`select_cpu_quantiser`)."""
-    select_cpu_quantiser(request.param, monkeypatch)
-    return request.param
+    """Each CPU quantiser of the int8 family in turn (`select_cpu_quantiser`), the compiled one also
+    with every call split over threads, of both sources (`threads_split`)."""
+    path = request.param
+    select_cpu_quantiser("numpy-torch" if path == "numpy-torch" else "compiled", monkeypatch)
+    if path in ("compiled", "numpy-torch"):
+        yield path
+    else:
+        with threads_split("team" if path == "compiled-team" else "started", monkeypatch):
+            yield path
 
 
 # A throwaway PostgreSQL server (or KERNELHUB_TEST_POSTGRES) and a fresh database on it per test.

@@ -8,32 +8,23 @@ import pytest
 import torch
 
 import kernelhub.ops as ops
-from conftest import select_cpu_quantiser
 from kernelhub.checking import mismatch_close, poison_
 from kernelhub.kernels.int8_gemm import cpu
 from kernelhub.reference import int8_gemm as ref
 
 # (M, K) on either side of each limit of the numpy and torch path (numpy up to 8 x 4096 elements,
 # one pass up to 32 x 4096, blocks of rows above), one block and several, the last block of rows
-# partial. The compiled quantiser splits rows over threads from a size these stay below:
-# `quantiser_path` runs every test on it with the split forced too.
+# partial. The compiled quantiser splits rows over threads from cpu._TEAM_MIN_ELEMENTS (a team of
+# torch's workers) or cpu._THREADED_MIN_ELEMENTS (threads of its own): `quantiser_path` runs every
+# test on it with the split forced too, from both sources of threads.
 SHAPES = [(1, 1), (1, 4096), (7, 129), (8, 4096), (9, 4096), (16, 4096), (32, 4096), (33, 4096), (129, 1000),
           (300, 4097), (3, 70001), (4, 4096), (5, 4096)]
 
 
-@pytest.fixture(autouse=True, params=["compiled", "compiled-threads", "numpy-torch"])
-def quantiser_path(request, monkeypatch):
-    """Each quantiser path; the compiled one also with its rows split over threads whatever their
-    number (three here: more threads than cores, and than rows at M = 1)."""
-    select_cpu_quantiser(request.param.removesuffix("-threads"), monkeypatch)
-    if request.param.endswith("-threads"):
-        monkeypatch.setattr(cpu, "_THREADED_MIN_ELEMENTS", 1)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(3)
-        yield request.param
-        torch.set_num_threads(previous)
-    else:
-        yield request.param
+@pytest.fixture(autouse=True)
+def quantiser_path(cpu_quantiser):
+    """Every test on each quantiser path (conftest's `cpu_quantiser`)."""
+    return cpu_quantiser
 
 
 def test_the_shapes_straddle_each_limit():

@@ -3,6 +3,7 @@ is at hand, and where it cannot be had (turned off, no compiler, a failed build,
 cache, a cached file that does not load, a build that differs from the reference) a reason, no
 exception, and the numpy and torch paths giving the same q and scale."""
 
+import ctypes
 import os
 import shlex
 import shutil
@@ -45,6 +46,23 @@ def test_it_is_built_where_a_compiler_is_at_hand(fresh_quantizer, tmp_path, monk
     built = list((tmp_path / "cache" / "kernelhub" / "native").iterdir())
     assert [path.suffix for path in built] == [".so"]  # the library alone: no temporary left
     _falls_back_exactly()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler (cc)")
+def test_its_threads_are_a_team_of_torchs_openmp_workers_where_torch_runs_on_openmp(fresh_quantizer):
+    """Where torch's parallel backend is OpenMP and the process exports its entries (torch's wheels
+    on Linux), every split call runs on a team of that runtime; its entries are the process's
+    GOMP_parallel, omp_get_thread_num and omp_get_num_threads."""
+    entries = native.openmp_entries()
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        assert entries is None
+    quantizer = fresh_quantizer()
+    assert quantizer is not None, native.unavailable_reason()
+    assert quantizer.team_threads == (entries is not None)
+    if entries is not None:
+        process = ctypes.CDLL(None)
+        names = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+        assert entries == tuple(ctypes.cast(getattr(process, name), ctypes.c_void_p).value for name in names)
 
 
 def test_kernelhub_native_0_turns_it_off(fresh_quantizer, monkeypatch):
@@ -103,6 +121,9 @@ def test_a_cached_file_that_does_not_load_is_built_anew(fresh_quantizer, monkeyp
     # the epilogue: two roundings where torch's addcmul makes one, bfloat16 truncated, not rounded
     ("fmaf((float)acc[c] * sa, sb[c], bias[c])", "((float)acc[c] * sa) * sb[c] + bias[c]"),
     ("(bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16", "bits >> 16"),
+    # a team of torch's workers that leaves each member's first job undone
+    pytest.param(("for (int s = member;", "for (int s = member + size;"),
+                 marks=pytest.mark.skipif(native.openmp_entries() is None, reason="no OpenMP runtime's entries")),
 ])
 def test_a_build_that_differs_from_the_reference_is_refused(fresh_quantizer, monkeypatch, tmp_path, fault):
     """The probe rows catch a rounding that is not half-to-even, Inf rows taken for finite, a

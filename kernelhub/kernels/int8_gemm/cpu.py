@@ -125,7 +125,7 @@ def compiled_epilogue(quantizer, acc, scale_a, scale_b, bias, out_dtype, out) ->
     acc = acc.contiguous()  # as `_int_mm` gives it: a no-op
     scale_a, scale_b = scale_a.contiguous(), scale_b.contiguous()  # a broadcast scale is read as a copy
     bias = None if bias is None else bias.to(torch.float32).contiguous()
-    threads = native_threads(m * n)
+    threads = native_threads(quantizer, m * n)
     if out is not None and out.dtype in native.EPILOGUE_CODES and (out.stride(1) == 1 or n == 1):
         # With one column its stride addresses nothing: the rows are out.stride(0) apart either way.
         quantizer.dequantize_rows(acc, scale_a, scale_b, bias, out.as_strided((m, n), (out.stride(0), 1)), threads)
@@ -157,17 +157,22 @@ def compiled_epilogue(quantizer, acc, scale_a, scale_b, bias, out_dtype, out) ->
 # to at most 127. Only a subnormal scale (its quotients reach 191, see quantize.py), a zero scale
 # (0 / 0) or a non-finite one needs the reference's clamp and NaN handling.
 
-# From here the compiled quantiser splits the rows over torch's threads: on the 2-core VM one thread
-# took 1.12x / 1.18x the time at [2048, 4096] / [3000, 4096] (benchmarks/cpu_w8a8.py, its `1 thread`
-# column). Each call starts its threads, which contend with torch's spinning OpenMP workers; a lower
-# limit was chosen against in unrecorded runs (no faster at [512, 4096] to [1536, 4096]).
+# From how many elements a call of the compiled library splits its work over torch's number of
+# threads. On a team of torch's own OpenMP workers (native.py, `Quantizer.team_threads`): from
+# torch's own grain (at::internal::GRAIN_SIZE, from where its elementwise ops go parallel), as the
+# workers are awake after the op before; threads started by each call cost their start and contend
+# with those spinning workers, so from 8M elements only. What each costs on the 2-core VM:
+# benchmarks/cpu_int8.py's third table (the team was faster than one thread from [8, 4096] on).
+_TEAM_MIN_ELEMENTS = 1 << 15
 _THREADED_MIN_ELEMENTS = 1 << 23
 
 
-def native_threads(elements: int) -> int:
-    """The threads a call of the compiled library over `elements` elements runs on (its rows, heads
-    or epilogue rows split among them): torch's number from _THREADED_MIN_ELEMENTS on, else 1."""
-    return torch.get_num_threads() if elements >= _THREADED_MIN_ELEMENTS else 1
+def native_threads(quantizer: native.Quantizer, elements: int) -> int:
+    """The threads `quantizer`'s call over `elements` elements runs on (its rows, heads or epilogue
+    rows split among them): torch's number from _TEAM_MIN_ELEMENTS or _THREADED_MIN_ELEMENTS on
+    (a team of torch's workers, or threads of the call's own), else 1."""
+    least = _TEAM_MIN_ELEMENTS if quantizer.team_threads else _THREADED_MIN_ELEMENTS
+    return torch.get_num_threads() if elements >= least else 1
 
 
 _BLOCK_ELEMENTS = 1 << 20  # float32 quotients per block: 4 MiB
@@ -302,7 +307,7 @@ def quantize_int8_cpu(x: torch.Tensor, form: torch.dtype = torch.int8) -> tuple[
     quantizer = native.quantizer()
     if quantizer is not None:
         q, scale = torch.empty((m, k), dtype=form), torch.empty(m, dtype=torch.float32)
-        quantizer.rows(x if x.dtype == torch.float32 else x.to(torch.float32), q, scale, native_threads(m * k))
+        quantizer.rows(x if x.dtype == torch.float32 else x.to(torch.float32), q, scale, native_threads(quantizer, m * k))
         return q, scale
     if m * k <= _NUMPY_MAX_ELEMENTS:
         return _quantize_numpy(x, form)

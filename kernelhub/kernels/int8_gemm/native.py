@@ -77,6 +77,16 @@ class Quantizer:
                                    ctypes.c_int]
         self._epilogue.restype = ctypes.c_int
         self.fast_epilogue = bool(library.kernelhub_fast_fma())  # else torch's passes are faster
+        self._use_openmp = library.kernelhub_use_openmp
+        self._use_openmp.argtypes = [_c_ptr, _c_ptr, _c_ptr]
+        self._use_openmp.restype = ctypes.c_int
+        self.team_threads = False
+
+    def use_team_threads(self, entries: tuple[int, int, int] | None) -> None:
+        """Run every entry's threads as a team of the OpenMP runtime whose `openmp_entries()` these
+        are (None: threads started by each call). Not while another call of this library runs."""
+        self._use_openmp(*(entries or (None, None, None)))
+        self.team_threads = entries is not None
 
     def rows(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, threads: int) -> None:
         """float32 `x [M, K]` (any strides) -> q `[M, K]` (contiguous, a dtype of FORM_CODES) and
@@ -115,6 +125,20 @@ class Quantizer:
                        out.stride(0), threads)
 
 
+def openmp_entries() -> tuple[int, int, int] | None:
+    """Addresses of `GOMP_parallel`, `omp_get_thread_num` and `omp_get_num_threads` of the OpenMP
+    runtime torch's CPU ops run on (its wheel's libgomp, which it loads so that the process exports
+    these), or None where torch's parallel backend is not OpenMP or they are not exported."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        process = ctypes.CDLL(None)
+        return tuple(ctypes.cast(getattr(process, name), ctypes.c_void_p).value
+                     for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"))
+    except (OSError, TypeError, AttributeError):  # no process handle here, or a symbol not exported
+        return None
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
     return Path(base) / "kernelhub" / "native"
@@ -139,6 +163,7 @@ def quantizer() -> Quantizer | None:
         except OSError:  # a cached file that does not load (truncated, of another machine): built anew
             library = ctypes.CDLL(str(_built_library(replace=True)))
         found = Quantizer(library)
+        found.use_team_threads(openmp_entries())  # before the probe, which runs on the threads used after
     except (OSError, subprocess.SubprocessError, AttributeError, _BuildError) as exc:
         _reason = str(exc) or type(exc).__name__
         return None

@@ -98,10 +98,45 @@ typedef struct {
 
 #define MAX_THREADS 64
 
-/* Runs `pass` on `count` items split into `threads` spans (the caller's thread, and threads - 1
- * more). `jobs` is an array of MAX_THREADS job structs of `job_size` bytes, each beginning with a
- * span; jobs[0] is filled in by the caller and copied to the others. Returns 0, or -1 where a thread
- * could not be started (then its span is run on the caller's thread: every item is still done). */
+/* Where the threads come from. With an OpenMP runtime's entry points handed over (kernelhub_use_openmp:
+ * native.py gives torch's own libgomp), a call's spans run on a team of that runtime: the workers
+ * that ran torch's op just before (the GEMM whose product the epilogue reads) are still spinning,
+ * take the work at once, and no second set of threads competes with them for the cores. Without,
+ * each call starts threads of its own. */
+typedef void (*team_entry)(void (*)(void *), void *, unsigned, unsigned); /* GOMP_parallel's ABI */
+static team_entry run_team;
+static int (*team_member)(void), (*team_size)(void); /* omp_get_thread_num, omp_get_num_threads */
+
+/* Hands over (or, with NULLs, takes back) the runtime: GOMP_parallel, omp_get_thread_num and
+ * omp_get_num_threads. Call it before any other entry, never while one runs. Returns 0. */
+int kernelhub_use_openmp(void *parallel, void *thread_num, void *num_threads) {
+    int given = parallel && thread_num && num_threads;
+    run_team = given ? (team_entry)parallel : NULL;
+    team_member = given ? (int (*)(void))thread_num : NULL;
+    team_size = given ? (int (*)(void))num_threads : NULL;
+    return 0;
+}
+
+typedef struct {
+    void *(*pass)(void *);
+    char *jobs;
+    size_t job_size;
+    int count;
+} team_work;
+
+/* One team member's share: job s for every s = member (mod team size), so that every job runs
+ * even where the runtime gives a smaller team than asked for. */
+static void team_share(void *argument) {
+    const team_work *work = argument;
+    int size = team_size(), member = team_member();
+    for (int s = member; s < work->count; s += size) work->pass(work->jobs + s * work->job_size);
+}
+
+/* Runs `pass` on `count` items split into `threads` spans: on a team of the handed-over runtime, or
+ * on the caller's thread and threads - 1 started for the call. `jobs` is an array of MAX_THREADS
+ * job structs of `job_size` bytes, each beginning with a span; jobs[0] is filled in by the caller
+ * and copied to the others. Returns 0, or -1 where a thread could not be started (then its span is
+ * run on the caller's thread: every item is still done). */
 static int run_split(void *(*pass)(void *), void *jobs, size_t job_size, int64_t count, int threads) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > count) threads = (int)count;
@@ -115,6 +150,11 @@ static int run_split(void *(*pass)(void *), void *jobs, size_t job_size, int64_t
         span *range = (span *)(job + t * job_size);
         range->first = count * t / threads;
         range->last = count * (t + 1) / threads;
+    }
+    if (run_team && threads > 1) {
+        team_work work = {pass, job, job_size, threads};
+        run_team(team_share, &work, (unsigned)threads, 0);
+        return 0;
     }
     for (int t = 1; t < threads; t++) {
         started[t] = pthread_create(&handles[t], NULL, pass, job + t * job_size) == 0;

@@ -76,7 +76,7 @@ def channel_scales(k: torch.Tensor) -> torch.Tensor:
         for b in range(batch):
             for start, stop in _blocks(seq, chunk):
                 keys = _as_float32(k[b, :, start:stop], scratch)
-                quantizer.channel_absmax_bits(keys, largest[b], native_threads(keys.numel()))
+                quantizer.channel_absmax_bits(keys, largest[b], native_threads(quantizer, keys.numel()))
         return _divided_by_127(largest.view(torch.float32).view(batch, heads, head_dim))
     absmax = torch.zeros(batch, heads, head_dim, dtype=torch.float32)
     scratch = torch.empty(min(seq, _TOKENS_PER_BLOCK), head_dim, dtype=torch.float32)
@@ -103,7 +103,7 @@ def quantize_channels(keys: torch.Tensor, scale: torch.Tensor, out: torch.Tensor
         if keys.dtype != torch.float32:
             scratch = scratch if scratch is not None else torch.empty(heads, tokens, head_dim)
             keys = _as_float32(keys, scratch)
-        quantizer.channels(keys, scale.reshape(heads * head_dim), out, native_threads(keys.numel()))
+        quantizer.channels(keys, scale.reshape(heads * head_dim), out, native_threads(quantizer, keys.numel()))
         return out
     needs_clamp = bool((scale < _SMALLEST_NORMAL).any())
     block = torch.empty(min(tokens, _TOKENS_PER_BLOCK), head_dim, dtype=torch.float32)
