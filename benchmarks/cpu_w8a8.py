@@ -16,7 +16,8 @@ with absmax per row, to int8 (what one writes without kernelhub; it is not bit-e
 reference on non-finite rows, kernelhub's is); `fallback`: kernelhub's numpy and torch path, which
 runs where the compiled quantiser (kernelhub/kernels/int8_gemm/native.py) cannot be built, as the
 block sweep does; `1 thread`: kernelhub's with torch on one thread (the compiled quantiser splits
-rows over torch's threads only from `_THREADED_MIN_ELEMENTS` on). Medians of `--reps` rounds after warm-up (five times
+rows over torch's threads from the size `native_threads` says: 32K elements on a team of torch's
+OpenMP workers, 8M on threads it starts). Medians of `--reps` rounds after warm-up (five times
 as many below 100 tokens, where a call is short), the contenders' calls alternating within a round
 (`time_cpu_interleaved`). The linear calls run cold (`cold=True`: twice the last-level cache is read
 before each): as in a model, where the other layers' weights pass through the cache between two
