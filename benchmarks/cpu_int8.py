@@ -133,9 +133,11 @@ def thread_rows(reps: int) -> list[dict]:
     for m in (8, 64, 512, 2048):
         x = torch.randn(m, 4096)
         q, scale = torch.empty(m, 4096, dtype=torch.int8), torch.empty(m)
-        cases.append((f"quantize_int8 [{m}, 4096]", lambda split, x=x, q=q, scale=scale: quantizer.rows(x, q, scale, split)))
+        cases.append((f"quantize_int8 [{m}, 4096]",
+                      lambda split, x=x, q=q, scale=scale: quantizer.rows(x, q, scale, split)))
     for m, n, k in ((128, 6144, 4096), (512, 4096, 4096)):
-        a, b = torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.randint(-127, 128, (n, k), dtype=torch.int8).t()
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+        b = torch.randint(-127, 128, (n, k), dtype=torch.int8).t()
         scale_a, scale_b, bias = torch.rand(m), torch.rand(n), torch.randn(n)
 
         def epilogue(split, a=a, b=b, scale_a=scale_a, scale_b=scale_b, bias=bias, shape=(m, n)):

@@ -307,7 +307,8 @@ def quantize_int8_cpu(x: torch.Tensor, form: torch.dtype = torch.int8) -> tuple[
     quantizer = native.quantizer()
     if quantizer is not None:
         q, scale = torch.empty((m, k), dtype=form), torch.empty(m, dtype=torch.float32)
-        quantizer.rows(x if x.dtype == torch.float32 else x.to(torch.float32), q, scale, native_threads(quantizer, m * k))
+        rows = x if x.dtype == torch.float32 else x.to(torch.float32)
+        quantizer.rows(rows, q, scale, native_threads(quantizer, m * k))
         return q, scale
     if m * k <= _NUMPY_MAX_ELEMENTS:
         return _quantize_numpy(x, form)
