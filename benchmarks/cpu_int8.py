@@ -127,7 +127,7 @@ def thread_rows(reps: int) -> list[dict]:
     entries = native.openmp_entries()
     if quantizer is None or entries is None:
         return []
-    threads = torch.get_num_threads()
+    threads, previous = torch.get_num_threads(), quantizer.team_entries
     sources = {"one thread": (None, 1), "threads started": (None, threads), "team": (entries, threads)}
     cases = []
     for m in (8, 64, 512, 2048):
@@ -155,7 +155,7 @@ def thread_rows(reps: int) -> list[dict]:
             rows.append({"call": name, **{f"{source} ms": ms_of[source] for source in sources},
                          "team vs one thread": ratio(ms_of["one thread"], ms_of["team"])})
     finally:
-        quantizer.use_team_threads(entries)
+        quantizer.use_team_threads(previous)
     return rows
 
 

@@ -52,7 +52,7 @@ def threads_split(source: str, monkeypatch):
         pytest.skip("torch's parallel backend here is not an OpenMP runtime that exports its entries")
     monkeypatch.setattr(cpu, "_TEAM_MIN_ELEMENTS", 1)
     monkeypatch.setattr(cpu, "_THREADED_MIN_ELEMENTS", 1)
-    previous = (torch.get_num_threads(), native.openmp_entries() if quantizer.team_threads else None)
+    previous = (torch.get_num_threads(), quantizer.team_entries)
     quantizer.use_team_threads(entries)
     torch.set_num_threads(3)
     try:

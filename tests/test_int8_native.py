@@ -7,6 +7,7 @@ import ctypes
 import os
 import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,17 +53,19 @@ def test_it_is_built_where_a_compiler_is_at_hand(fresh_quantizer, tmp_path, monk
 def test_its_threads_are_a_team_of_torchs_openmp_workers_where_torch_runs_on_openmp(fresh_quantizer):
     """Where torch's parallel backend is OpenMP and the process exports its entries (torch's wheels
     on Linux), every split call runs on a team of that runtime; its entries are the process's
-    GOMP_parallel, omp_get_thread_num and omp_get_num_threads."""
+    GOMP_parallel, omp_get_thread_num and omp_get_num_threads, those of the libgomp torch's wheel
+    brings where it brings one."""
     entries = native.openmp_entries()
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         assert entries is None
     quantizer = fresh_quantizer()
     assert quantizer is not None, native.unavailable_reason()
     assert quantizer.team_threads == (entries is not None)
-    if entries is not None:
-        process = ctypes.CDLL(None)
+    bundled = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    if entries is not None and bundled:  # torch's wheel brings its own libgomp: the entries are its
+        runtime = ctypes.CDLL(str(bundled[0]))
         names = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
-        assert entries == tuple(ctypes.cast(getattr(process, name), ctypes.c_void_p).value for name in names)
+        assert entries == tuple(ctypes.cast(getattr(runtime, name), ctypes.c_void_p).value for name in names)
 
 
 def test_kernelhub_native_0_turns_it_off(fresh_quantizer, monkeypatch):

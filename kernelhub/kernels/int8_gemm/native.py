@@ -80,13 +80,18 @@ class Quantizer:
         self._use_openmp = library.kernelhub_use_openmp
         self._use_openmp.argtypes = [_c_ptr, _c_ptr, _c_ptr]
         self._use_openmp.restype = ctypes.c_int
-        self.team_threads = False
+        self.team_entries: tuple[int, int, int] | None = None  # what `use_team_threads` was last given
+
+    @property
+    def team_threads(self) -> bool:
+        """Whether split calls run on a team of an OpenMP runtime (else on threads they start)."""
+        return self.team_entries is not None
 
     def use_team_threads(self, entries: tuple[int, int, int] | None) -> None:
         """Run every entry's threads as a team of the OpenMP runtime whose `openmp_entries()` these
         are (None: threads started by each call). Not while another call of this library runs."""
         self._use_openmp(*(entries or (None, None, None)))
-        self.team_threads = entries is not None
+        self.team_entries = entries
 
     def rows(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, threads: int) -> None:
         """float32 `x [M, K]` (any strides) -> q `[M, K]` (contiguous, a dtype of FORM_CODES) and
