@@ -1,6 +1,6 @@
 """The CPU path of int8_scaled_gemm against fp32 torch.matmul and bare torch._int_mm.
 
-    python benchmarks/cpu_int8.py                     # Llama-3-8B layers, M in 1, 16, 128, 512
+    python benchmarks/cpu_int8.py                     # Llama-3-8B layers, M in 1, 16, 128, 512, 2048
     python benchmarks/cpu_int8.py --ms 1 128 --reps 20 --markdown benchmarks/results/cpu_int8.md
     python benchmarks/cpu_int8.py --quick             # M = 16, 3 reps: checks the script works
 
@@ -8,8 +8,11 @@ Each figure is the median over `--reps` rounds after warm-up, all contenders mea
 process, one call of each per round in a shuffled order. `epilogue` is what int8_scaled_gemm
 adds to bare `_int_mm` (dequantising into bfloat16 with bias; the compiled epilogue where it is
 built), as the median over rounds of the difference within a round, over `_int_mm`'s median;
-`epilogue, torch passes` the same for `int_mm_cpu` followed by the torch form of the epilogue
-(what runs where the compiled one cannot be built). `vs fp32` is fp32 matmul time over
+`epilogue, torch passes` the same for the torch form of the epilogue (what runs where the
+compiled one cannot be built); `epilogue, product whole`, where int8_scaled_gemm makes an int32
+product of 32 MiB or more a block of columns at a time, the same for the product made whole and
+then dequantised (what it did before); `one pass` the same for `_int_mm` followed by one in-place
+torch op over its product (`add_(1)`), the least that any pass after the GEMM costs. `vs fp32` is fp32 matmul time over
 int8_scaled_gemm time. A second table gives the per-call cost of the Python layer and of the
 torch.library registration on tiny shapes, where the kernel itself costs almost nothing: each op
 over the CPU path it dispatches to (`added us`, `over`), and int8_scaled_gemm's argument checks
@@ -27,7 +30,7 @@ from collections.abc import Sequence
 import torch
 
 import kernelhub.ops as ops
-from kernelhub.kernels.int8_gemm import native
+from kernelhub.kernels.int8_gemm import cpu, native
 from kernelhub.kernels.int8_gemm import ops as int8_ops
 from kernelhub.kernels.int8_gemm.cpu import cpu_int8_scaled_gemm, int_mm_cpu, quantize_int8_cpu, torch_epilogue
 from kernelhub.kernels.int8_gemm.space import LLAMA3_8B
@@ -39,7 +42,7 @@ from harness import (BenchmarkParser, fixed, markdown_table, paired_difference_m
 def gemm_rows(ms: Sequence[int], reps: int) -> list[dict]:
     """Each shape's contenders in interleaved rounds (`time_cpu_rounds`): medians, and each epilogue's
     cost as the median over rounds of its time minus bare `_int_mm`'s, over `_int_mm`'s median."""
-    rows = []
+    rows, epilogue = [], cpu.default_epilogue()
     for layer, (n, k) in LLAMA3_8B.items():
         weight = torch.randn(n, k)
         q_weight, w_scale = ops.quantize_int8(weight)
@@ -49,19 +52,25 @@ def gemm_rows(ms: Sequence[int], reps: int) -> list[dict]:
             q_x, x_scale = ops.quantize_int8(x)
             b = q_weight.t()
             w_t = weight.t()
-            samples = time_cpu_rounds({
+            contenders = {
                 "fp32": lambda: torch.matmul(x, w_t),
                 "_int_mm": lambda: torch._int_mm(q_x, b),
                 "int8_scaled_gemm": lambda: ops.int8_scaled_gemm(q_x, b, x_scale, w_scale, bias),
-                "torch passes": lambda: torch_epilogue(int_mm_cpu(q_x, b), x_scale, w_scale, bias, torch.bfloat16,
-                                                       None),
-            }, reps=reps)
+                "one pass": lambda: torch._int_mm(q_x, b).add_(1),
+                "torch passes": lambda: cpu_int8_scaled_gemm(q_x, b, x_scale, w_scale, bias, torch.bfloat16, None,
+                                                             torch_epilogue),
+            }
+            if 4 * m * n >= cpu._BLOCKED_MIN_BYTES:  # int8_scaled_gemm makes this product in blocks
+                contenders["product whole"] = lambda: epilogue(int_mm_cpu(q_x, b), x_scale, w_scale, bias,
+                                                               torch.bfloat16, None)
+            samples = time_cpu_rounds(contenders, reps=reps)
             ms_of = {name: t.median_ms for name, t in summarise_rounds(samples).items()}
-            cost = {name: paired_difference_ms(samples, name, "_int_mm") / ms_of["_int_mm"]
-                    for name in ("int8_scaled_gemm", "torch passes")}
+            cost = {name: paired_difference_ms(samples, name, "_int_mm") / ms_of["_int_mm"] for name in samples
+                    if name not in ("fp32", "_int_mm")}
             rows.append({"layer": layer, "M": m, "N": n, "K": k, "fp32 ms": ms_of["fp32"],
                          "_int_mm ms": ms_of["_int_mm"], "int8_scaled_gemm ms": ms_of["int8_scaled_gemm"],
                          "epilogue": cost["int8_scaled_gemm"], "epilogue, torch passes": cost["torch passes"],
+                         "epilogue, product whole": cost.get("product whole"), "one pass": cost["one pass"],
                          "vs fp32": ratio(ms_of["fp32"], ms_of["int8_scaled_gemm"])})
     return rows
 
@@ -161,14 +170,15 @@ def thread_rows(reps: int) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = BenchmarkParser(__file__, __doc__, reps=15, quick={"ms": [16], "reps": 3})
-    parser.add_argument("--ms", type=int, nargs="+", default=[1, 16, 128, 512])
+    parser.add_argument("--ms", type=int, nargs="+", default=[1, 16, 128, 512, 2048])
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     ms = fixed(3)
     gemm = markdown_table(gemm_rows(args.ms, args.reps),
                           ["layer", "M", "N", "K", "fp32 ms", "_int_mm ms", "int8_scaled_gemm ms", "epilogue",
-                           "epilogue, torch passes", "vs fp32"],
-                          {"epilogue": percent_change, "epilogue, torch passes": percent_change, "vs fp32": times,
+                           "epilogue, torch passes", "epilogue, product whole", "one pass", "vs fp32"],
+                          {"epilogue": percent_change, "epilogue, torch passes": percent_change,
+                           "epilogue, product whole": percent_change, "one pass": percent_change, "vs fp32": times,
                            "fp32 ms": ms, "_int_mm ms": ms, "int8_scaled_gemm ms": ms})
     overhead = markdown_table(overhead_rows(args.reps), ["path", "us per call", "added us", "over"],
                               {"us per call": ms, "added us": ms})

@@ -172,6 +172,62 @@ def test_the_scaled_gemm_epilogue_matches_the_reference(m, n, k, out_dtype, bias
         assert torch.equal(out, result)
 
 
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (7, 63, 129), (130, 70, 9), (1, 4096, 32), (3, 1, 5)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16], ids=str)
+def test_the_scaled_gemm_in_column_blocks_is_the_whole_product(m, n, k, out_dtype, bias_dtype, monkeypatch):
+    """A product made a block of columns at a time (cpu._blocked_scaled_gemm, forced here for any
+    size, with blocks of 20 columns at M = 7: several, the last one partial; one column per block at
+    M = 130) gives the whole product's values bit for bit, into a new tensor and into poisoned outs
+    of each layout, from operands of other layouts (a row-major b, a column slice of a)."""
+    gen = torch.Generator().manual_seed(3 * m + n + k)
+    a = torch.randint(-128, 128, (m, k + 3), dtype=torch.int8, generator=gen)[:, 2:k + 2]
+    b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=gen)
+    scale_a = torch.rand(m, generator=gen) * 0.01
+    scale_b = torch.rand(2 * n, generator=gen)[::2] * 0.01
+    bias = None if bias_dtype is None else torch.randn(n, generator=gen).to(bias_dtype)
+    whole = ops.int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype)
+    expected = ref.int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype)
+    problem = mismatch_close(whole, expected, rtol=2 * torch.finfo(out_dtype).eps, atol_frac=1e-6)
+    assert problem is None, problem
+    blocks = []
+    monkeypatch.setattr(cpu, "_blocked_scaled_gemm", _recording(cpu._blocked_scaled_gemm, blocks))
+    monkeypatch.setattr(cpu, "_BLOCKED_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu, "_PRODUCT_BLOCK_BYTES", 4 * 7 * 20)
+    assert torch.equal(ops.int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype), whole)
+    for out in (torch.empty(m, n, dtype=out_dtype), torch.empty(m, n + 3, dtype=out_dtype)[:, :n],
+                torch.empty(n, m, dtype=out_dtype).t()):
+        poison_(out)
+        assert ops.int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out=out) is out
+        assert torch.equal(out, whole)
+    assert len(blocks) == 4  # every call above went in blocks
+
+
+def _recording(function, calls: list):
+    """`function`, appending its positional arguments to `calls` at each call."""
+    def record(*args):
+        calls.append(args)
+        return function(*args)
+    return record
+
+
+def test_a_product_from_32_mib_goes_in_column_blocks(monkeypatch):
+    """The int32 product is made in blocks from _BLOCKED_MIN_BYTES on (a [2048, 4096] product: 32 MiB)
+    and whole below, with the same values either way."""
+    blocks = []
+    monkeypatch.setattr(cpu, "_blocked_scaled_gemm", _recording(cpu._blocked_scaled_gemm, blocks))
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randint(-128, 128, (2048, 2), dtype=torch.int8, generator=gen)
+    b = torch.randint(-128, 128, (2, 4096), dtype=torch.int8, generator=gen)
+    scale_a, scale_b = torch.rand(2048, generator=gen), torch.rand(4096, generator=gen)
+    blocked = ops.int8_scaled_gemm(a, b, scale_a, scale_b, out_dtype=torch.float32)
+    assert len(blocks) == (1 if cpu.int_mm_is_exact() else 0)
+    whole = ops.int8_scaled_gemm(a[:2047], b, scale_a[:2047], scale_b, out_dtype=torch.float32)
+    assert len(blocks) == (1 if cpu.int_mm_is_exact() else 0)  # one row less: whole
+    assert torch.equal(blocked[:2047], whole)
+    torch.testing.assert_close(blocked, ref.int8_scaled_gemm(a, b, scale_a, scale_b, out_dtype=torch.float32))
+
+
 def test_the_scaled_gemm_epilogue_carries_non_finite_scales():
     """NaN and Inf scales give NaN and Inf where the reference has them (a bfloat16 NaN of any bits)."""
     a = torch.randint(-128, 128, (3, 8), dtype=torch.int8)

@@ -86,15 +86,60 @@ def int_mm_cpu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
     return out.copy_(torch._int_mm(a, b))
 
 
-def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
-    """`torch._int_mm`, then the dequantisation: the compiled epilogue's one pass (native.py) where
-    it is built and fmaf is one instruction, else torch's passes (`torch_epilogue`), the same
-    values. See benchmarks/cpu_int8.py for what each costs over bare `_int_mm`."""
-    acc = int_mm_cpu(a, b)  # int32 [M, N]
+def cpu_int8_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out, epilogue=None) -> torch.Tensor:
+    """`torch._int_mm`, then the dequantisation `epilogue`: by default the compiled epilogue's one
+    pass (native.py) where it is built and fmaf is one instruction, else torch's passes
+    (`torch_epilogue`), the same values. A product of _BLOCKED_MIN_BYTES or more goes a block of
+    columns at a time (`_blocked_scaled_gemm`). See benchmarks/cpu_int8.py for what each costs over
+    bare `_int_mm`."""
+    epilogue = epilogue or default_epilogue()
+    m, n = a.shape[0], b.shape[1]
+    if 4 * m * n >= _BLOCKED_MIN_BYTES and int_mm_is_exact():
+        return _blocked_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out, epilogue)
+    return epilogue(int_mm_cpu(a, b), scale_a, scale_b, bias, out_dtype, out)  # int32 [M, N], then scaled
+
+
+def default_epilogue():
+    """The epilogue `cpu_int8_scaled_gemm` runs by default, called as `torch_epilogue` is: the compiled
+    one where it is built and fmaf is one instruction, else torch's passes."""
     quantizer = native.quantizer()
     if quantizer is not None and quantizer.fast_epilogue:
-        return compiled_epilogue(quantizer, acc, scale_a, scale_b, bias, out_dtype, out)
-    return torch_epilogue(acc, scale_a, scale_b, bias, out_dtype, out)
+        return functools.partial(compiled_epilogue, quantizer)
+    return torch_epilogue
+
+
+# A large int32 product is made and dequantised a block of columns at a time, in one buffer of about
+# _PRODUCT_BLOCK_BYTES, so that it is never allocated whole: glibc maps every allocation above
+# its largest mmap threshold (32 MiB on 64-bit) afresh, and a fresh mapping is faulted in page by
+# page on first touch, at every call (ad hoc: bare `_int_mm` at [512, 4096] @ [4096, 28672], a 56 MiB
+# product, took 16% longer than into a reused `out=`); each block is then dequantised while it is
+# in the cache. Below the threshold blocks cost one more oneDNN call each and saved nothing (ad hoc,
+# at [128, 4096] @ [4096, 6144] and [512, 4096] @ [4096, 4096]). benchmarks/cpu_int8.py's first table
+# gives both forms where they differ (M = 2048, and gate_up at M = 512): the blocks cost -10.4% to
+# +5.7% over bare `_int_mm` on the 2-core VM, the product made whole +2.5% to +13.7%, in one run.
+_BLOCKED_MIN_BYTES = 32 << 20
+_PRODUCT_BLOCK_BYTES = 8 << 20
+
+
+def _blocked_scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype, out, epilogue) -> torch.Tensor:
+    """`epilogue(int_mm_cpu(a, b), ...)`'s values, a block of columns of the product at a time (its
+    int32 in one reused buffer), each block's epilogue written straight into its columns of `out`
+    (or of a new out_dtype `[M, N]`)."""
+    m, n = a.shape[0], b.shape[1]
+    a, b = onednn_operand(a), onednn_operand(b)  # once: their column slices stay readable
+    scale_a, scale_b = scale_a.contiguous(), scale_b.contiguous()
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    result = torch.empty((m, n), dtype=out_dtype) if out is None else out
+    width = max(1, min(n, _PRODUCT_BLOCK_BYTES // (4 * m)))
+    if width >= 64:
+        width -= width % 64
+    buffer = torch.empty(m * width, dtype=torch.int32)
+    for start in range(0, n, width):
+        stop = min(n, start + width)
+        acc = int_mm_cpu(a, b[:, start:stop], out=buffer[:m * (stop - start)].view(m, stop - start))
+        epilogue(acc, scale_a, scale_b[start:stop], None if bias is None else bias[start:stop], out_dtype,
+                 result[:, start:stop])
+    return result
 
 
 def torch_epilogue(acc, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
