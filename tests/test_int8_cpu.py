@@ -69,6 +69,31 @@ def test_matches_the_reference_on_rows_of_every_kind(shape, dtype, form):
     _same(x, form)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7), (8, 4096), (8, 129), (0, 5), (3, 0)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rows_quantised_into_scratch_are_the_reference(shape, dtype):
+    """`quantize_rows_scratch` (a W8A8 layer's decode rows): float32 q and [M, 1] scales, the
+    reference's bit for bit, on a strided x with special rows, each element written again when its
+    scratch is reused (poisoned in between), another shape's left as it was."""
+    m, k = shape
+    gen = torch.Generator().manual_seed(m + 7 * k)
+    other = cpu.quantize_rows_scratch(torch.randn(4, 3, generator=gen))  # another shape's
+    other_values = [t.clone() for t in other]
+    for round_ in range(2):
+        x = (torch.randn(m, 2 * k, generator=gen) * 3.0)[:, ::2].to(dtype)
+        if m >= 2 and k >= 1:
+            x[1] = 0.0 if round_ == 0 else float("nan")
+        q, scale = cpu.quantize_rows_scratch(x)
+        q_ref, scale_ref = ref.quantize_int8(x)
+        assert q.dtype == scale.dtype == torch.float32 and q.shape == (m, k) and scale.shape == (m, 1)
+        assert torch.equal(q, q.round()) and torch.equal(q.to(torch.int8), q_ref)
+        assert torch.equal(scale[:, 0].isnan(), scale_ref.isnan())
+        assert torch.equal(scale[:, 0].nan_to_num(0.0), scale_ref.nan_to_num(0.0))
+        poison_(q)
+        poison_(scale)
+    assert all(torch.equal(t, values) for t, values in zip(other, other_values))
+
+
 @pytest.mark.parametrize("view", ["transposed", "expanded", "sliced", "overlapping"])
 @pytest.mark.parametrize("m", [5, 400])
 @pytest.mark.parametrize("form", cpu.Q_FORMS, ids=str)

@@ -23,7 +23,7 @@ from torch import nn
 
 import kernelhub.ops as ops
 from kernelhub import backend, validation
-from kernelhub.kernels.int8_gemm.cpu import quantize_int8_cpu, quantize_token_scaled
+from kernelhub.kernels.int8_gemm.cpu import quantize_int8_cpu, quantize_rows_scratch, quantize_token_scaled
 from kernelhub.reference import int8_gemm as int8_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -207,9 +207,13 @@ class Int8Linear(nn.Module):
                 scaled, scale = token
                 packed = self._packed("fbgemm" if self._buffers["bias"] is None else "fbgemm_bias")
                 return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(scaled, scale, 128, packed)
-        q, scale = quantize_int8_cpu(rows, torch.float32 if rows.shape[0] <= FBGEMM_MAX_ROWS else torch.uint8)
+        if rows.shape[0] <= FBGEMM_MAX_ROWS:  # q and its scales in scratch: no allocation but the GEMM's
+            q, scale = quantize_rows_scratch(rows)
+        else:
+            q, scale = quantize_int8_cpu(rows, torch.uint8)
+            scale = scale[:, None]
         y = self._prepacked_product(q)
-        bias, scale = self._buffers["bias"], scale[:, None]
+        bias = self._buffers["bias"]
         return y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale, out=y)
 
     def _prepacked_product(self, q: torch.Tensor) -> torch.Tensor:
@@ -232,9 +236,13 @@ class Int8Linear(nn.Module):
         # cannot be freed and its address reused by the next), where their data is, and how often
         # they had been written. It stands while the buffers are those tensors, unwritten since.
         entry = packs.get(form)
-        if (entry is not None and all(buffers[name] is source for name, source in zip(names, entry[2]))
-                and entry[0] == tuple((source.data_ptr(), source._version) for source in entry[2])):
-            return entry[1]
+        if entry is not None:  # a plain loop: a generator's frame is more code to run cold (see forward)
+            key, pack, sources = entry
+            for name, source, (pointer, version) in zip(names, sources, key):
+                if buffers[name] is not source or source._version != version or source.data_ptr() != pointer:
+                    break
+            else:
+                return pack
         for name in names:
             if buffers[name].is_inference():  # made or moved under inference_mode: no version counter
                 with torch.inference_mode(False):  # the same values in a tensor with one

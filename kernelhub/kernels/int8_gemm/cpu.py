@@ -300,6 +300,30 @@ def quantize_token_scaled(x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
     return token[0], float(scale)
 
 
+def quantize_rows_scratch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int8_cpu(x, torch.float32)` of a few rows `x [M, K]` (float32, float16 or bfloat16,
+    any strides), q as float32 `[M, K]` and the scales as float32 `[M, 1]` (ready to broadcast over
+    rows): with the compiled quantiser, in this thread's scratch for (M, K), overwritten by its next
+    call (use them before then), else new tensors.
+
+    For the decode rows of a W8A8 layer, whose GEMM takes q and makes its own copy: each fresh
+    tensor is a call into torch's allocator, whose code the other layers' weights have evicted from
+    the cache by the next call (benchmarks/cpu_w8a8.py times the layers so).
+    """
+    quantizer = native.quantizer()
+    m, k = x.shape
+    if quantizer is None or m == 0 or k == 0:
+        q, scale = quantize_int8_cpu(x, torch.float32)
+        return q, scale[:, None]
+    buffers = _scratch.__dict__.setdefault("rows", {})
+    q_and_scale = buffers.get((m, k))
+    if q_and_scale is None:
+        q_and_scale = buffers[m, k] = (torch.empty((m, k), dtype=torch.float32), torch.empty((m, 1), dtype=torch.float32))
+    q, scale = q_and_scale
+    quantizer.rows(x if x.dtype == torch.float32 else x.to(torch.float32), q, scale, native_threads(quantizer, m * k))
+    return q, scale
+
+
 def _token_scratch(k: int) -> tuple[torch.Tensor, np.ndarray]:
     """This thread's float32 `[1, k]` token buffer, as a tensor and as an array of the same memory."""
     tokens = _scratch.__dict__.setdefault("tokens", {})
